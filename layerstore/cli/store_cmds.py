@@ -1,0 +1,79 @@
+"""Store commands: df, gc, check."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from ..store.check import check
+from ..store.gc import collect
+from ..store.usage import usage
+from .output import counter, human_size, print_json, table
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser("df", help="disk usage: logical vs stored bytes, dedup ratio")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_df)
+
+    p = sub.add_parser("gc", help="delete layers, files and chunks that nothing uses")
+    p.add_argument("--wait", type=float, default=30.0,
+                   help="seconds to wait for running imports (default 30)")
+    p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("check", help="re-hash every chunk and file, verify every reference")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_check)
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from .main import open_store
+
+    return open_store(args)
+
+
+def cmd_df(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        u = usage(store.env)
+    if args.json:
+        print_json(u.to_json())
+        return 0
+    print(table(["IMAGES", "LAYERS", "LOGICAL", "CONTENT", "STORED", "CHUNKS", "DEDUP"],
+                [[str(u.images), str(u.layers), human_size(u.logical_bytes),
+                  human_size(u.content_bytes), human_size(u.stored_bytes), str(u.chunk_count),
+                  f"{u.dedup_ratio:.2f}x"]]))
+    if u.per_image:
+        print()
+        print(table(["IMAGE ID", "NAMES", "SIZE", "UNIQUE"],
+                    [[i.id.split(":")[1][:12], ",".join(i.names) or "<none>",
+                      human_size(i.logical_bytes), human_size(i.unique_bytes)]
+                     for i in u.per_image]))
+    return 0
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    with _store(args) as store, store.collecting(args.wait):
+        with counter("marking layers", "layer", args.quiet) as tick:
+            r = collect(store.env, store.tmp_dir(), tick)
+    print(f"removed {r.layers} layers, {r.files} files, {r.chunks} chunks "
+          f"({human_size(r.bytes)})")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        with counter("checking chunks", "B", args.quiet) as tick:
+            r = check(store.env, tick)
+    if args.json:
+        print_json({"clean": r.clean, "damage": r.damage, "chunks": r.chunks, "files": r.files,
+                    "layers": r.layers, "images": r.images, "garbage_chunks": r.garbage_chunks,
+                    "garbage_files": r.garbage_files, "garbage_layers": r.garbage_layers})
+    else:
+        for d in r.damage:
+            print(f"DAMAGED: {d}")
+        garbage = r.garbage_chunks + r.garbage_files + r.garbage_layers
+        print(f"checked {r.chunks} chunks, {r.files} files, {r.layers} layers, {r.images} images: "
+              + ("clean" if r.clean else f"{len(r.damage)} problem(s)")
+              + (f"; {garbage} unreferenced object(s), 'layerstore gc' removes them"
+                 if garbage else ""))
+    return 0 if r.clean else 90

@@ -1,0 +1,157 @@
+"""Import images into the store: verify while streaming, publish whole or not at all.
+
+For each layer: the blob is hashed as stored (its manifest digest), decompressed by
+magic bytes, hashed again (the diff_id), split into chunks and entries. Chunks go to the
+store in batches as they come (content-addressed: harmless if the import dies); the
+layer's entries and record are written in one transaction only after both digests
+matched. The image record and its names are written last, in one transaction. A layer
+that is already in the store (same diff_id) is not read again.
+
+The whole import holds the store's lock shared, so gc cannot run meanwhile.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..digest import parse_oci_digest
+from ..errors import DigestMismatchError, InvalidLayerError, UsageError
+from ..store import Store
+from ..store.chunks import ChunkBatch
+from ..store.images import normalize_name, put_image
+from ..store.layers import write_layer
+from ..store.records import ImageRecord, LayerRecord
+from .sources import (
+    MT_OCI_CONFIG,
+    ImageSource,
+    LayerSource,
+    host_platform,
+    open_source,
+)
+from .streams import HashingReader, open_layer_stream
+from .tarlayer import read_layer_tar
+
+Progress = Callable[[str, int | None], Callable[[int], None]]
+
+
+@dataclass
+class ImportResult:
+    image_id: str
+    names: list[str]
+    layers_new: int
+    layers_reused: int
+
+
+def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
+    return lambda n: None
+
+
+def import_path(
+    store: Store,
+    path: Path | str,
+    *,
+    tag: str | None = None,
+    platform: str | None = None,
+    progress: Progress | None = None,
+) -> list[ImportResult]:
+    """Import every image in ``path``; return one result per image."""
+    path = Path(path)
+    progress = progress or _no_progress
+    tag = normalize_name(tag) if tag else None
+    with store.importing(), open_source(path, store.tmp_dir(), platform) as images:
+        if tag and len(images) > 1:
+            raise UsageError(f"{path}: --tag needs an input with one image (this one has {len(images)})")
+        results = []
+        for img in images:
+            names = [tag] if tag else []
+            names += [normalize_name(n) for n in img.names if n and normalize_name(n) not in names]
+            results.append(_import_image(store, img, names, progress, str(path)))
+        return results
+
+
+def _import_image(store: Store, img: ImageSource, names: list[str], progress: Progress,
+                  source: str) -> ImportResult:
+    diff_ids = []
+    new = reused = 0
+    for i, layer in enumerate(img.layers):
+        diff_id, was_new = import_layer(store, layer, progress,
+                                        f"layer {i + 1}/{len(img.layers)}")
+        diff_ids.append(diff_id)
+        new += was_new
+        reused += not was_new
+    config = img.config if img.config is not None else make_config(diff_ids, source)
+    image_id = "sha256:" + hashlib.sha256(config).hexdigest()
+    rec = ImageRecord(id=image_id, config=config, config_media_type=img.config_media_type
+                      if img.config is not None else MT_OCI_CONFIG, diff_ids=diff_ids,
+                      manifest=img.manifest, manifest_media_type=img.manifest_media_type,
+                      created=time.time(), source=source)
+    store.env.write(lambda txn: put_image(txn, store.env, rec, names))
+    return ImportResult(image_id, names, new, reused)
+
+
+def make_config(diff_ids: list[str], source: str) -> bytes:
+    """A minimal OCI image config for a bare layer tar or a directory."""
+    os_, arch, variant = host_platform()
+    doc: dict[str, Any] = {
+        "architecture": arch,
+        "os": os_,
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": [{"created_by": "layerstore import"}],
+    }
+    if variant:
+        doc["variant"] = variant
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def import_layer(store: Store, layer: LayerSource, progress: Progress, label: str) -> tuple[str, bool]:
+    """Import one layer blob; returns (diff_id, whether it was new)."""
+    env = store.env
+    if layer.diff_id is not None:
+        key = bytes.fromhex(parse_oci_digest(layer.diff_id)[1])
+        with env.read() as txn:
+            if txn.get(key, db=env.db("layers")) is not None:
+                return layer.diff_id, False
+    alg = parse_oci_digest(layer.digest)[0] if layer.digest else "sha256"
+    batch = ChunkBatch(env, store.params)
+    cdc = store.params.chunker()
+    raw_file = layer.open()
+    try:
+        raw = HashingReader(raw_file, alg)
+        stream, compression = open_layer_stream(raw, layer.what)
+        tick = progress(label, layer.size)
+        diff_hash = hashlib.sha256()
+        result = read_layer_tar(stream, diff_hash, batch, cdc, layer.what,
+                                progress=tick if compression == "none" else None)
+        if compression != "none":
+            tick(raw.count)
+        raw.drain()
+    finally:
+        raw_file.close()
+        finish = getattr(layer, "finish", None)
+        if finish is not None:
+            finish()
+    diff_id = "sha256:" + diff_hash.hexdigest()
+    if layer.digest is not None and raw.digest() != layer.digest:
+        raise DigestMismatchError(f"{layer.what}: blob digest is {raw.digest()}, expected {layer.digest}")
+    if layer.size is not None and layer.digest is not None and raw.count != layer.size:
+        raise DigestMismatchError(f"{layer.what}: blob is {raw.count} bytes, the manifest says {layer.size}")
+    if layer.diff_id is not None and diff_id != layer.diff_id:
+        raise DigestMismatchError(f"{layer.what}: diff_id is {diff_id}, the config says {layer.diff_id}")
+    if result.tar_size == 0:
+        raise InvalidLayerError(f"{layer.what}: empty layer")
+    batch.flush()
+    rec = LayerRecord(
+        diff_id=diff_id, layer_no=0, tar_size=result.tar_size,
+        content_size=result.builder.content_size(), entry_count=len(result.builder.entries),
+        tarsplit=result.tarsplit_digest, created=0.0,
+        sources=[[layer.media_type, layer.digest or "", raw.count]],
+    )
+    write_layer(env, result.builder, rec)
+    return diff_id, True

@@ -1,0 +1,311 @@
+"""Import one uncompressed layer tar stream into the store, keeping its header stream.
+
+The tar is parsed with the standard library's ``tarfile`` in stream mode (ustar, GNU,
+PAX, long names, sparse files). Every byte passes through a ``TarSplitter``:
+
+- all bytes are hashed with sha256 (the diff_id);
+- a regular file's data is cut into chunks and stored by content (``FileWriter``);
+- every other byte (headers, PAX records, padding, sparse data areas, the end-of-archive
+  blocks) goes verbatim into the layer's *tar header stream*, with a reference to the
+  file content where the data stood.
+
+Replaying the header stream rebuilds the uncompressed tar byte for byte (the idea of
+containers/storage's tar-split), so ``export`` reproduces the diff_id.
+
+Header stream framing: ``b"R" + u32 length + bytes`` for verbatim bytes, and
+``b"F" + 32-byte blake3 + u64 size`` for a file's content.
+
+xattrs come from the raw PAX records (``SCHILY.xattr.*``, ``LIBARCHIVE.xattr.*``)
+because ``tarfile`` decodes non-name PAX values as UTF-8 with replacement, which would
+corrupt binary values such as ``security.capability``.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+import tarfile
+import urllib.parse
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, Callable
+
+from ..errors import InvalidLayerError
+from ..store.chunks import ChunkBatch, FileWriter
+from ..store.layers import LayerBuilder, normalize_member_name
+from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, Entry
+
+#: A whiteout: ``.wh.NAME`` deletes NAME from the layers below (OCI layer.md).
+WHITEOUT_PREFIX = b".wh."
+#: The opaque marker: hides all lower children of the directory it is in.
+OPAQUE_MARKER = b".wh..wh..opq"
+
+TAR_BUFSIZE = 1 << 20
+BLOCK = 512
+ZERO_BLOCK = bytes(BLOCK)
+
+
+class TarSplitter:
+    """Tee between the uncompressed stream and ``tarfile``: hashes everything and sends
+    non-payload bytes to the header stream (see the module docstring)."""
+
+    def __init__(self, raw: Any, hasher: Any, tarsplit: FileWriter):
+        self.raw = raw
+        self.hasher = hasher
+        self.out = tarsplit
+        self.pos = 0  #: offset of the next byte handed to tarfile
+        self.cut = 0  #: every byte before this is accounted for
+        self.pending = bytearray()  #: bytes [cut, pos) not yet classified
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        if not data:
+            return b""
+        self.hasher.update(data)
+        end = self.pos + len(data)
+        if end > self.cut:
+            self.pending += data[max(0, self.cut - self.pos):] if self.pos < self.cut else data
+        self.pos = end
+        return data
+
+    def peek(self, start: int, end: int) -> bytes:
+        """Unclassified bytes [start, end) (a member's raw headers)."""
+        return bytes(self.pending[start - self.cut:end - self.cut])
+
+    def _raw(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            self.out.write(b"R" + struct.pack(">I", len(data)))
+            self.out.write(data)
+
+    def payload(self, start: int, end: int) -> None:
+        """Bytes [cut, start) are verbatim; [start, end) is file data (not kept here)."""
+        self._raw(memoryview(self.pending)[: start - self.cut])
+        avail = self.pos - self.cut
+        del self.pending[: min(avail, end - self.cut)]
+        self.cut = end
+
+    def file_ref(self, digest: bytes, size: int) -> None:
+        self.out.write(b"F" + digest + struct.pack(">Q", size))
+
+    def finish(self, members_end: int, what: str) -> None:
+        """Read to EOF, check the end-of-archive block, flush the verbatim tail."""
+        while self.read(TAR_BUFSIZE):
+            pass
+        self.size = self.pos
+        off = members_end - self.cut
+        if off < 0 or bytes(self.pending[off:off + BLOCK]) != ZERO_BLOCK:
+            raise InvalidLayerError(f"{what}: truncated tar (no end-of-archive block)")
+        self._raw(self.pending)
+        self.pending = bytearray()
+        self.cut = self.pos
+
+
+@dataclass
+class LayerImport:
+    """What reading one layer tar produced (not yet visible in the store)."""
+
+    builder: LayerBuilder
+    tar_size: int
+    tarsplit_digest: bytes
+
+
+def _pax_records(data: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    pos = 0
+    while pos < len(data):
+        sp = data.find(b" ", pos)
+        if sp < 0:
+            break
+        try:
+            length = int(data[pos:sp])
+        except ValueError:
+            break
+        if length <= 0:
+            break
+        rec = data[sp + 1:pos + length - 1]
+        key, _, value = rec.partition(b"=")
+        out.append((key, value))
+        pos += length
+    return out
+
+
+def raw_xattrs(headers: bytes) -> dict[bytes, bytes]:
+    """xattrs from the PAX extended headers among a member's raw header blocks."""
+    xattrs: dict[bytes, bytes] = {}
+    pos = 0
+    while pos + BLOCK <= len(headers):
+        hdr = headers[pos:pos + BLOCK]
+        typeflag = hdr[156:157]
+        try:
+            size = tarfile.nti(hdr[124:136])
+        except (tarfile.InvalidHeaderError, ValueError):
+            break
+        body = headers[pos + BLOCK:pos + BLOCK + size]
+        if typeflag in (b"x", b"X"):
+            for key, value in _pax_records(body):
+                if key.startswith(b"SCHILY.xattr."):
+                    xattrs[key[len(b"SCHILY.xattr."):]] = value
+                elif key.startswith(b"LIBARCHIVE.xattr."):
+                    name = urllib.parse.unquote_to_bytes(key[len(b"LIBARCHIVE.xattr."):])
+                    try:
+                        xattrs[name] = base64.b64decode(value + b"=" * (-len(value) % 4))
+                    except ValueError:
+                        raise InvalidLayerError("malformed LIBARCHIVE.xattr record") from None
+        elif typeflag not in (b"L", b"K", b"g"):
+            break
+        pos += BLOCK + -(-size // BLOCK) * BLOCK
+    return xattrs
+
+
+def _mtime_ns(m: tarfile.TarInfo) -> int:
+    text = m.pax_headers.get("mtime")
+    if text is not None:
+        try:
+            return int(Decimal(text) * 1_000_000_000)
+        except ArithmeticError:
+            pass
+    return int(m.mtime) * 1_000_000_000
+
+
+def _b(name: str) -> bytes:
+    return name.encode("utf-8", "surrogateescape")
+
+
+def read_layer_tar(
+    stream: Any,
+    diff_hasher: Any,
+    batch: ChunkBatch,
+    cdc: Any,
+    what: str,
+    progress: Callable[[int], None] | None = None,
+) -> LayerImport:
+    """Read one uncompressed tar stream into chunks and a ``LayerBuilder``.
+
+    Chunks are stored as the batch fills; entries stay in memory until the caller
+    verifies the diff_id and calls ``store.layers.write_layer``.
+    """
+    tarsplit = FileWriter(batch, cdc)
+    tee = TarSplitter(stream, diff_hasher, tarsplit)
+    builder = LayerBuilder()
+    buf = bytearray(TAR_BUFSIZE)
+    view = memoryview(buf)
+    last_pos = 0
+    try:
+        tf = tarfile.open(fileobj=tee, mode="r|", bufsize=TAR_BUFSIZE,  # type: ignore[call-overload]
+                          encoding="utf-8", errors="surrogateescape")
+        for m in tf:
+            name = normalize_member_name(_b(m.name))
+            parent, _, base = name.rpartition(b"/")
+            parent = parent or b"/"
+            if base.startswith(WHITEOUT_PREFIX):
+                # Whiteouts first: a whiteout may itself be stored as a hard link.
+                if base == OPAQUE_MARKER:
+                    builder.opaque(parent)
+                else:
+                    victim = base[len(WHITEOUT_PREFIX):]
+                    if victim in (b"", b".", b".."):
+                        raise InvalidLayerError(f"whiteout {m.name!r} has no valid name")
+                    builder.whiteout((b"" if parent == b"/" else parent) + b"/" + victim)
+                continue
+            xattrs = {}
+            if any(k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")) for k in m.pax_headers):
+                xattrs = raw_xattrs(tee.peek(m.offset, m.offset_data))
+            entry = Entry(REG, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
+                          mtime_ns=_mtime_ns(m), xattrs=xattrs)
+            if m.isreg():
+                sparse = getattr(m, "sparse", None) is not None
+                if not sparse:
+                    tee.payload(m.offset_data, m.offset_data + m.size)
+                fw = FileWriter(batch, cdc)
+                f = tf.extractfile(m)
+                assert f is not None
+                remaining = m.size
+                while remaining > 0:
+                    n = f.readinto(view[: min(TAR_BUFSIZE, remaining)])
+                    if not n:
+                        raise InvalidLayerError(f"{what}: truncated tar (in {m.name!r})")
+                    fw.write(view[:n])
+                    remaining -= n
+                digest, rec = fw.close()
+                if not sparse:
+                    tee.file_ref(digest, rec.size)
+                entry.size, entry.digest = rec.size, digest
+                builder.add(name, entry)
+            elif m.islnk():
+                builder.hardlink(name, normalize_member_name(_b(m.linkname)))
+            elif m.issym():
+                entry.type, entry.target = SYMLINK, _b(m.linkname)
+                builder.add(name, entry)
+            elif m.isdir():
+                entry.type = DIR
+                builder.add(name, entry)
+            elif m.ischr() or m.isblk():
+                entry.type = CHR if m.ischr() else BLK
+                entry.rdev = (m.devmajor, m.devminor)
+                builder.add(name, entry)
+            elif m.isfifo():
+                entry.type = FIFO
+                builder.add(name, entry)
+            else:
+                raise InvalidLayerError(f"{what}: entry {m.name!r} has unsupported type {m.type!r}")
+            if progress is not None and tee.pos - last_pos > (8 << 20):
+                progress(tee.pos - last_pos)
+                last_pos = tee.pos
+        members_end = tf.offset
+        tee.finish(members_end, what)
+    except tarfile.ReadError as exc:
+        msg = str(exc)
+        if "unexpected end" in msg or "truncated" in msg:
+            raise InvalidLayerError(f"{what}: truncated tar") from None
+        raise InvalidLayerError(f"{what}: not a valid tar archive ({msg})") from None
+    except (tarfile.TarError, EOFError) as exc:
+        raise InvalidLayerError(f"{what}: invalid tar ({exc})") from None
+    if progress is not None:
+        progress(tee.pos - last_pos)
+    ts_digest, _ = tarsplit.close()
+    return LayerImport(builder, tee.size, ts_digest)
+
+
+def iter_tarsplit(data_chunks: Any, read_file: Callable[[bytes], Any]) -> Any:
+    """Replay a header stream: yields the tar's bytes in order. ``data_chunks`` yields
+    the header stream's own bytes; ``read_file(digest)`` yields a file's content."""
+    buf = bytearray()
+    it = iter(data_chunks)
+
+    def need(n: int) -> bool:
+        while len(buf) < n:
+            try:
+                buf.extend(next(it))
+            except StopIteration:
+                return False
+        return True
+
+    while need(1):
+        tag = buf[0]
+        if tag == 0x52:  # R
+            if not need(5):
+                raise ValueError("truncated header stream")
+            (n,) = struct.unpack_from(">I", buf, 1)
+            del buf[:5]
+            while n > 0:
+                if not buf and not need(1):
+                    raise ValueError("truncated header stream")
+                take = min(n, len(buf))
+                yield bytes(buf[:take])
+                del buf[:take]
+                n -= take
+        elif tag == 0x46:  # F
+            if not need(41):
+                raise ValueError("truncated header stream")
+            digest = bytes(buf[1:33])
+            (size,) = struct.unpack_from(">Q", buf, 33)
+            del buf[:41]
+            got = 0
+            for part in read_file(digest):
+                got += len(part)
+                yield part
+            if got != size:
+                raise ValueError("file size differs from the header stream")
+        else:
+            raise ValueError(f"bad header stream tag {tag}")

@@ -1,0 +1,147 @@
+"""check: re-hash every chunk and file, and verify that every reference resolves.
+
+Damage (exit non-zero): a chunk whose content does not hash to its key, a file whose
+chunks are missing, of the wrong length, or do not hash to the file's digest, an entry
+or record that does not decode, a layer whose header stream or file content is missing,
+an image whose config does not hash to its id or names a missing layer, a name or a
+container naming a missing image.
+
+Garbage (reported, not damage): chunks, files, layers and entries nothing reaches, which
+an interrupted import leaves behind and ``gc`` removes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..digest import blake3_hasher, blake3_raw
+from ..errors import IntegrityError
+from .chunks import decode_chunk
+from .gc import mark
+from .images import all_images
+from .layers import iter_layer_values
+from .records import REG, ContainerRecord, Entry, FileRecord, LayerRecord
+from .txn import Env
+
+
+@dataclass
+class CheckResult:
+    damage: list[str] = field(default_factory=list)
+    chunks: int = 0
+    files: int = 0
+    layers: int = 0
+    images: int = 0
+    garbage_chunks: int = 0
+    garbage_files: int = 0
+    garbage_layers: int = 0
+
+    @property
+    def clean(self) -> bool:
+        return not self.damage
+
+
+def check(env: Env, tick: Callable[[int], None] | None = None) -> CheckResult:
+    res = CheckResult()
+    bad = res.damage.append
+    chunk_len: dict[bytes, int] = {}
+    with env.read() as txn:
+        # chunks: the content hashes to the key
+        with txn.cursor(db=env.db("chunks")) as cur:
+            for k, v in cur:
+                res.chunks += 1
+                try:
+                    data = decode_chunk(v)
+                except IntegrityError as exc:
+                    bad(f"chunk {k.hex()[:16]}: {exc}")
+                    continue
+                if blake3_raw(data) != k:
+                    bad(f"chunk {k.hex()[:16]}: content does not match its digest")
+                    continue
+                chunk_len[k] = len(data)
+                if tick:
+                    tick(len(v))
+        # files: chunks exist, lengths add up, the whole content hashes to the key
+        file_size: dict[bytes, int] = {}
+        with txn.cursor(db=env.db("files")) as cur:
+            for k, v in cur:
+                res.files += 1
+                try:
+                    rec = FileRecord.decode(v)
+                except IntegrityError:
+                    bad(f"file {k.hex()[:16]}: corrupt record")
+                    continue
+                missing = [d for d, _ in rec.chunks if d not in chunk_len]
+                if missing:
+                    bad(f"file {k.hex()[:16]}: {len(missing)} chunk(s) missing or damaged")
+                    continue
+                if any(chunk_len[d] != n for d, n in rec.chunks) or \
+                        sum(n for _, n in rec.chunks) != rec.size:
+                    bad(f"file {k.hex()[:16]}: chunk lengths do not add up to its size")
+                    continue
+                h = blake3_hasher()
+                for d, _ in rec.chunks:
+                    h.update(decode_chunk(txn.get(d, db=env.db("chunks"))))
+                if h.digest() != k:
+                    bad(f"file {k.hex()[:16]}: content does not match its digest")
+                    continue
+                file_size[k] = rec.size
+        # layers: header stream and every file present, entry count right
+        layer_nos: dict[int, str] = {}
+        with txn.cursor(db=env.db("layers")) as cur:
+            for k, v in cur:
+                res.layers += 1
+                try:
+                    rec_l = LayerRecord.decode(v)
+                except IntegrityError:
+                    bad(f"layer {k.hex()[:16]}: corrupt record")
+                    continue
+                name = rec_l.diff_id
+                if rec_l.diff_id != "sha256:" + k.hex():
+                    bad(f"layer {name}: record key does not match its diff_id")
+                if rec_l.layer_no in layer_nos:
+                    bad(f"layer {name}: shares its entry prefix with {layer_nos[rec_l.layer_no]}")
+                layer_nos[rec_l.layer_no] = name
+                if rec_l.tarsplit not in file_size:
+                    bad(f"layer {name}: tar header stream is missing or damaged")
+                count = 0
+                for ev in iter_layer_values(txn, env, rec_l.layer_no):
+                    count += 1
+                    try:
+                        e = Entry.decode(ev)
+                    except IntegrityError:
+                        bad(f"layer {name}: a corrupt entry record")
+                        continue
+                    if e.type == REG and e.size and file_size.get(e.digest) != e.size:
+                        bad(f"layer {name}: file content {e.digest.hex()[:16]} missing or damaged")
+                if count != rec_l.entry_count:
+                    bad(f"layer {name}: has {count} entries, its record says {rec_l.entry_count}")
+        # images: config hashes to the id; layers exist
+        image_ids = set()
+        for img in all_images(txn, env):
+            res.images += 1
+            image_ids.add(img.id)
+            if "sha256:" + hashlib.sha256(img.config).hexdigest() != img.id:
+                bad(f"image {img.id}: config does not match the image id")
+            for d in img.diff_ids:
+                if txn.get(bytes.fromhex(d.split(":", 1)[1]), db=env.db("layers")) is None:
+                    bad(f"image {img.id}: layer {d} is missing")
+        with txn.cursor(db=env.db("names")) as cur:
+            for k, v in cur:
+                if v.decode() not in image_ids:
+                    bad(f"name {k.decode()}: image {v.decode()} is missing")
+        with txn.cursor(db=env.db("containers")) as cur:
+            for _, v in cur:
+                c = ContainerRecord.decode(v)
+                if c.image_id not in image_ids:
+                    bad(f"container {c.name}: image {c.image_id} is missing")
+    live_layers, live_files, live_chunks = mark(env)
+    with env.read() as txn:
+        res.garbage_layers = sum(1 for k in txn.cursor(db=env.db("layers")).iternext(values=False)
+                                 if k not in live_layers)
+        res.garbage_files = sum(1 for k in txn.cursor(db=env.db("files")).iternext(values=False)
+                                if k not in live_files)
+        res.garbage_chunks = sum(1 for k in txn.cursor(db=env.db("chunks")).iternext(values=False)
+                                 if k not in live_chunks)
+    return res

@@ -1,0 +1,240 @@
+"""Chunks and file contents: content-defined chunking, codecs, batched writes.
+
+- ``ChunkParams`` are the FastCDC parameters, kept in ``meta`` so one store always cuts
+  the same way (identical content -> identical chunks -> stored once).
+- ``FileWriter`` takes a file's bytes in pieces (push), cuts them with FastCDC, hashes
+  every chunk and the whole file with blake3, and hands new chunks to a ``ChunkBatch``.
+- ``ChunkBatch`` holds new chunks and file records in memory until ``flush``: one write
+  transaction that stores only chunks the store does not have yet (compressed if that
+  pays). Chunks are content-addressed, so a batch committed by an import that later
+  fails leaves only unreferenced chunks, which gc removes and check does not call damage.
+
+A stored chunk value is one codec byte followed by the payload.
+Threading: a ``ChunkBatch`` belongs to one thread.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import lmdb
+import pyfastcdc
+import zstandard
+
+from ..digest import blake3_hasher, blake3_raw
+from ..errors import IntegrityError
+from .records import FileRecord
+from .txn import Env
+
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+
+#: Stored compressed only when compression saves at least this fraction.
+MIN_SAVING = 0.10
+
+#: How much of a file is buffered before it is cut (a multiple of the max chunk size).
+CUT_WINDOW = 4 << 20
+
+
+@dataclass(frozen=True)
+class ChunkParams:
+    """FastCDC parameters (bytes) and the chunk codec of a store."""
+
+    min_size: int = 16 << 10
+    avg_size: int = 64 << 10
+    max_size: int = 256 << 10
+    compression: str = "zstd:1"  #: "none" or "zstd:LEVEL"
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"min": self.min_size, "avg": self.avg_size, "max": self.max_size,
+                "compression": self.compression}
+
+    @classmethod
+    def from_meta(cls, d: dict[str, Any]) -> ChunkParams:
+        return cls(d["min"], d["avg"], d["max"], d["compression"])
+
+    def chunker(self) -> Any:
+        # pyfastcdc's "avg_size" is the mask target beyond min_size (paper §3.4):
+        # the real mean is about avg + min, so we pass avg - min to get avg.
+        return pyfastcdc.FastCDC(
+            max(256, self.avg_size - self.min_size),
+            min_size=self.min_size,
+            max_size=self.max_size,
+        )
+
+    def compressor(self) -> Any:
+        if self.compression == "none":
+            return None
+        kind, _, level = self.compression.partition(":")
+        if kind != "zstd":
+            raise ValueError(f"unknown compression {self.compression!r}")
+        return zstandard.ZstdCompressor(level=int(level or 3))
+
+
+_DECOMPRESSOR = zstandard.ZstdDecompressor()
+
+
+def decode_chunk(value: bytes) -> bytes:
+    """The payload of a stored chunk value."""
+    if not value:
+        raise IntegrityError("empty chunk record")
+    codec = value[0]
+    if codec == CODEC_RAW:
+        return value[1:]
+    if codec == CODEC_ZSTD:
+        try:
+            return _DECOMPRESSOR.decompress(value[1:])
+        except zstandard.ZstdError as exc:
+            raise IntegrityError("corrupt compressed chunk") from exc
+    raise IntegrityError(f"unknown chunk codec {codec}")
+
+
+def get_chunk(txn: lmdb.Transaction, env: Env, digest: bytes) -> bytes:
+    value = txn.get(digest, db=env.db("chunks"))
+    if value is None:
+        raise IntegrityError(f"chunk {digest.hex()[:16]} is missing")
+    return decode_chunk(value)
+
+
+def get_file(txn: lmdb.Transaction, env: Env, digest: bytes) -> FileRecord:
+    value = txn.get(digest, db=env.db("files"))
+    if value is None:
+        raise IntegrityError(f"file {digest.hex()[:16]} is missing")
+    return FileRecord.decode(value)
+
+
+def iter_file_data(env: Env, digest: bytes, batch: int = 64) -> Iterator[bytes]:
+    """Yield a file's content chunk by chunk. Opens one short read txn per ``batch``
+    chunks, so no transaction is held while the caller works on what it gets."""
+    with env.read() as txn:
+        rec = get_file(txn, env, digest)
+    for i in range(0, len(rec.chunks), batch):
+        with env.read() as txn:
+            parts = [get_chunk(txn, env, d) for d, _ in rec.chunks[i:i + batch]]
+        yield from parts
+
+
+class ChunkBatch:
+    """New chunks and file records waiting for one write transaction."""
+
+    def __init__(self, env: Env, params: ChunkParams, limit: int = 64 << 20):
+        self.env = env
+        self.params = params
+        self.limit = limit
+        self.chunks: dict[bytes, bytes] = {}
+        self.files: dict[bytes, bytes] = {}
+        self.pending_bytes = 0
+        self._compressor = params.compressor()
+        #: digests this import has already stored (or found stored): skip them cheaply
+        self.known: set[bytes] = set()
+        self.new_chunk_bytes = 0  #: payload bytes of chunks this batch really added
+        self.stored_bytes = 0  #: bytes of values written for those chunks
+
+    def add_chunk(self, digest: bytes, data: bytes | memoryview) -> None:
+        if digest in self.known or digest in self.chunks:
+            return
+        self.chunks[digest] = bytes(data)
+        self.pending_bytes += len(data)
+        if self.pending_bytes >= self.limit:
+            self.flush()
+
+    def add_file(self, digest: bytes, record: FileRecord) -> None:
+        if digest not in self.known:
+            self.files[digest] = record.encode()
+
+    def flush(self) -> None:
+        if not self.chunks and not self.files:
+            return
+        chunks_db, files_db = self.env.db("chunks"), self.env.db("files")
+        with self.env.read() as txn:
+            missing = [d for d in self.chunks if txn.get(d, db=chunks_db) is None]
+        values = self._encode([self.chunks[d] for d in missing])
+
+        def put(txn: lmdb.Transaction) -> int:
+            added = 0
+            for d, v in zip(missing, values):
+                if txn.put(d, v, db=chunks_db, overwrite=False):
+                    added += 1
+            for d, v in self.files.items():
+                txn.put(d, v, db=files_db, overwrite=False)
+            return added
+
+        self.env.write(put)
+        self.new_chunk_bytes += sum(len(self.chunks[d]) for d in missing)
+        self.stored_bytes += sum(len(v) for v in values)
+        self.known.update(self.chunks)
+        self.known.update(self.files)
+        self.chunks.clear()
+        self.files.clear()
+        self.pending_bytes = 0
+
+    def _encode(self, payloads: list[bytes]) -> list[bytes]:
+        if self._compressor is None or not payloads:
+            return [b"\x00" + p for p in payloads]
+        if len(payloads) > 8:
+            # zstandard compresses many buffers in parallel threads without the GIL.
+            res = self._compressor.multi_compress_to_buffer(payloads, threads=-1)
+            compressed = [res[i].tobytes() for i in range(len(payloads))]
+        else:
+            compressed = [self._compressor.compress(p) for p in payloads]
+        out = []
+        for p, c in zip(payloads, compressed):
+            if len(c) <= len(p) * (1 - MIN_SAVING):
+                out.append(b"\x01" + c)
+            else:
+                out.append(b"\x00" + p)
+        return out
+
+
+class FileWriter:
+    """Cut one file's content into chunks as it is written; ``close`` gives the record."""
+
+    def __init__(self, batch: ChunkBatch, cdc: Any):
+        self.batch = batch
+        self.cdc = cdc
+        self.buf = bytearray()
+        self.hasher = blake3_hasher()
+        self.size = 0
+        self.chunks: list[tuple[bytes, int]] = []
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.hasher.update(data)
+        self.size += len(data)
+        self.buf += data
+        if len(self.buf) >= CUT_WINDOW:
+            self._cut(final=False)
+
+    def _cut(self, final: bool) -> None:
+        with memoryview(self.buf) as view:
+            cuts = [(c.offset, c.length) for c in self.cdc.cut_buf(view)]
+            if not final:
+                # The last chunk may have been cut short by the end of the buffer; keep it
+                # and cut again with more data (a cut point depends only on its own chunk).
+                cuts = cuts[:-1]
+            for off, n in cuts:
+                data = view[off:off + n]
+                d = blake3_raw(data)
+                self.batch.add_chunk(d, data)
+                self.chunks.append((d, n))
+                data.release()
+        if cuts:
+            del self.buf[: cuts[-1][0] + cuts[-1][1]]
+
+    def close(self) -> tuple[bytes, FileRecord]:
+        """Cut what is left; hand the file record to the batch; return (digest, record)."""
+        if len(self.chunks) == 0 and len(self.buf) < self.cdc.min_size:
+            # One chunk, so the file digest is the chunk digest: hash once.
+            data = bytes(self.buf)
+            digest = self.hasher.digest()
+            if data:
+                self.batch.add_chunk(digest, data)
+                self.chunks.append((digest, len(data)))
+        else:
+            self._cut(final=True)
+            digest = self.hasher.digest()
+        self.buf = bytearray()
+        record = FileRecord(self.size, self.chunks)
+        self.batch.add_file(digest, record)
+        return digest, record

@@ -1,0 +1,140 @@
+"""Garbage collection: mark from images and containers, sweep what nothing reaches.
+
+Marking: containers -> their images; images -> layers (by diff_id); layers -> their
+header stream and every regular file's content; files -> chunks. Sweeping deletes
+unreferenced layers (entries and record), files and chunks in batched write
+transactions. Runs with the store lock exclusive, so no import is under way (an import
+writes chunks before the layer that references them is visible).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import lmdb
+
+from .images import all_images
+from .layers import iter_layer_values
+from .records import ContainerRecord, Entry, FileRecord, LayerRecord, layer_prefix
+from .txn import Env
+
+SWEEP_BATCH = 10_000
+
+
+@dataclass
+class GcResult:
+    layers: int = 0
+    files: int = 0
+    chunks: int = 0
+    bytes: int = 0  #: bytes of chunk values freed
+
+
+def mark(env: Env, tick: Callable[[int], None] | None = None) -> tuple[set[bytes], set[bytes], set[bytes]]:
+    """(live layer keys, live file digests, live chunk digests)."""
+    live_layers: set[bytes] = set()
+    live_files: set[bytes] = set()
+    live_chunks: set[bytes] = set()
+    with env.read() as txn:
+        image_ids = {img.id for img in all_images(txn, env)}
+        for img in all_images(txn, env):
+            for d in img.diff_ids:
+                live_layers.add(bytes.fromhex(d.split(":", 1)[1]))
+        with txn.cursor(db=env.db("containers")) as cur:
+            for _, v in cur:
+                c = ContainerRecord.decode(v)
+                if c.image_id not in image_ids:
+                    continue
+        for key in sorted(live_layers):
+            value = txn.get(key, db=env.db("layers"))
+            if value is None:
+                continue
+            rec = LayerRecord.decode(value)
+            live_files.add(rec.tarsplit)
+            for v in iter_layer_values(txn, env, rec.layer_no):
+                e = Entry.decode(v)
+                if e.digest:
+                    live_files.add(e.digest)
+            if tick:
+                tick(1)
+        files_db = env.db("files")
+        for f in live_files:
+            value = txn.get(f, db=files_db)
+            if value is not None:
+                for d, _ in FileRecord.decode(value).chunks:
+                    live_chunks.add(d)
+    return live_layers, live_files, live_chunks
+
+
+def collect(env: Env, tmp_dir: object = None, tick: Callable[[int], None] | None = None) -> GcResult:
+    """Delete everything unreachable. Requires the store lock held exclusive."""
+    live_layers, live_files, live_chunks = mark(env, tick)
+    result = GcResult()
+    with env.read() as txn:
+        dead_layers = []
+        with txn.cursor(db=env.db("layers")) as cur:
+            for k, v in cur:
+                if k not in live_layers:
+                    dead_layers.append((k, LayerRecord.decode(v).layer_no))
+        live_nos = set()
+        with txn.cursor(db=env.db("layers")) as cur:
+            for k, v in cur:
+                if k in live_layers:
+                    live_nos.add(LayerRecord.decode(v).layer_no)
+        # entries of layers whose record never got written (an import that died)
+        orphan_nos = set()
+        with txn.cursor(db=env.db("entries")) as cur:
+            key = b""
+            while cur.set_range(key):
+                no = int.from_bytes(cur.key()[:8], "big")
+                if no not in live_nos:
+                    orphan_nos.add(no)
+                key = layer_prefix(no + 1)
+        dead_files = []
+        with txn.cursor(db=env.db("files")) as cur:
+            for k in cur.iternext(keys=True, values=False):
+                if k not in live_files:
+                    dead_files.append(k)
+        dead_chunks = []
+        with txn.cursor(db=env.db("chunks")) as cur:
+            for k, v in cur:
+                if k not in live_chunks:
+                    dead_chunks.append((k, len(v)))
+
+    def drop_layer(no: int, key: bytes | None) -> Callable[[lmdb.Transaction], None]:
+        def fn(txn: lmdb.Transaction) -> None:
+            if key is not None:
+                txn.delete(key, db=env.db("layers"))
+            prefix = layer_prefix(no)
+            with txn.cursor(db=env.db("entries")) as cur:
+                if cur.set_range(prefix):
+                    while cur.key().startswith(prefix):
+                        if not cur.delete():
+                            break
+        return fn
+
+    for key, no in dead_layers:
+        env.write(drop_layer(no, key))
+        orphan_nos.discard(no)
+        result.layers += 1
+    for no in orphan_nos:
+        env.write(drop_layer(no, None))
+    for i in range(0, len(dead_files), SWEEP_BATCH):
+        part = dead_files[i:i + SWEEP_BATCH]
+        env.write(lambda txn, part=part: [txn.delete(k, db=env.db("files")) for k in part])
+    result.files = len(dead_files)
+    for i in range(0, len(dead_chunks), SWEEP_BATCH):
+        part = [k for k, _ in dead_chunks[i:i + SWEEP_BATCH]]
+        env.write(lambda txn, part=part: [txn.delete(k, db=env.db("chunks")) for k in part])
+    result.chunks = len(dead_chunks)
+    result.bytes = sum(n for _, n in dead_chunks)
+    if tmp_dir is not None:
+        from pathlib import Path
+
+        for p in Path(str(tmp_dir)).glob("import-*"):
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+    return result

@@ -1,0 +1,142 @@
+"""The LMDB environment, and the only place that opens transactions.
+
+Contract (py-lmdb docs, "Threads" and "Forking & multiprocessing"):
+
+- One ``Env`` per process, opened after any fork; never inherited by a child.
+- ``Env.read()`` yields a read-only transaction; ``Env.write(fn)`` runs ``fn(txn)`` in a
+  write transaction and commits, or aborts on any exception. No transaction outlives the
+  call that opened it, and none is held by a generator that yields to its caller.
+- ``MapFullError`` is handled here only: the write is aborted, the map doubled and
+  ``fn`` run again from the start, so ``fn`` must not have side effects outside ``txn``.
+  ``MapResizedError`` (another process grew the map) adopts the new size and retries.
+
+Named databases (one per record type) are listed in ``DBS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from ..errors import StoreAccessError, StoreError
+
+T = TypeVar("T")
+
+#: One named database per record type (DESIGN.md §2).
+DBS = ("chunks", "files", "entries", "layers", "images", "names", "containers", "meta")
+
+#: Initial map size. On 64-bit Linux it is only reserved address space; the file grows
+#: as pages are written, and the map doubles on ``MapFullError``.
+DEFAULT_MAP_SIZE = 1 << 30
+MAX_MAP_SIZE = 1 << 44
+
+
+class Env:
+    """An open LMDB environment with its named databases."""
+
+    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False):
+        self.path = path
+        try:
+            if not readonly:
+                path.mkdir(parents=True, exist_ok=True)
+            self.env = lmdb.open(
+                str(path),
+                map_size=map_size,
+                max_dbs=len(DBS) + 2,
+                subdir=True,
+                readonly=readonly,
+                lock=True,
+                readahead=False,
+                max_readers=256,
+                create=not readonly,
+            )
+        except lmdb.ReadonlyError as exc:
+            raise StoreAccessError(f"store {path.parent} is read-only") from exc
+        except (lmdb.Error, OSError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc)
+            if isinstance(exc, PermissionError) or (
+                isinstance(exc, lmdb.Error) and "Permission denied" in str(exc)
+            ):
+                reason = "permission denied"
+            raise StoreAccessError(f"cannot open store at {path.parent}: {reason}") from exc
+        if not readonly:
+            with self.env.begin(write=True) as txn:
+                self.dbs = {name: self.env.open_db(name.encode(), txn=txn) for name in DBS}
+        else:
+            self.dbs = {name: self.env.open_db(name.encode(), create=False) for name in DBS}
+
+    def db(self, name: str) -> Any:
+        return self.dbs[name]
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read-only transaction, closed when the block ends."""
+        for _ in range(3):
+            try:
+                txn = self.env.begin(write=False, buffers=False)
+                break
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+        else:  # pragma: no cover - the map cannot keep growing under us
+            raise StoreError("store map kept resizing; try again")
+        try:
+            yield txn
+        finally:
+            txn.abort()
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run ``fn(txn)`` in one write transaction; commit on success, abort on error.
+
+        ``fn`` may run more than once (after the map grows), so it must only act on txn.
+        """
+        while True:
+            try:
+                txn = self.env.begin(write=True)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+                continue
+            try:
+                result = fn(txn)
+                txn.commit()
+                return result
+            except lmdb.MapFullError:
+                txn.abort()
+                self._grow()
+            except lmdb.MapResizedError:
+                txn.abort()
+                self.env.set_mapsize(0)
+            except lmdb.DiskError as exc:
+                txn.abort()
+                raise StoreError(f"store disk error: {exc}") from exc
+            except lmdb.Error as exc:
+                txn.abort()
+                if "No space left" in str(exc) or getattr(exc, "errno", None) == errno.ENOSPC:
+                    raise StoreError("no space left on the store's disk") from exc
+                raise
+            except BaseException:
+                txn.abort()
+                raise
+
+    def _grow(self) -> None:
+        size = self.env.info()["map_size"]
+        if size >= MAX_MAP_SIZE:
+            raise StoreError("store map is at its maximum size")
+        self.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
+
+    def sync(self) -> None:
+        self.env.sync(True)
+
+    def close(self) -> None:
+        self.env.close()
+
+    def file_size(self) -> int:
+        try:
+            return os.stat(self.path / "data.mdb").st_size
+        except OSError:
+            return 0
