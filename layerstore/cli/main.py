@@ -15,9 +15,9 @@ from pathlib import Path
 from .. import __version__
 from ..errors import LayerstoreError
 from ..store import Store
-from . import image_cmds, store_cmds
+from . import demo_cmds, image_cmds, store_cmds
 
-MODULES = [image_cmds, store_cmds]
+MODULES = [image_cmds, store_cmds, demo_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:

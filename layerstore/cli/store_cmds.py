@@ -11,6 +11,10 @@ from ..store.usage import usage
 from .output import counter, human_size, print_json, table
 
 
+#: damage lines printed by ``check`` (all of them with --json)
+MAX_SHOWN = 20
+
+
 def register(sub: Any) -> None:
     p = sub.add_parser("df", help="disk usage: logical vs stored bytes, dedup ratio")
     p.add_argument("--json", action="store_true")
@@ -69,8 +73,10 @@ def cmd_check(args: argparse.Namespace) -> int:
                     "layers": r.layers, "images": r.images, "garbage_chunks": r.garbage_chunks,
                     "garbage_files": r.garbage_files, "garbage_layers": r.garbage_layers})
     else:
-        for d in r.damage:
+        for d in r.damage[:MAX_SHOWN]:
             print(f"DAMAGED: {d}")
+        if len(r.damage) > MAX_SHOWN:
+            print(f"... and {len(r.damage) - MAX_SHOWN} more (--json lists all)")
         garbage = r.garbage_chunks + r.garbage_files + r.garbage_layers
         print(f"checked {r.chunks} chunks, {r.files} files, {r.layers} layers, {r.images} images: "
               + ("clean" if r.clean else f"{len(r.damage)} problem(s)")

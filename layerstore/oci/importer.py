@@ -34,7 +34,7 @@ from .sources import (
     host_platform,
     open_source,
 )
-from .streams import HashingReader, open_layer_stream
+from .streams import HashingReader, PeekReader, detect_compression, open_layer_stream
 from .tarlayer import read_layer_tar
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -118,40 +118,56 @@ def import_layer(store: Store, layer: LayerSource, progress: Progress, label: st
         with env.read() as txn:
             if txn.get(key, db=env.db("layers")) is not None:
                 return layer.diff_id, False
-    alg = parse_oci_digest(layer.digest)[0] if layer.digest else "sha256"
     batch = ChunkBatch(env, store.params)
     cdc = store.params.chunker()
-    raw_file = layer.open()
+    raw_file = None
     try:
-        raw = HashingReader(raw_file, alg)
-        stream, compression = open_layer_stream(raw, layer.what)
+        raw_file = layer.open()
+        # The blob as stored is hashed only when it is compressed: for a plain tar the
+        # blob digest is the diff_id, hashed once below.
+        raw = PeekReader(raw_file, 4)
+        compression = detect_compression(raw.head)
+        raw_hash: HashingReader | None = None
+        if layer.digest and (compression != "none" or not layer.digest.startswith("sha256:")):
+            raw_hash = HashingReader(raw, parse_oci_digest(layer.digest)[0])
+            raw = raw_hash
+        stream, _ = open_layer_stream(raw, layer.what)
         tick = progress(label, layer.size)
         diff_hash = hashlib.sha256()
         result = read_layer_tar(stream, diff_hash, batch, cdc, layer.what,
                                 progress=tick if compression == "none" else None)
+        if raw_hash is not None:
+            raw_hash.drain()
         if compression != "none":
-            tick(raw.count)
-        raw.drain()
+            tick(layer.size or 0)
+    except BaseException:
+        batch.abort()
+        raise
     finally:
-        raw_file.close()
+        if raw_file is not None:
+            raw_file.close()
         finish = getattr(layer, "finish", None)
         if finish is not None:
             finish()
+    batch.close()
     diff_id = "sha256:" + diff_hash.hexdigest()
-    if layer.digest is not None and raw.digest() != layer.digest:
-        raise DigestMismatchError(f"{layer.what}: blob digest is {raw.digest()}, expected {layer.digest}")
-    if layer.size is not None and layer.digest is not None and raw.count != layer.size:
-        raise DigestMismatchError(f"{layer.what}: blob is {raw.count} bytes, the manifest says {layer.size}")
+    if raw_hash is not None:
+        blob_digest, blob_size = raw_hash.digest(), raw_hash.count
+    else:
+        blob_digest, blob_size = diff_id, result.tar_size
+    if layer.digest is not None and blob_digest != layer.digest:
+        raise DigestMismatchError(f"{layer.what}: blob digest is {blob_digest}, expected {layer.digest}")
+    if layer.size is not None and layer.digest is not None and blob_size != layer.size:
+        raise DigestMismatchError(f"{layer.what}: blob is {blob_size} bytes, the manifest says {layer.size}")
     if layer.diff_id is not None and diff_id != layer.diff_id:
         raise DigestMismatchError(f"{layer.what}: diff_id is {diff_id}, the config says {layer.diff_id}")
     if result.tar_size == 0:
         raise InvalidLayerError(f"{layer.what}: empty layer")
-    batch.flush()
     rec = LayerRecord(
         diff_id=diff_id, layer_no=0, tar_size=result.tar_size,
         content_size=result.builder.content_size(), entry_count=len(result.builder.entries),
         tarsplit=result.tarsplit_digest, created=0.0,
-        sources=[[layer.media_type, layer.digest or "", raw.count]],
+        sources=[[layer.media_type, layer.digest or "", blob_size]],
     )
     write_layer(env, result.builder, rec)
     return diff_id, True

@@ -469,7 +469,8 @@ def _tar_directory(path: Path) -> tuple[BinaryIO, Callable[[], None]]:
 
 
 _ARCHIVE_MEMBER = re.compile(
-    r"^(oci-layout|index\.json|manifest\.json|repositories|blobs(/.*)?|[0-9a-f]{64}(\.json|/.*)?)$")
+    r"^(oci-layout|index\.json|manifest\.json|repositories|blobs(/.*)?"
+    r"|[0-9a-f]{64}(\.json|\.tar|/.*)?)$")  # <hex>.tar: skopeo's docker-archive layers
 
 
 def _tar_kind(path: Path) -> str:

@@ -71,11 +71,13 @@ class PeekReader:
 
     def read(self, n: int = -1) -> bytes:
         if self.head:
-            if n < 0:
-                data, self.head = self.head + self.raw.read(), b""
-                return data
-            data, self.head = self.head[:n], self.head[n:]
-            return data
+            head, self.head = self.head, b""
+            if n is None or n < 0:
+                return head + self.raw.read()
+            if n <= len(head):
+                self.head = head[n:]
+                return head[:n]
+            return head + self.raw.read(n - len(head))
         return self.raw.read(n)
 
 
@@ -87,7 +89,8 @@ class _Decompressor:
         self.kind = kind
         self.what = what
         self.obj: Any = self._new()
-        self.buf = b""
+        self.buf = bytearray()
+        self.off = 0
         self.done = False
 
     def _new(self) -> Any:
@@ -101,7 +104,7 @@ class _Decompressor:
     def read(self, n: int = -1) -> bytes:
         if n is None or n < 0:
             n = 1 << 62
-        while len(self.buf) < n and not self.done:
+        while len(self.buf) - self.off < n and not self.done:
             data = self.raw.read(READ_SIZE)
             if not data:
                 if not self.obj.eof:
@@ -118,8 +121,13 @@ class _Decompressor:
                     out += self.obj.decompress(rest)
             except (zlib.error, zstandard.ZstdError) as exc:
                 raise self._fail(f"corrupt {self.kind} stream ({exc})") from None
+            if self.off:
+                del self.buf[: self.off]
+                self.off = 0
             self.buf += out
-        data, self.buf = self.buf[:n], self.buf[n:]
+        end = min(len(self.buf), self.off + n)
+        data = bytes(self.buf[self.off:end])
+        self.off = end
         return data
 
 

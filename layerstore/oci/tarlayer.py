@@ -46,28 +46,53 @@ ZERO_BLOCK = bytes(BLOCK)
 
 
 class TarSplitter:
-    """Tee between the uncompressed stream and ``tarfile``: hashes everything and sends
-    non-payload bytes to the header stream (see the module docstring)."""
+    """Seekable-forward view of the uncompressed stream for ``tarfile``: hashes every
+    byte and sends non-payload bytes to the header stream (see the module docstring).
+
+    ``tarfile`` (mode ``r:``) reads headers block by block and seeks forward over file
+    data; file data itself is read here with ``copy_payload``, straight from the source
+    into a ``FileWriter``, without passing through ``tarfile``'s buffers.
+    """
 
     def __init__(self, raw: Any, hasher: Any, tarsplit: FileWriter):
         self.raw = raw
         self.hasher = hasher
         self.out = tarsplit
-        self.pos = 0  #: offset of the next byte handed to tarfile
+        self.pos = 0  #: offset of the next byte
         self.cut = 0  #: every byte before this is accounted for
-        self.pending = bytearray()  #: bytes [cut, pos) not yet classified
+        self.pending = bytearray()  #: bytes [cut, pos), not yet classified
         self.size = 0
 
-    def read(self, n: int = -1) -> bytes:
+    def _pull(self, n: int) -> bytes:
         data = self.raw.read(n)
-        if not data:
-            return b""
-        self.hasher.update(data)
-        end = self.pos + len(data)
-        if end > self.cut:
-            self.pending += data[max(0, self.cut - self.pos):] if self.pos < self.cut else data
-        self.pos = end
+        while 0 < len(data) < n:  # a short read is not the end of the stream
+            more = self.raw.read(n - len(data))
+            if not more:
+                break
+            data += more
+        if data:
+            self.hasher.update(data)
+            self.pos += len(data)
         return data
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._pull(TAR_BUFSIZE if n is None or n < 0 else n)
+        self.pending += data
+        return data
+
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        if whence != 0 or pos < self.pos:
+            raise InvalidLayerError("tar stream needs a backward seek (unsupported layout)")
+        while self.pos < pos:
+            if not self.read(min(TAR_BUFSIZE, pos - self.pos)):
+                break
+        return self.pos
+
+    def seekable(self) -> bool:
+        return True
 
     def peek(self, start: int, end: int) -> bytes:
         """Unclassified bytes [start, end) (a member's raw headers)."""
@@ -78,12 +103,18 @@ class TarSplitter:
             self.out.write(b"R" + struct.pack(">I", len(data)))
             self.out.write(data)
 
-    def payload(self, start: int, end: int) -> None:
-        """Bytes [cut, start) are verbatim; [start, end) is file data (not kept here)."""
-        self._raw(memoryview(self.pending)[: start - self.cut])
-        avail = self.pos - self.cut
-        del self.pending[: min(avail, end - self.cut)]
-        self.cut = end
+    def copy_payload(self, size: int, fw: FileWriter, what: str) -> None:
+        """Bytes [cut, pos) are verbatim; the next ``size`` bytes are file data."""
+        self._raw(self.pending)
+        self.pending = bytearray()
+        remaining = size
+        while remaining > 0:
+            data = self._pull(min(TAR_BUFSIZE, remaining))
+            if not data:
+                raise InvalidLayerError(f"{what}: truncated tar")
+            fw.write(data)
+            remaining -= len(data)
+        self.cut = self.pos
 
     def file_ref(self, digest: bytes, size: int) -> None:
         self.out.write(b"F" + digest + struct.pack(">Q", size))
@@ -188,13 +219,15 @@ def read_layer_tar(
     tarsplit = FileWriter(batch, cdc)
     tee = TarSplitter(stream, diff_hasher, tarsplit)
     builder = LayerBuilder()
-    buf = bytearray(TAR_BUFSIZE)
-    view = memoryview(buf)
     last_pos = 0
     try:
-        tf = tarfile.open(fileobj=tee, mode="r|", bufsize=TAR_BUFSIZE,  # type: ignore[call-overload]
+        tf = tarfile.open(fileobj=tee, mode="r:",  # type: ignore[call-overload]
                           encoding="utf-8", errors="surrogateescape")
-        for m in tf:
+        while True:
+            m = tf.next()
+            if m is None:
+                break
+            tf.members.clear()  # tarfile keeps every member; we do not need them
             name = normalize_member_name(_b(m.name))
             parent, _, base = name.rpartition(b"/")
             parent = parent or b"/"
@@ -214,22 +247,24 @@ def read_layer_tar(
             entry = Entry(REG, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
                           mtime_ns=_mtime_ns(m), xattrs=xattrs)
             if m.isreg():
-                sparse = getattr(m, "sparse", None) is not None
-                if not sparse:
-                    tee.payload(m.offset_data, m.offset_data + m.size)
                 fw = FileWriter(batch, cdc)
-                f = tf.extractfile(m)
-                assert f is not None
-                remaining = m.size
-                while remaining > 0:
-                    n = f.readinto(view[: min(TAR_BUFSIZE, remaining)])
-                    if not n:
-                        raise InvalidLayerError(f"{what}: truncated tar (in {m.name!r})")
-                    fw.write(view[:n])
-                    remaining -= n
-                digest, rec = fw.close()
-                if not sparse:
+                if getattr(m, "sparse", None) is None:
+                    tee.copy_payload(m.size, fw, what)
+                    digest, rec = fw.close()
                     tee.file_ref(digest, rec.size)
+                else:
+                    # Sparse: the data area (map + data blocks) stays verbatim in the
+                    # header stream; the logical content (holes as zeros) is stored.
+                    f = tf.extractfile(m)
+                    assert f is not None
+                    while True:
+                        data = f.read(TAR_BUFSIZE)
+                        if not data:
+                            break
+                        fw.write(data)
+                    digest, rec = fw.close()
+                    if rec.size != m.size:
+                        raise InvalidLayerError(f"{what}: truncated tar (in {m.name!r})")
                 entry.size, entry.digest = rec.size, digest
                 builder.add(name, entry)
             elif m.islnk():

@@ -16,6 +16,7 @@ Threading: a ``ChunkBatch`` belongs to one thread.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,9 +118,18 @@ def iter_file_data(env: Env, digest: bytes, batch: int = 64) -> Iterator[bytes]:
 
 
 class ChunkBatch:
-    """New chunks and file records waiting for one write transaction."""
+    """New chunks and file records, written to the store in batches.
 
-    def __init__(self, env: Env, params: ChunkParams, limit: int = 64 << 20):
+    ``add_chunk``/``add_file`` collect in memory; when ``limit`` bytes are pending the
+    batch is handed to one background thread that compresses it and writes it in one
+    transaction, while the caller goes on cutting and hashing (zstd and LMDB release the
+    GIL, so the two use both cores). At most one batch is in flight, which bounds memory
+    to about two batches. ``close()`` writes what is left and waits; it must be called
+    before anything references the chunks (the layer's final transaction). An error in
+    the writer is raised by the next ``add_*``/``close`` call.
+    """
+
+    def __init__(self, env: Env, params: ChunkParams, limit: int = 32 << 20):
         self.env = env
         self.params = params
         self.limit = limit
@@ -127,55 +137,85 @@ class ChunkBatch:
         self.files: dict[bytes, bytes] = {}
         self.pending_bytes = 0
         self._compressor = params.compressor()
-        #: digests this import has already stored (or found stored): skip them cheaply
-        self.known: set[bytes] = set()
-        self.new_chunk_bytes = 0  #: payload bytes of chunks this batch really added
+        #: digests already handed to a batch: skip them cheaply. Two sets, because a
+        #: one-chunk file has the same digest as its chunk.
+        self.seen: set[bytes] = set()
+        self.seen_files: set[bytes] = set()
+        self.new_chunk_bytes = 0  #: payload bytes of chunks this import really added
         self.stored_bytes = 0  #: bytes of values written for those chunks
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: Future[None] | None = None
 
     def add_chunk(self, digest: bytes, data: bytes | memoryview) -> None:
-        if digest in self.known or digest in self.chunks:
+        if digest in self.seen:
             return
+        self.seen.add(digest)
         self.chunks[digest] = bytes(data)
         self.pending_bytes += len(data)
         if self.pending_bytes >= self.limit:
-            self.flush()
+            self._hand_off()
 
     def add_file(self, digest: bytes, record: FileRecord) -> None:
-        if digest not in self.known:
+        if digest not in self.seen_files:
+            self.seen_files.add(digest)
             self.files[digest] = record.encode()
 
-    def flush(self) -> None:
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            fut, self._inflight = self._inflight, None
+            fut.result()
+
+    def _hand_off(self) -> None:
+        self._wait()
         if not self.chunks and not self.files:
             return
+        chunks, files = self.chunks, self.files
+        self.chunks, self.files, self.pending_bytes = {}, {}, 0
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="chunk-writer")
+        self._inflight = self._pool.submit(self._write, chunks, files)
+
+    def close(self) -> None:
+        """Write everything pending and wait for it (also stops the writer thread)."""
+        try:
+            self._hand_off()
+            self._wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+    def abort(self) -> None:
+        """Drop what is pending, wait for the batch in flight, stop the writer."""
+        self.chunks, self.files, self.pending_bytes = {}, {}, 0
+        try:
+            self._wait()
+        except Exception:
+            pass
+        finally:
+            self.close()
+
+    def _write(self, chunks: dict[bytes, bytes], files: dict[bytes, bytes]) -> None:
         chunks_db, files_db = self.env.db("chunks"), self.env.db("files")
         with self.env.read() as txn:
-            missing = [d for d in self.chunks if txn.get(d, db=chunks_db) is None]
-        values = self._encode([self.chunks[d] for d in missing])
+            missing = [d for d in chunks if txn.get(d, db=chunks_db) is None]
+        values = self._encode([chunks[d] for d in missing])
 
-        def put(txn: lmdb.Transaction) -> int:
-            added = 0
+        def put(txn: lmdb.Transaction) -> None:
             for d, v in zip(missing, values):
-                if txn.put(d, v, db=chunks_db, overwrite=False):
-                    added += 1
-            for d, v in self.files.items():
+                txn.put(d, v, db=chunks_db, overwrite=False)
+            for d, v in files.items():
                 txn.put(d, v, db=files_db, overwrite=False)
-            return added
 
         self.env.write(put)
-        self.new_chunk_bytes += sum(len(self.chunks[d]) for d in missing)
+        self.new_chunk_bytes += sum(len(chunks[d]) for d in missing)
         self.stored_bytes += sum(len(v) for v in values)
-        self.known.update(self.chunks)
-        self.known.update(self.files)
-        self.chunks.clear()
-        self.files.clear()
-        self.pending_bytes = 0
 
     def _encode(self, payloads: list[bytes]) -> list[bytes]:
         if self._compressor is None or not payloads:
             return [b"\x00" + p for p in payloads]
         if len(payloads) > 8:
-            # zstandard compresses many buffers in parallel threads without the GIL.
-            res = self._compressor.multi_compress_to_buffer(payloads, threads=-1)
+            res = self._compressor.multi_compress_to_buffer(payloads, threads=1)
             compressed = [res[i].tobytes() for i in range(len(payloads))]
         else:
             compressed = [self._compressor.compress(p) for p in payloads]

@@ -6,7 +6,8 @@ applies the OCI changeset rules in memory (image-spec layer.md):
 - a later entry for the same path replaces an earlier one (dir over dir keeps children
   and takes the new attributes);
 - ``whiteout(p)`` deletes ``p`` from the layers below; an entry of the same layer at ``p``
-  is never hidden by it, whatever the order;
+  is never hidden by it, whatever the order; a whiteout below a non-directory entry of
+  the same layer (umoci: a directory replaced by a file) changes nothing and is dropped;
 - ``opaque(d)`` hides every lower child of ``d`` (the marker's position does not matter);
 - a directory recreated in the layer that also whites it out is opaque;
 - parents not in the tar are made as *implicit* directories (the lower layer's
@@ -156,9 +157,25 @@ class LayerBuilder:
 
     def whiteout(self, vpath: bytes) -> None:
         vpath = self.resolve(vpath)
+        if self._below_non_dir(vpath):
+            # umoci writes ``opt/dir`` (now a file) and then ``opt/dir/.wh.y`` for the old
+            # children: the entry already hides everything below it, the whiteout is moot.
+            return
         self._ensure_parents(vpath)
         if vpath not in self.entries:
             self.entries[vpath] = Entry(WHITEOUT, mode=0)
+
+    def _below_non_dir(self, vpath: bytes) -> bool:
+        """Is a parent of ``vpath`` a non-directory entry of this layer?"""
+        parent, _ = split_vpath(vpath)
+        while parent:
+            e = self.entries.get(parent)
+            if e is not None and e.type == DIR:
+                return False
+            if e is not None and e.type != WHITEOUT:
+                return True
+            parent, _ = split_vpath(parent)
+        return False
 
     def opaque(self, dir_vpath: bytes) -> None:
         dir_vpath = self.resolve(dir_vpath + b"/x")[:-2] or b"/"

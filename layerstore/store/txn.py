@@ -53,6 +53,10 @@ class Env:
                 readonly=readonly,
                 lock=True,
                 readahead=False,
+                # Commits do not fsync; ``sync()`` makes them durable at the end of each
+                # command. A killed process loses nothing (the page cache has it all); a
+                # power cut may lose the work of the command that was running.
+                sync=False,
                 max_readers=256,
                 create=not readonly,
             )
@@ -133,6 +137,11 @@ class Env:
         self.env.sync(True)
 
     def close(self) -> None:
+        """Make every commit durable, then close."""
+        try:
+            self.env.sync(True)
+        except lmdb.Error:
+            pass
         self.env.close()
 
     def file_size(self) -> int:
