@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -136,6 +137,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
                         f"{', '.join(c.name for c in users)} (use --force to remove them too)")
                 for c in users:
                     txn.delete(c.id.encode(), db=env.db("containers"))
+                    removed.append(c)
                     out.append(f"Removed container: {c.name}")
                 for n in names:
                     txn.delete(n.encode(), db=env.db("names"))
@@ -144,8 +146,11 @@ def cmd_rmi(args: argparse.Namespace) -> int:
                 out.append(f"Deleted: {img.id}")
                 return out
 
+            removed: list[ContainerRecord] = []
             for line in env.write(fn):
                 print(line)
+            for c in removed:  # directories after the records (see remove_container)
+                shutil.rmtree(store.root / "containers" / c.id, ignore_errors=True)
         print("(run 'layerstore gc' to free the space of unused layers)")
     return rc
 

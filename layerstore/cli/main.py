@@ -15,9 +15,9 @@ from pathlib import Path
 from .. import __version__
 from ..errors import LayerstoreError
 from ..store import Store
-from . import demo_cmds, image_cmds, store_cmds
+from . import container_cmds, demo_cmds, image_cmds, store_cmds
 
-MODULES = [image_cmds, store_cmds, demo_cmds]
+MODULES = [image_cmds, container_cmds, store_cmds, demo_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub.required = True
     for m in MODULES:
         m.register(sub)
+    # Global options are accepted after the command too (`layerstore import X -q`).
+    for sp in sub.choices.values():
+        sp.add_argument("--root", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars")
     return p
 
 

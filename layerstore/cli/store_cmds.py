@@ -58,7 +58,7 @@ def cmd_df(args: argparse.Namespace) -> int:
 def cmd_gc(args: argparse.Namespace) -> int:
     with _store(args) as store, store.collecting(args.wait):
         with counter("marking layers", "layer", args.quiet) as tick:
-            r = collect(store.env, store.tmp_dir(), tick)
+            r = collect(store.env, store.root, tick)
     print(f"removed {r.layers} layers, {r.files} files, {r.chunks} chunks "
           f"({human_size(r.bytes)})")
     return 0

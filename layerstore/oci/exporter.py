@@ -28,8 +28,8 @@ from ..store import Store
 from ..store.chunks import iter_file_data
 from ..store.images import names_of, resolve
 from ..store.records import LayerRecord
+from ..store.tarsplit import replay
 from .sources import MT_OCI_CONFIG, MT_OCI_INDEX, MT_OCI_LAYER, MT_OCI_MANIFEST
-from .tarlayer import iter_tarsplit
 
 CONTAINERD_NAME = "io.containerd.image.name"
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -48,8 +48,7 @@ def layer_tar(store: Store, rec: LayerRecord) -> Iterator[bytes]:
     """The uncompressed layer tar, rebuilt byte for byte."""
     env = store.env
     try:
-        yield from iter_tarsplit(iter_file_data(env, rec.tarsplit),
-                                 lambda d: iter_file_data(env, d))
+        yield from replay(iter_file_data(env, rec.tarsplit), lambda d: iter_file_data(env, d))
     except ValueError as exc:
         raise IntegrityError(f"layer {rec.diff_id}: damaged header stream ({exc})") from None
 

@@ -12,8 +12,7 @@ PAX, long names, sparse files). Every byte passes through a ``TarSplitter``:
 Replaying the header stream rebuilds the uncompressed tar byte for byte (the idea of
 containers/storage's tar-split), so ``export`` reproduces the diff_id.
 
-Header stream framing: ``b"R" + u32 length + bytes`` for verbatim bytes, and
-``b"F" + 32-byte blake3 + u64 size`` for a file's content.
+The header stream's framing is in ``store/tarsplit.py``.
 
 xattrs come from the raw PAX records (``SCHILY.xattr.*``, ``LIBARCHIVE.xattr.*``)
 because ``tarfile`` decodes non-name PAX values as UTF-8 with replacement, which would
@@ -23,7 +22,6 @@ corrupt binary values such as ``security.capability``.
 from __future__ import annotations
 
 import base64
-import struct
 import tarfile
 import urllib.parse
 from dataclasses import dataclass
@@ -34,6 +32,7 @@ from ..errors import InvalidLayerError
 from ..store.chunks import ChunkBatch, FileWriter
 from ..store.layers import LayerBuilder, normalize_member_name
 from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, Entry
+from ..store.tarsplit import file_frame, raw_frame_header
 
 #: A whiteout: ``.wh.NAME`` deletes NAME from the layers below (OCI layer.md).
 WHITEOUT_PREFIX = b".wh."
@@ -100,7 +99,7 @@ class TarSplitter:
 
     def _raw(self, data: bytes | bytearray | memoryview) -> None:
         if data:
-            self.out.write(b"R" + struct.pack(">I", len(data)))
+            self.out.write(raw_frame_header(len(data)))
             self.out.write(data)
 
     def copy_payload(self, size: int, fw: FileWriter, what: str) -> None:
@@ -117,7 +116,7 @@ class TarSplitter:
         self.cut = self.pos
 
     def file_ref(self, digest: bytes, size: int) -> None:
-        self.out.write(b"F" + digest + struct.pack(">Q", size))
+        self.out.write(file_frame(digest, size))
 
     def finish(self, members_end: int, what: str) -> None:
         """Read to EOF, check the end-of-archive block, flush the verbatim tail."""
@@ -300,47 +299,3 @@ def read_layer_tar(
         progress(tee.pos - last_pos)
     ts_digest, _ = tarsplit.close()
     return LayerImport(builder, tee.size, ts_digest)
-
-
-def iter_tarsplit(data_chunks: Any, read_file: Callable[[bytes], Any]) -> Any:
-    """Replay a header stream: yields the tar's bytes in order. ``data_chunks`` yields
-    the header stream's own bytes; ``read_file(digest)`` yields a file's content."""
-    buf = bytearray()
-    it = iter(data_chunks)
-
-    def need(n: int) -> bool:
-        while len(buf) < n:
-            try:
-                buf.extend(next(it))
-            except StopIteration:
-                return False
-        return True
-
-    while need(1):
-        tag = buf[0]
-        if tag == 0x52:  # R
-            if not need(5):
-                raise ValueError("truncated header stream")
-            (n,) = struct.unpack_from(">I", buf, 1)
-            del buf[:5]
-            while n > 0:
-                if not buf and not need(1):
-                    raise ValueError("truncated header stream")
-                take = min(n, len(buf))
-                yield bytes(buf[:take])
-                del buf[:take]
-                n -= take
-        elif tag == 0x46:  # F
-            if not need(41):
-                raise ValueError("truncated header stream")
-            digest = bytes(buf[1:33])
-            (size,) = struct.unpack_from(">Q", buf, 33)
-            del buf[:41]
-            got = 0
-            for part in read_file(digest):
-                got += len(part)
-                yield part
-            if got != size:
-                raise ValueError("file size differs from the header stream")
-        else:
-            raise ValueError(f"bad header stream tag {tag}")

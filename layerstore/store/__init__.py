@@ -115,7 +115,7 @@ class Store:
 
     @contextlib.contextmanager
     def importing(self) -> Iterator[None]:
-        """Held for the whole of an import: excludes gc (shared)."""
+        """Held for the whole of an import or a container creation: excludes gc (shared)."""
         with store_lock(self.root / "lock", exclusive=False, what="import"):
             yield
 

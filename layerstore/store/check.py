@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass, field
 
 from ..digest import blake3_hasher, blake3_raw
@@ -23,6 +24,7 @@ from .gc import mark
 from .images import all_images
 from .layers import iter_layer_values
 from .records import REG, ContainerRecord, Entry, FileRecord, LayerRecord
+from .tarsplit import iter_frames
 from .txn import Env
 
 
@@ -40,6 +42,26 @@ class CheckResult:
     @property
     def clean(self) -> bool:
         return not self.damage
+
+
+def _check_tarsplit(txn: Any, env: Env, rec: LayerRecord, file_size: dict[bytes, int],
+                    bad: Callable[[str], None]) -> None:
+    """Every file the header stream refers to is present with the right size."""
+    chunks_db = env.db("chunks")
+    ts = FileRecord.decode(txn.get(rec.tarsplit, db=env.db("files")))
+    data = (decode_chunk(txn.get(d, db=chunks_db)) for d, _ in ts.chunks)
+    total = 0
+    try:
+        for raw, digest, size in iter_frames(data):
+            total += len(raw) + size
+            if digest is not None and file_size.get(digest) != size:
+                bad(f"layer {rec.diff_id}: file content {digest.hex()[:16]} of its tar is "
+                    "missing or damaged")
+    except ValueError as exc:
+        bad(f"layer {rec.diff_id}: damaged tar header stream ({exc})")
+        return
+    if total != rec.tar_size:
+        bad(f"layer {rec.diff_id}: header stream rebuilds {total} bytes, not {rec.tar_size}")
 
 
 def check(env: Env, tick: Callable[[int], None] | None = None) -> CheckResult:
@@ -105,6 +127,8 @@ def check(env: Env, tick: Callable[[int], None] | None = None) -> CheckResult:
                 layer_nos[rec_l.layer_no] = name
                 if rec_l.tarsplit not in file_size:
                     bad(f"layer {name}: tar header stream is missing or damaged")
+                else:
+                    _check_tarsplit(txn, env, rec_l, file_size, bad)
                 count = 0
                 for ev in iter_layer_values(txn, env, rec_l.layer_no):
                     count += 1

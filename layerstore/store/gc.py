@@ -12,12 +12,13 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import lmdb
 
 from .images import all_images
 from .layers import iter_layer_values
-from .records import ContainerRecord, Entry, FileRecord, LayerRecord, layer_prefix
+from .records import Entry, FileRecord, LayerRecord, layer_prefix
 from .txn import Env
 
 SWEEP_BATCH = 10_000
@@ -37,15 +38,11 @@ def mark(env: Env, tick: Callable[[int], None] | None = None) -> tuple[set[bytes
     live_files: set[bytes] = set()
     live_chunks: set[bytes] = set()
     with env.read() as txn:
-        image_ids = {img.id for img in all_images(txn, env)}
         for img in all_images(txn, env):
             for d in img.diff_ids:
                 live_layers.add(bytes.fromhex(d.split(":", 1)[1]))
-        with txn.cursor(db=env.db("containers")) as cur:
-            for _, v in cur:
-                c = ContainerRecord.decode(v)
-                if c.image_id not in image_ids:
-                    continue
+        # Containers reach the store only through their image (which rmi will not
+        # remove while they exist); lazily copied-up files will add chunk references here.
         for key in sorted(live_layers):
             value = txn.get(key, db=env.db("layers"))
             if value is None:
@@ -67,8 +64,12 @@ def mark(env: Env, tick: Callable[[int], None] | None = None) -> tuple[set[bytes
     return live_layers, live_files, live_chunks
 
 
-def collect(env: Env, tmp_dir: object = None, tick: Callable[[int], None] | None = None) -> GcResult:
-    """Delete everything unreachable. Requires the store lock held exclusive."""
+def collect(env: Env, root: Path | None = None, tick: Callable[[int], None] | None = None) -> GcResult:
+    """Delete everything unreachable. Requires the store lock held exclusive.
+
+    With ``root``, also removes leftover import files under ``ROOT/tmp`` and container
+    directories that no container record names (``remove_container`` deletes the record
+    first)."""
     live_layers, live_files, live_chunks = mark(env, tick)
     result = GcResult()
     with env.read() as txn:
@@ -129,12 +130,17 @@ def collect(env: Env, tmp_dir: object = None, tick: Callable[[int], None] | None
         env.write(lambda txn, part=part: [txn.delete(k, db=env.db("chunks")) for k in part])
     result.chunks = len(dead_chunks)
     result.bytes = sum(n for _, n in dead_chunks)
-    if tmp_dir is not None:
-        from pathlib import Path
-
-        for p in Path(str(tmp_dir)).glob("import-*"):
+    if root is not None:
+        for p in (root / "tmp").glob("import-*"):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
+        with env.read() as txn:
+            ids = {k.decode() for k in txn.cursor(db=env.db("containers")).iternext(values=False)}
+        cdir = root / "containers"
+        if cdir.is_dir():
+            for p in cdir.iterdir():
+                if p.name not in ids and p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
     return result
