@@ -129,7 +129,7 @@ class ChunkBatch:
     the writer is raised by the next ``add_*``/``close`` call.
     """
 
-    def __init__(self, env: Env, params: ChunkParams, limit: int = 32 << 20):
+    def __init__(self, env: Env, params: ChunkParams, limit: int = 16 << 20):
         self.env = env
         self.params = params
         self.limit = limit
@@ -208,6 +208,7 @@ class ChunkBatch:
                 txn.put(d, v, db=files_db, overwrite=False)
 
         self.env.write(put)
+        self.env.release_map()
         self.new_chunk_bytes += sum(len(chunks[d]) for d in missing)
         self.stored_bytes += sum(len(v) for v in values)
 

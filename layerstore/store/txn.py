@@ -37,6 +37,23 @@ DEFAULT_MAP_SIZE = 1 << 30
 MAX_MAP_SIZE = 1 << 44
 
 
+_MADV_DONTNEED = 4
+
+
+def _madvise_dontneed(path: str) -> None:
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        with open("/proc/self/maps") as f:
+            for line in f:
+                if line.rstrip().endswith(path):
+                    lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+                    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+    except (OSError, ValueError, AttributeError):
+        pass  # an optimisation only
+
+
 class Env:
     """An open LMDB environment with its named databases."""
 
@@ -132,6 +149,17 @@ class Env:
         if size >= MAX_MAP_SIZE:
             raise StoreError("store map is at its maximum size")
         self.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
+
+    def release_map(self) -> None:
+        """Unmap the pages of the data file that this process has touched.
+
+        LMDB leaves every page it wrote or read mapped in the process, so a long import
+        would show the whole store it wrote as resident memory. The map is a shared file
+        mapping: MADV_DONTNEED only drops this process's page-table entries; the data
+        stays in the page cache and on disk, and a later access maps it again.
+        Call with no transaction open in this process.
+        """
+        _madvise_dontneed(str(self.path / "data.mdb"))
 
     def sync(self) -> None:
         self.env.sync(True)
