@@ -25,7 +25,7 @@ from ..errors import DigestMismatchError, InvalidLayerError, UsageError
 from ..store import Store
 from ..store.chunks import ChunkBatch
 from ..store.images import normalize_name, put_image
-from ..store.layers import write_layer
+from ..store.layers import encode_entries, put_layer
 from ..store.records import ImageRecord, LayerRecord
 from .sources import (
     MT_OCI_CONFIG,
@@ -75,24 +75,46 @@ def import_path(
         return results
 
 
+@dataclass
+class PreparedLayer:
+    """A layer read and verified, not yet visible: written with its image."""
+
+    record: LayerRecord
+    items: list[tuple[bytes, bytes]]
+
+
 def _import_image(store: Store, img: ImageSource, names: list[str], progress: Progress,
                   source: str) -> ImportResult:
-    diff_ids = []
-    new = reused = 0
+    """Read and verify every layer, then make the new layers, the image and its names
+    visible in one transaction: a failure anywhere leaves nothing visible (only chunks
+    nothing references, which gc removes)."""
+    diff_ids: list[str] = []
+    prepared: dict[str, PreparedLayer] = {}
+    reused = 0
     for i, layer in enumerate(img.layers):
-        diff_id, was_new = import_layer(store, layer, progress,
-                                        f"layer {i + 1}/{len(img.layers)}")
+        if layer.diff_id is not None and layer.diff_id in prepared:
+            diff_ids.append(layer.diff_id)  # the same layer twice in one image
+            continue
+        diff_id, new = import_layer(store, layer, progress, f"layer {i + 1}/{len(img.layers)}")
         diff_ids.append(diff_id)
-        new += was_new
-        reused += not was_new
+        if new is None:
+            reused += 1
+        else:
+            prepared.setdefault(diff_id, new)
     config = img.config if img.config is not None else make_config(diff_ids, source)
     image_id = "sha256:" + hashlib.sha256(config).hexdigest()
     rec = ImageRecord(id=image_id, config=config, config_media_type=img.config_media_type
                       if img.config is not None else MT_OCI_CONFIG, diff_ids=diff_ids,
                       manifest=img.manifest, manifest_media_type=img.manifest_media_type,
                       created=time.time(), source=source)
-    store.env.write(lambda txn: put_image(txn, store.env, rec, names))
-    return ImportResult(image_id, names, new, reused)
+
+    def publish(txn: Any) -> None:
+        for p in prepared.values():
+            put_layer(txn, store.env, p.items, p.record)
+        put_image(txn, store.env, rec, names)
+
+    store.env.write(publish)
+    return ImportResult(image_id, names, len(prepared), reused)
 
 
 def make_config(diff_ids: list[str], source: str) -> bytes:
@@ -110,14 +132,16 @@ def make_config(diff_ids: list[str], source: str) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
-def import_layer(store: Store, layer: LayerSource, progress: Progress, label: str) -> tuple[str, bool]:
-    """Import one layer blob; returns (diff_id, whether it was new)."""
+def import_layer(store: Store, layer: LayerSource, progress: Progress,
+                 label: str) -> tuple[str, PreparedLayer | None]:
+    """Read and verify one layer blob; returns (diff_id, the prepared layer, or None if
+    the store has it already). Its chunks are stored; its entries are not yet."""
     env = store.env
     if layer.diff_id is not None:
         key = bytes.fromhex(parse_oci_digest(layer.diff_id)[1])
         with env.read() as txn:
             if txn.get(key, db=env.db("layers")) is not None:
-                return layer.diff_id, False
+                return layer.diff_id, None
     batch = ChunkBatch(env, store.params)
     cdc = store.params.chunker()
     raw_file = None
@@ -169,5 +193,4 @@ def import_layer(store: Store, layer: LayerSource, progress: Progress, label: st
         tarsplit=result.tarsplit_digest, created=0.0,
         sources=[[layer.media_type, layer.digest or "", blob_size]],
     )
-    write_layer(env, result.builder, rec)
-    return diff_id, True
+    return diff_id, PreparedLayer(rec, encode_entries(result.builder))

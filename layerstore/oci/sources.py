@@ -450,7 +450,8 @@ def _tar_directory(path: Path) -> tuple[BinaryIO, Callable[[], None]]:
     proc = subprocess.Popen(
         [tar, "--create", "--file=-", "--format=pax", "--numeric-owner", "--sort=name",
          # sparse format 0.0: 0.1 and 1.0 put the pid in the member name (GNUSparseFile.%p)
-         "--xattrs", "--xattrs-include=*", "--sparse", "--sparse-version=0.0", "--one-file-system",
+         "--xattrs", "--xattrs-include=*", "--sparse", "--sparse-version=0.0",
+         "--one-file-system",
          "--pax-option=exthdr.name=%d/PaxHeaders/%f,delete=atime,delete=ctime",
          "-C", str(path), "."],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE,

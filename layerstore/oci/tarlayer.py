@@ -213,7 +213,7 @@ def read_layer_tar(
     """Read one uncompressed tar stream into chunks and a ``LayerBuilder``.
 
     Chunks are stored as the batch fills; entries stay in memory until the caller
-    verifies the diff_id and calls ``store.layers.write_layer``.
+    verifies the diff_id and writes the layer with ``store.layers.put_layer``.
     """
     tarsplit = FileWriter(batch, cdc)
     tee = TarSplitter(stream, diff_hasher, tarsplit)
@@ -295,6 +295,11 @@ def read_layer_tar(
         raise InvalidLayerError(f"{what}: not a valid tar archive ({msg})") from None
     except (tarfile.TarError, EOFError) as exc:
         raise InvalidLayerError(f"{what}: invalid tar ({exc})") from None
+    except InvalidLayerError as exc:
+        # the path rules in store/layers.py do not know the input: name it here
+        if str(exc).startswith(f"{what}: "):
+            raise
+        raise InvalidLayerError(f"{what}: {exc}") from None
     if progress is not None:
         progress(tee.pos - last_pos)
     ts_digest, _ = tarsplit.close()

@@ -16,8 +16,8 @@ applies the OCI changeset rules in memory (image-spec layer.md):
   (what docker's extraction does); a chain that leaves the root is rejected;
 - a hard link names an earlier entry of the same layer; the two become one inode.
 
-``write_layer`` then makes the layer visible in one write transaction: entries, the
-layer record and the layer-number counter, so a layer is there whole or not at all.
+``put_layer`` then writes the layer (entries, record, layer-number counter) inside the
+transaction that makes its image visible, so a layer is there whole or not at all.
 """
 
 from __future__ import annotations
@@ -83,42 +83,40 @@ class LayerBuilder:
     # -- paths -----------------------------------------------------------------------
 
     def resolve(self, vpath: bytes) -> bytes:
-        """Follow this layer's symlinks in the *parents* of ``vpath``."""
+        """Follow this layer's symlinks in the *parents* of ``vpath``.
+
+        Component by component, as the kernel would inside the layer's root: a ``..`` in
+        a symlink target pops what the path has *resolved* to so far (never lexically
+        across an unresolved symlink), and going above the root is an error.
+        """
         if vpath == b"/":
             return vpath
+        parts = vpath[1:].split(b"/")
+        pending = parts[-2::-1]  #: parent components still to walk (a stack)
+        cur = b""  #: the resolved parent path so far ("" is the root)
         hops = 0
-        while True:
-            parts = vpath[1:].split(b"/")
-            cur = b""
-            for i, part in enumerate(parts[:-1]):
-                cand = cur + b"/" + part
-                e = self.entries.get(cand)
-                if e is not None and e.type == SYMLINK:
-                    hops += 1
-                    if hops > MAX_SYMLINK_HOPS:
-                        raise InvalidLayerError(f"entry {_show(vpath)}: too many symlink levels")
-                    base = b"" if e.target.startswith(b"/") else cur
-                    rest = b"/".join(parts[i + 1:])
-                    vpath = self._join_target(base, e.target, rest, vpath)
-                    break
-                cur = cand
-            else:
-                return vpath
-
-    @staticmethod
-    def _join_target(base: bytes, target: bytes, rest: bytes, orig: bytes) -> bytes:
-        stack = [p for p in base.split(b"/") if p]
-        for part in target.split(b"/") + rest.split(b"/"):
+        while pending:
+            part = pending.pop()
             if part in (b"", b"."):
                 continue
             if part == b"..":
-                if not stack:
+                if not cur:
                     raise InvalidLayerError(
-                        f"entry {_show(orig)} would be written outside the root through a symlink")
-                stack.pop()
-            else:
-                stack.append(part)
-        return b"/" + b"/".join(stack)
+                        f"entry {_show(vpath)} would be written outside the root through a symlink")
+                cur = cur[:cur.rindex(b"/")]
+                continue
+            cand = cur + b"/" + part
+            e = self.entries.get(cand)
+            if e is not None and e.type == SYMLINK:
+                hops += 1
+                if hops > MAX_SYMLINK_HOPS:
+                    raise InvalidLayerError(f"entry {_show(vpath)}: too many symlink levels")
+                if e.target.startswith(b"/"):
+                    cur = b""
+                pending.extend(e.target.split(b"/")[::-1])
+                continue
+            cur = cand
+        return cur + b"/" + parts[-1]
 
     def _ensure_parents(self, vpath: bytes) -> None:
         parent, _ = split_vpath(vpath)
@@ -162,8 +160,13 @@ class LayerBuilder:
             # children: the entry already hides everything below it, the whiteout is moot.
             return
         self._ensure_parents(vpath)
-        if vpath not in self.entries:
+        e = self.entries.get(vpath)
+        if e is None:
             self.entries[vpath] = Entry(WHITEOUT, mode=0)
+        elif e.type == DIR:
+            # This layer's directory came first: it stays, but the lower one (with all
+            # its children) is deleted, as when the whiteout comes first (see ``add``).
+            e.flags |= OPAQUE
 
     def _below_non_dir(self, vpath: bytes) -> bool:
         """Is a parent of ``vpath`` a non-directory entry of this layer?"""
@@ -225,32 +228,34 @@ class LayerBuilder:
         return {e.digest for e in self.entries.values() if e.digest}
 
 
-def write_layer(env: Env, builder: LayerBuilder, record: LayerRecord) -> LayerRecord:
-    """Make a layer visible: entries, layer record and counter in one transaction.
+def encode_entries(builder: LayerBuilder) -> list[tuple[bytes, bytes]]:
+    """A builder's entries as sorted (vpath, encoded entry) pairs, ready for ``put_layer``
+    (compact: an import holds these for every new layer of an image until it commits)."""
+    return sorted((vpath, e.encode()) for vpath, e in builder.entries.items())
 
-    If a layer with the same diff_id appeared meanwhile (a concurrent import), keep it
-    and return its record; the entries built here are dropped.
+
+def put_layer(txn: lmdb.Transaction, env: Env, items: list[tuple[bytes, bytes]],
+              record: LayerRecord) -> LayerRecord:
+    """Write a layer's entries, its record and the layer counter. Requires a write txn.
+
+    If a layer with the same diff_id is already there (a concurrent import, or the same
+    layer twice in one image), keep it and return its record.
     """
     key = bytes.fromhex(record.diff_id.split(":", 1)[1])
     entries_db, layers_db, meta_db = env.db("entries"), env.db("layers"), env.db("meta")
-    items = sorted((vpath, e.encode()) for vpath, e in builder.entries.items())
-
-    def put(txn: lmdb.Transaction) -> LayerRecord:
-        existing = txn.get(key, db=layers_db)
-        if existing is not None:
-            return LayerRecord.decode(existing)
-        raw = txn.get(NEXT_LAYER_NO, db=meta_db)
-        layer_no = struct.unpack(">Q", raw)[0] if raw else 1
-        txn.put(NEXT_LAYER_NO, struct.pack(">Q", layer_no + 1), db=meta_db)
-        for vpath, value in items:
-            txn.put(entry_key(layer_no, vpath), value, db=entries_db)
-        rec = copy.copy(record)
-        rec.layer_no = layer_no
-        rec.created = time.time()
-        txn.put(key, rec.encode(), db=layers_db)
-        return rec
-
-    return env.write(put)
+    existing = txn.get(key, db=layers_db)
+    if existing is not None:
+        return LayerRecord.decode(existing)
+    raw = txn.get(NEXT_LAYER_NO, db=meta_db)
+    layer_no = struct.unpack(">Q", raw)[0] if raw else 1
+    txn.put(NEXT_LAYER_NO, struct.pack(">Q", layer_no + 1), db=meta_db)
+    for vpath, value in items:
+        txn.put(entry_key(layer_no, vpath), value, db=entries_db)
+    rec = copy.copy(record)
+    rec.layer_no = layer_no
+    rec.created = time.time()
+    txn.put(key, rec.encode(), db=layers_db)
+    return rec
 
 
 # --- reading ---------------------------------------------------------------------------
