@@ -21,7 +21,7 @@ paths, so ``blobs/sha256/../../x`` cannot be read.
 from __future__ import annotations
 
 import contextlib
-import io
+import hashlib
 import json
 import os
 import platform as _platform
@@ -158,8 +158,6 @@ class Blobs:
         if not self.exists(name):
             raise BlobNotFoundError(f"{self.label}: {what} blob {digest} is missing")
         data = self.read(name)
-        import hashlib
-
         alg, hexd = parse_oci_digest(digest)
         if hashlib.new(alg, data).hexdigest() != hexd:
             raise DigestMismatchError(f"{self.label}: {what} blob {digest} does not match its digest")
@@ -388,6 +386,9 @@ def _oci_image(blobs: Blobs, mdesc: dict[str, Any], data: bytes, label: str) -> 
 def _diff_ids(config: bytes, label: str) -> list[str]:
     try:
         doc = json.loads(config)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInputError(f"{label}: the image config is not valid JSON") from None
+    try:
         diff_ids = doc["rootfs"]["diff_ids"]
         assert isinstance(diff_ids, list)
         for d in diff_ids:
@@ -415,8 +416,6 @@ def read_docker_save(blobs: Blobs) -> list[ImageSource]:
         config = blobs.read(cname)
         m = _HEX64.search(cname)
         if m:
-            import hashlib
-
             if hashlib.sha256(config).hexdigest() != m.group(1):
                 raise DigestMismatchError(f"{label}: config {cname} does not match its digest")
         diff_ids = _diff_ids(config, label)
@@ -437,6 +436,25 @@ def read_docker_save(blobs: Blobs) -> list[ImageSource]:
                                if b"container_config" in config else MT_OCI_CONFIG,
                                names=names, what=label))
     return out
+
+
+def _docker_names(blobs: Blobs, images: list[ImageSource]) -> list[ImageSource]:
+    """Docker 25+ writes both index.json and manifest.json: the layout is read from the
+    index, and the names from ``RepoTags`` (``foo:1.0``, as docker shows them, rather
+    than the index's ``docker.io/library/foo:1.0``)."""
+    if not blobs.exists("manifest.json"):
+        return images
+    try:
+        doc = blobs.read_json_file("manifest.json")
+        tags = {hashlib.sha256(blobs.read(str(item["Config"]))).hexdigest(): item.get("RepoTags")
+                for item in doc if isinstance(item, dict) and "Config" in item}
+    except (InvalidInputError, TypeError, KeyError):
+        return images
+    for img in images:
+        repo_tags = tags.get(hashlib.sha256(img.config or b"").hexdigest())
+        if repo_tags:
+            img.names = [str(t) for t in repo_tags]
+    return images
 
 
 # --- directories and bare layers ---------------------------------------------------------
@@ -505,7 +523,7 @@ def open_source(path: Path, tmp_dir: Path, platform: str | None = None) -> Itera
         raise InvalidInputError(f"{label}: no such file or directory")
     if path.is_dir():
         if (path / "oci-layout").is_file():
-            yield read_oci_layout(DirBlobs(path), want)
+            yield _docker_names(DirBlobs(path), read_oci_layout(DirBlobs(path), want))
         elif (path / "manifest.json").is_file():
             yield read_docker_save(DirBlobs(path))
         else:
@@ -554,7 +572,8 @@ def _tar_source(path: Path, label: str, want: tuple[str, str, str]) -> Iterator[
         return
     blobs = TarBlobs(path, label)
     try:
-        yield read_oci_layout(blobs, want) if kind == "oci" else read_docker_save(blobs)
+        yield (_docker_names(blobs, read_oci_layout(blobs, want)) if kind == "oci"
+               else read_docker_save(blobs))
     finally:
         blobs.tar.close()
 
@@ -575,4 +594,4 @@ def _compressed_is_archive(path: Path, label: str) -> bool:
     return bool(name) and bool(_ARCHIVE_MEMBER.match(name)) and not name.startswith(".wh.")
 
 
-__all__ = ["ImageSource", "LayerSource", "open_source", "host_platform", "io"]
+__all__ = ["ImageSource", "LayerSource", "open_source", "host_platform"]
