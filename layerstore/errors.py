@@ -114,6 +114,12 @@ class SchemaError(StoreError):
     """The store was written by an incompatible version of layerstore."""
 
 
+class MountError(LayerstoreError):
+    """A mount could not be made or removed (FUSE missing, daemon failed, busy)."""
+
+    exit_code = 8
+
+
 # --- the overlay view -------------------------------------------------------------------
 
 

@@ -1,8 +1,10 @@
-"""Container commands: create, ps, rm (mounting comes with the FUSE view)."""
+"""Container commands: create, ps, rm, mount, umount."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 from typing import Any
 
 from ..store.containers import (
@@ -11,7 +13,9 @@ from ..store.containers import (
     remove_container,
     resolve_container,
 )
-from ..store.images import names_of, resolve
+from ..errors import ContainerNotFoundError, ImageNotFoundError, InUseError, UsageError
+from ..fuse import daemon
+from ..store.images import get_image, names_of, resolve
 from .output import human_age, print_json, table
 
 
@@ -25,6 +29,21 @@ def register(sub: Any) -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("-a", "--all", action="store_true", help="accepted for docker habits")
     p.set_defaults(func=cmd_ps)
+
+    p = sub.add_parser("mount", help="mount a container (FUSE); returns once the mount is live")
+    p.add_argument("container")
+    p.add_argument("mountpoint", type=Path)
+    p.add_argument("--read-only", action="store_true", help="mount the image alone, read-only")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="stay in the terminal until unmounted")
+    p.add_argument("--allow-other", action="store_true",
+                   help="let other users see the mount (default: only the mounting user)")
+    p.add_argument("--debug", action="store_true", help="log every failing call (daemon.log)")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", aliases=["unmount"], help="unmount and wait for the daemon")
+    p.add_argument("target", help="mountpoint or container")
+    p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("rm", help="remove containers and their upper layers")
     p.add_argument("containers", nargs="+")
@@ -68,6 +87,48 @@ def cmd_rm(args: argparse.Namespace) -> int:
         for ref in args.containers:
             with store.env.read() as txn:
                 rec = resolve_container(txn, store.env, ref)
+            state = daemon.read_state(store.root, rec.id)
+            if state is not None:
+                if not args.force:
+                    raise InUseError(f"container {rec.name} is mounted at {state['mountpoint']} "
+                                     "(umount it, or rm --force)")
+                daemon.umount(store.root, rec.id, None)
             remove_container(store.env, store.root, rec)
             print(rec.name)
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        with store.env.read() as txn:
+            rec = resolve_container(txn, store.env, args.container)
+            img = get_image(txn, store.env, rec.image_id)
+        if img is None:
+            raise ImageNotFoundError(f"image {rec.image_id} of container {rec.name} is missing")
+        root = store.root
+    # The store is closed here: the daemon opens its own after the fork.
+    daemon.mount(root, rec.id, img.diff_ids, args.mountpoint, read_only=args.read_only,
+                 foreground=args.foreground, allow_other=args.allow_other, debug=args.debug)
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    with _store(args) as store:
+        target = Path(args.target)
+        mounts = daemon.mounted_containers(store.root)
+        cid = next((c for c, st in mounts.items()
+                    if os.path.exists(args.target)
+                    and Path(st["mountpoint"]) == target.absolute()), None)
+        if cid is None:
+            with store.env.read() as txn:
+                try:
+                    cid = resolve_container(txn, store.env, args.target).id
+                except ContainerNotFoundError:
+                    if not os.path.exists(args.target):
+                        raise
+                    cid = None
+        root = store.root
+    if cid is None:
+        raise UsageError(f"{args.target} is not a layerstore mount")
+    daemon.umount(root, cid, None)
     return 0

@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     for m in MODULES:
         m.register(sub)
     # Global options are accepted after the command too (`layerstore import X -q`).
-    for sp in sub.choices.values():
+    for sp in {id(sp): sp for sp in sub.choices.values()}.values():  # aliases share one
         sp.add_argument("--root", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
         sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars")

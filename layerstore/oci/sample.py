@@ -39,22 +39,28 @@ def _tarinfo(name: str, type_: bytes, mode: int, size: int = 0, link: str = "") 
 
 
 class _LayerWriter:
+    """Collects entries, then writes them in path order (a directory before its
+    contents, as tar itself writes them; GNU tar restores directory times that way)."""
+
     def __init__(self) -> None:
-        self.buf = io.BytesIO()
-        self.tf = tarfile.open(fileobj=self.buf, mode="w", format=tarfile.PAX_FORMAT)
+        self.members: dict[str, tuple[tarfile.TarInfo, bytes | None]] = {}
 
     def dir(self, name: str, mode: int = 0o755) -> None:
-        self.tf.addfile(_tarinfo(name, tarfile.DIRTYPE, mode))
+        self.members[name] = (_tarinfo(name, tarfile.DIRTYPE, mode), None)
 
     def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self.tf.addfile(_tarinfo(name, tarfile.REGTYPE, mode, len(data)), io.BytesIO(data))
+        self.members[name] = (_tarinfo(name, tarfile.REGTYPE, mode, len(data)), data)
 
     def symlink(self, name: str, target: str) -> None:
-        self.tf.addfile(_tarinfo(name, tarfile.SYMTYPE, 0o777, link=target))
+        self.members[name] = (_tarinfo(name, tarfile.SYMTYPE, 0o777, link=target), None)
 
     def finish(self) -> bytes:
-        self.tf.close()
-        return self.buf.getvalue()
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tf:
+            for name in sorted(self.members, key=lambda n: n.split("/")):
+                ti, data = self.members[name]
+                tf.addfile(ti, io.BytesIO(data) if data is not None else None)
+        return buf.getvalue()
 
 
 def _host_binaries() -> dict[str, bytes]:

@@ -15,6 +15,7 @@ Threading: a ``ChunkBatch`` belongs to one thread.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -74,7 +75,16 @@ class ChunkParams:
         return zstandard.ZstdCompressor(level=int(level or 3))
 
 
-_DECOMPRESSOR = zstandard.ZstdDecompressor()
+#: A ZstdDecompressor must not be used by two threads at once (the FUSE daemon reads
+#: from many threads), so each thread has its own.
+_local = threading.local()
+
+
+def _decompressor() -> Any:
+    d = getattr(_local, "zstd", None)
+    if d is None:
+        d = _local.zstd = zstandard.ZstdDecompressor()
+    return d
 
 
 def decode_chunk(value: bytes) -> bytes:
@@ -86,7 +96,7 @@ def decode_chunk(value: bytes) -> bytes:
         return value[1:]
     if codec == CODEC_ZSTD:
         try:
-            return _DECOMPRESSOR.decompress(value[1:])
+            return _decompressor().decompress(value[1:])
         except zstandard.ZstdError as exc:
             raise IntegrityError("corrupt compressed chunk") from exc
     raise IntegrityError(f"unknown chunk codec {codec}")

@@ -1,0 +1,255 @@
+"""Mounting: the daemon process, its readiness handshake, and unmounting.
+
+``mount()`` checks the mountpoint, then forks. The child starts a new session, opens the
+store itself (LMDB must never be used across a fork, so the parent closes its store
+first), takes the container's lock (one daemon per container), and runs FUSE in the
+foreground of its own process. When libfuse calls ``init`` the mount is live and the
+child writes ``ok`` on a pipe; an error before that is written on the same pipe. The
+parent returns (or raises with the daemon's error) only then.
+
+Each live mount has a state file ``ROOT/containers/<id>/mount.json`` (pid, mountpoint)
+that ``umount`` uses to find and wait for the daemon.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from ..errors import LayerstoreError, MountError, StoreError, UsageError
+
+READY_TIMEOUT = 60.0
+STATE_FILE = "mount.json"
+LOCK_FILE = "lock"
+
+
+def check_mountpoint(mountpoint: Path) -> Path:
+    mp = mountpoint.absolute()
+    if not mp.exists():
+        raise UsageError(f"mountpoint {mp} does not exist")
+    if not mp.is_dir():
+        raise UsageError(f"mountpoint {mp} is not a directory")
+    if os.path.ismount(mp) or is_mounted(mp):
+        raise UsageError(f"{mp} is already a mount point")
+    if any(mp.iterdir()):
+        raise UsageError(f"mountpoint {mp} is not empty")
+    if not os.path.exists("/dev/fuse"):
+        raise MountError("/dev/fuse is missing (load the fuse module: modprobe fuse)")
+    try:
+        fd = os.open("/dev/fuse", os.O_RDWR)
+        os.close(fd)
+    except OSError as exc:
+        raise MountError(f"cannot open /dev/fuse: {exc.strerror}") from None
+    return mp
+
+
+def is_mounted(mp: Path) -> bool:
+    target = str(mp).encode().replace(b" ", b"\\040")
+    try:
+        with open("/proc/self/mounts", "rb") as f:
+            return any(line.split()[1] == target for line in f if len(line.split()) > 1)
+    except OSError:
+        return False
+
+
+def container_dir(root: Path, cid: str) -> Path:
+    return root / "containers" / cid
+
+
+def read_state(root: Path, cid: str) -> dict[str, Any] | None:
+    try:
+        return json.loads((container_dir(root, cid) / STATE_FILE).read_text())  # type: ignore[no-any-return]
+    except (OSError, ValueError):
+        return None
+
+
+def mount(root: Path, cid: str, diff_ids: list[str], mountpoint: Path, *, read_only: bool,
+          foreground: bool = False, allow_other: bool = False, debug: bool = False) -> int:
+    """Mount container ``cid`` at ``mountpoint``; returns the daemon's pid (0 when
+    ``foreground``, after the mount ends)."""
+    mp = check_mountpoint(mountpoint)
+    if not read_only:
+        raise UsageError("writable mounts are not implemented yet; use --read-only")
+    cdir = container_dir(root, cid)
+    if not cdir.is_dir():
+        raise StoreError(f"container directory {cdir} is missing")
+    if foreground:
+        _serve(root, cid, diff_ids, mp, allow_other, debug, ready_fd=None)
+        return 0
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the daemon
+        os.close(r)
+        code = 1
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_RDWR)
+            log = os.open(cdir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            os.dup2(devnull, 0)
+            os.dup2(log, 1)
+            os.dup2(log, 2)
+            _serve(root, cid, diff_ids, mp, allow_other, debug, ready_fd=w)
+            code = 0
+        except BaseException as exc:  # report, never return into the CLI's code
+            msg = str(exc) if isinstance(exc, LayerstoreError) else f"{type(exc).__name__}: {exc}"
+            try:
+                os.write(w, f"error: {msg}\n".encode())
+            except OSError:
+                pass
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(w)
+    deadline = time.monotonic() + READY_TIMEOUT
+    data = b""
+    while time.monotonic() < deadline:
+        chunk = _read_with_timeout(r, deadline - time.monotonic())
+        if not chunk:
+            break
+        data += chunk
+        if data.endswith(b"\n"):
+            break
+    os.close(r)
+    text = data.decode(errors="replace").strip()
+    if text == "ok":
+        return pid
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass
+    os.waitpid(pid, 0)
+    if is_mounted(mp):
+        _unmount(mp, lazy=True)
+    if text.startswith("error: "):
+        raise MountError(text[len("error: "):])
+    raise MountError(f"the mount daemon did not start (see {cdir / 'daemon.log'})")
+
+
+def _read_with_timeout(fd: int, timeout: float) -> bytes:
+    import select
+
+    ready, _, _ = select.select([fd], [], [], max(0.0, timeout))
+    return os.read(fd, 4096) if ready else b""
+
+
+def _serve(root: Path, cid: str, diff_ids: list[str], mp: Path, allow_other: bool,
+           debug: bool, ready_fd: int | None) -> None:
+    import fuse as fusepy
+
+    from ..overlay.lower import MergedLowers, StoreLayers
+    from ..store import Store
+    from .operations import ENCODING, ReadOnlyOperations
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cdir = container_dir(root, cid)
+    lock_fd = os.open(cdir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        st = read_state(root, cid) or {}
+        raise MountError(f"container is already mounted at {st.get('mountpoint', '?')}") from None
+    store = Store.open(root)  # opened here, after the fork
+    view = MergedLowers(StoreLayers(store, diff_ids))
+    state = cdir / STATE_FILE
+
+    def ready() -> None:
+        tmp = cdir / (STATE_FILE + ".tmp")
+        tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp),
+                                   "read_only": True}))
+        os.rename(tmp, state)
+        if ready_fd is not None:
+            os.write(ready_fd, b"ok\n")
+            os.close(ready_fd)
+
+    ops = ReadOnlyOperations(view, on_ready=ready)
+    options: dict[str, Any] = dict(
+        foreground=True, ro=True, use_ino=True, default_permissions=True,
+        kernel_cache=True, attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
+        fsname=f"layerstore:{cid[:12]}", subtype="layerstore", max_read=1 << 20,
+    )
+    if allow_other:
+        options["allow_other"] = True
+    try:
+        fusepy.FUSE(ops, str(mp), encoding=ENCODING, **options)
+    except RuntimeError as exc:
+        raise MountError(f"mounting {mp} failed ({exc}; see {cdir / 'daemon.log'})") from None
+    finally:
+        try:
+            state.unlink()
+        except FileNotFoundError:
+            pass
+        store.close()
+
+
+def _unmount(mp: Path, lazy: bool = False) -> None:
+    for cmd in (["fusermount3", "-u"] + (["-z"] if lazy else []),
+                ["fusermount", "-u"] + (["-z"] if lazy else []),
+                ["umount"] + (["-l"] if lazy else [])):
+        if shutil.which(cmd[0]) is None:
+            continue
+        p = subprocess.run(cmd + [str(mp)], capture_output=True, text=True)
+        if p.returncode == 0:
+            return
+    if is_mounted(mp):
+        raise MountError(f"cannot unmount {mp}")
+
+
+def umount(root: Path, cid: str, mountpoint: Path | None, timeout: float = 30.0) -> None:
+    """Unmount and wait for the daemon; also cleans up after a daemon that died."""
+    st = read_state(root, cid)
+    mp = Path(mountpoint or (st or {}).get("mountpoint", "")).absolute() if (mountpoint or st) else None
+    if mp is None:
+        raise UsageError("the container is not mounted")
+    if is_mounted(mp):
+        try:
+            _unmount(mp)
+        except MountError:
+            _unmount(mp, lazy=True)  # busy, or its daemon died (ENOTCONN)
+    elif st is None:
+        raise UsageError(f"{mp} is not mounted")
+    pid = (st or {}).get("pid")
+    deadline = time.monotonic() + timeout
+    while pid and time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        except PermissionError:
+            break
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                break
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    else:
+        if pid:
+            raise MountError(f"the mount daemon (pid {pid}) did not exit")
+    try:
+        (container_dir(root, cid) / STATE_FILE).unlink()
+    except FileNotFoundError:
+        pass
+
+
+def mounted_containers(root: Path) -> dict[str, dict[str, Any]]:
+    out = {}
+    cdir = root / "containers"
+    if cdir.is_dir():
+        for p in cdir.iterdir():
+            st = read_state(root, p.name)
+            if st is not None:
+                out[p.name] = st
+    return out
+
+
+__all__ = ["mount", "umount", "mounted_containers"]

@@ -1,0 +1,231 @@
+"""Lowers: the read-only layers under a container, and the merged view of them.
+
+``StoreLayers`` reads layers from the store (one short read transaction per call, so it
+can be used from any thread and never holds a transaction between calls).
+``MergedLowers`` merges them with OCI/overlayfs rules, top layer first:
+
+- a whiteout hides the same path in the layers below it;
+- a non-directory hides everything below it; a directory merges with the directories
+  below it until one of them is opaque;
+- a directory's attributes come from its topmost non-implicit entry.
+
+Lowers never change, so every resolved path is cached for the life of the view (the
+"flattened index", built lazily: one get per layer for each path the first time).
+
+Inode numbers are derived from what a lower object *is*, so they are the same on every
+mount: a directory from its path, a file from (layer, path), a hard-link group from
+(layer, group) so that links share one inode.
+
+This module imports neither fusepy nor anything above ``store``.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_right
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..digest import blake3_raw
+from ..errors import IntegrityError, NoEntryError, OverlayError
+from ..store import Store
+from ..store.chunks import decode_chunk
+from ..store.layers import list_dir, lookup
+from ..store.records import DIR, WHITEOUT, Entry, FileRecord, LayerRecord, join_vpath, split_vpath
+
+#: decoded chunks kept in memory, bytes
+CHUNK_CACHE_BYTES = 64 << 20
+ROOT_ENTRY = Entry(DIR, mode=0o755)
+
+
+def ino_of(*parts: bytes) -> int:
+    """A stable 63-bit inode number (never 0 or 1, which FUSE reserves)."""
+    n = int.from_bytes(blake3_raw(b"\0".join(parts))[:8], "big") >> 1
+    return n if n > 1 else n + 2
+
+
+@dataclass
+class Node:
+    """A path of the merged lowers."""
+
+    vpath: bytes
+    entry: Entry
+    ino: int
+    layer: int = -1  #: index (top = 0) of the layer a non-directory comes from
+    dir_layers: list[int] = field(default_factory=list)  #: layers a directory merges
+
+
+class StoreLayers:
+    """The layers of an image, top first, read from the store."""
+
+    def __init__(self, store: Store, diff_ids: Sequence[str]):
+        self.store = store
+        env = store.env
+        recs = []
+        with env.read() as txn:
+            for d in diff_ids:
+                value = txn.get(bytes.fromhex(d.split(":", 1)[1]), db=env.db("layers"))
+                if value is None:
+                    raise IntegrityError(f"layer {d} is missing from the store")
+                recs.append(LayerRecord.decode(value))
+        self.records = list(reversed(recs))  #: top first
+        self._files: dict[bytes, tuple[FileRecord, list[int]]] = {}
+        self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
+        self._chunk_bytes = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def lookup(self, layer: int, vpath: bytes) -> Entry | None:
+        env = self.store.env
+        with env.read() as txn:
+            return lookup(txn, env, self.records[layer].layer_no, vpath)
+
+    def list(self, layer: int, vpath: bytes) -> list[tuple[bytes, Entry]]:
+        env = self.store.env
+        with env.read() as txn:
+            return list_dir(txn, env, self.records[layer].layer_no, vpath)
+
+    def _file(self, digest: bytes) -> tuple[FileRecord, list[int]]:
+        with self._lock:
+            hit = self._files.get(digest)
+        if hit is not None:
+            return hit
+        env = self.store.env
+        with env.read() as txn:
+            value = txn.get(digest, db=env.db("files"))
+        if value is None:
+            raise IntegrityError(f"file {digest.hex()[:16]} is missing")
+        rec = FileRecord.decode(value)
+        starts, pos = [], 0
+        for _, n in rec.chunks:
+            starts.append(pos)
+            pos += n
+        with self._lock:
+            self._files[digest] = (rec, starts)
+        return rec, starts
+
+    def _chunk(self, digest: bytes) -> bytes:
+        with self._lock:
+            data = self._chunks.get(digest)
+            if data is not None:
+                self._chunks.move_to_end(digest)
+                return data
+        env = self.store.env
+        with env.read() as txn:
+            value = txn.get(digest, db=env.db("chunks"))
+        if value is None:
+            raise IntegrityError(f"chunk {digest.hex()[:16]} is missing")
+        data = decode_chunk(value)
+        with self._lock:
+            self._chunks[digest] = data
+            self._chunk_bytes += len(data)
+            while self._chunk_bytes > CHUNK_CACHE_BYTES and len(self._chunks) > 1:
+                _, old = self._chunks.popitem(last=False)
+                self._chunk_bytes -= len(old)
+        return data
+
+    def read(self, entry: Entry, offset: int, size: int) -> bytes:
+        """``size`` bytes of a regular file's content from ``offset`` (short at EOF)."""
+        if not entry.digest or offset >= entry.size or size <= 0:
+            return b""
+        rec, starts = self._file(entry.digest)
+        end = min(offset + size, rec.size)
+        i = bisect_right(starts, offset) - 1
+        out = []
+        while i < len(starts) and starts[i] < end:
+            d, n = rec.chunks[i]
+            data = self._chunk(d)
+            lo = max(offset - starts[i], 0)
+            hi = min(end - starts[i], n)
+            out.append(data[lo:hi] if (lo, hi) != (0, n) else data)
+            i += 1
+        return b"".join(out)
+
+
+class MergedLowers:
+    """The merged, read-only tree of a stack of layers (see the module docstring)."""
+
+    def __init__(self, layers: StoreLayers):
+        self.layers = layers
+        self._nodes: dict[bytes, Node | None] = {}
+        self._lock = threading.Lock()
+
+    def _ino(self, vpath: bytes, layer: int, e: Entry) -> int:
+        if e.type == DIR:
+            return ino_of(b"d", vpath)
+        rec = self.layers.records[layer]
+        if e.link_group:
+            return ino_of(b"h", rec.diff_id.encode(), str(e.link_group).encode())
+        return ino_of(b"f", rec.diff_id.encode(), vpath)
+
+    def resolve(self, vpath: bytes) -> Node | None:
+        """The node at ``vpath``, or None if no visible lower has it."""
+        with self._lock:
+            if vpath in self._nodes:
+                return self._nodes[vpath]
+        node = self._resolve(vpath)
+        with self._lock:
+            self._nodes[vpath] = node
+        return node
+
+    def _resolve(self, vpath: bytes) -> Node | None:
+        if vpath == b"/":
+            candidates = range(len(self.layers))
+        else:
+            parent_path, _ = split_vpath(vpath)
+            parent = self.resolve(parent_path)
+            if parent is None or parent.entry.type != DIR:
+                return None
+            candidates = parent.dir_layers  # type: ignore[assignment]
+        dir_layers: list[int] = []
+        attrs: Entry | None = None
+        for li in candidates:
+            e = self.layers.lookup(li, vpath)
+            if e is None:
+                continue
+            if e.type == WHITEOUT:
+                break
+            if e.type != DIR:
+                if not dir_layers:
+                    return Node(vpath, e, self._ino(vpath, li, e), layer=li)
+                break  # a non-directory under a directory is hidden by it
+            dir_layers.append(li)
+            if attrs is None and not e.implicit:
+                attrs = e
+            if e.opaque:
+                break
+        if not dir_layers:
+            if vpath == b"/":
+                return Node(vpath, ROOT_ENTRY, ino_of(b"d", vpath), dir_layers=[])
+            return None
+        entry = attrs or self.layers.lookup(dir_layers[0], vpath) or ROOT_ENTRY
+        return Node(vpath, entry, self._ino(vpath, dir_layers[0], entry), dir_layers=dir_layers)
+
+    def lookup(self, vpath: bytes) -> Node:
+        node = self.resolve(vpath)
+        if node is None:
+            raise NoEntryError(vpath)
+        return node
+
+    def listdir(self, vpath: bytes) -> list[tuple[bytes, Node]]:
+        """The visible children of a directory, sorted by name."""
+        node = self.lookup(vpath)
+        if node.entry.type != DIR:
+            raise OverlayError(20, vpath)  # ENOTDIR
+        names: dict[bytes, bool] = {}  # name -> visible (False: hidden by a whiteout)
+        for li in node.dir_layers:
+            for name, e in self.layers.list(li, vpath):
+                if name not in names:
+                    names[name] = e.type != WHITEOUT
+        out = []
+        for name in sorted(n for n, visible in names.items() if visible):
+            child = self.resolve(join_vpath(vpath, name))
+            if child is not None:
+                out.append((name, child))
+        return out
+
+    def read(self, node: Node, offset: int, size: int) -> bytes:
+        return self.layers.read(node.entry, offset, size)
