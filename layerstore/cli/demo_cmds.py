@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import subprocess
 import hashlib
 import json
 import shlex
@@ -53,12 +56,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"# exported layer {d[:19]}... byte-identical to the imported tar: {ok}")
         if not ok:
             raise IntegrityError("exported layer differs from the imported one")
+    if os.path.exists("/dev/fuse"):
+        mnt = work / "mnt"
+        mnt.mkdir()
+        run("create", "demo:app", "--name", "demo")
+        run("mount", "demo", str(mnt), "--read-only")
+        try:
+            print(f"\n$ ls {mnt}/etc && cat {mnt}/etc/os-release")
+            print("  ".join(sorted(os.listdir(mnt / "etc"))))
+            print((mnt / "etc/os-release").read_text(), end="")
+            if (mnt / "bin/sh").exists() and shutil.which("chroot") and os.geteuid() == 0:
+                print(f"$ chroot {mnt} /bin/sh /app/hello.sh", flush=True)
+                subprocess.run(["chroot", str(mnt), "/bin/sh", "/app/hello.sh"], check=False)
+        finally:
+            run("umount", str(mnt))
+        run("rm", "demo")
+    else:
+        print("\n# /dev/fuse is missing: skipping the mount part of the demo")
     run("rmi", "demo:base")
     run("gc")
     run("check")
     print(f"\n# demo store: {root}" + ("" if args.keep else " (removed)"))
     if not args.keep and args.root is None:
-        import shutil
-
         shutil.rmtree(work, ignore_errors=True)
     return 0
