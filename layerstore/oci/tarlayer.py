@@ -40,6 +40,7 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 
 TAR_BUFSIZE = 1 << 20
+READ_AHEAD = 64 << 10
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 
@@ -61,8 +62,14 @@ class TarSplitter:
         self.cut = 0  #: every byte before this is accounted for
         self.pending = bytearray()  #: bytes [cut, pos), not yet classified
         self.size = 0
+        #: read-ahead: bytes [pos, pos + len(ahead) - ahead_off) read from the source
+        #: (and hashed) but not handed out yet. Headers are read 512 bytes at a time;
+        #: serving them from here saves a trip through the source's layers each time,
+        #: and the hash sees big updates.
+        self.ahead = b""
+        self.ahead_off = 0
 
-    def _pull(self, n: int) -> bytes:
+    def _fill(self, n: int) -> bytes:
         data = self.raw.read(n)
         while 0 < len(data) < n:  # a short read is not the end of the stream
             more = self.raw.read(n - len(data))
@@ -71,7 +78,26 @@ class TarSplitter:
             data += more
         if data:
             self.hasher.update(data)
-            self.pos += len(data)
+        return data
+
+    def _pull(self, n: int) -> bytes:
+        avail = len(self.ahead) - self.ahead_off
+        if avail == 0:
+            if n >= READ_AHEAD:
+                data = self._fill(n)
+                self.pos += len(data)
+                return data
+            self.ahead, self.ahead_off = self._fill(READ_AHEAD), 0
+            avail = len(self.ahead)
+            if avail == 0:
+                return b""
+        if n <= avail:
+            data = self.ahead[self.ahead_off:self.ahead_off + n]
+            self.ahead_off += n
+        else:
+            data = self.ahead[self.ahead_off:] + self._fill(n - avail)
+            self.ahead, self.ahead_off = b"", 0
+        self.pos += len(data)
         return data
 
     def read(self, n: int = -1) -> bytes:

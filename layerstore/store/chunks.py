@@ -246,13 +246,20 @@ class FileWriter:
         self.batch = batch
         self.cdc = cdc
         self.buf = bytearray()
-        self.hasher = blake3_hasher()
+        #: created only once the file outgrows the buffer: a smaller file is hashed in
+        #: one call at ``close`` (most files of a root filesystem are a few KiB)
+        self.hasher: Any = None
         self.size = 0
         self.chunks: list[tuple[bytes, int]] = []
 
     def write(self, data: bytes | memoryview) -> None:
-        self.hasher.update(data)
         self.size += len(data)
+        if self.hasher is not None:
+            self.hasher.update(data)
+        elif len(self.buf) + len(data) >= CUT_WINDOW:
+            self.hasher = blake3_hasher()
+            self.hasher.update(self.buf)
+            self.hasher.update(data)
         self.buf += data
         if len(self.buf) >= CUT_WINDOW:
             self._cut(final=False)
@@ -275,13 +282,15 @@ class FileWriter:
 
     def close(self) -> tuple[bytes, FileRecord]:
         """Cut what is left; hand the file record to the batch; return (digest, record)."""
-        if len(self.chunks) == 0 and len(self.buf) < self.cdc.min_size:
-            # One chunk, so the file digest is the chunk digest: hash once.
-            data = bytes(self.buf)
-            digest = self.hasher.digest()
-            if data:
-                self.batch.add_chunk(digest, data)
-                self.chunks.append((digest, len(data)))
+        if self.hasher is None:
+            digest = blake3_raw(self.buf)  # the whole file is in the buffer
+            if len(self.buf) < self.cdc.min_size:
+                # One chunk, so the file digest is the chunk digest: hash once.
+                if self.buf:
+                    self.batch.add_chunk(digest, self.buf)
+                    self.chunks.append((digest, len(self.buf)))
+            else:
+                self._cut(final=True)
         else:
             self._cut(final=True)
             digest = self.hasher.digest()

@@ -53,6 +53,11 @@ NEXT_LAYER_NO = b"next_layer_no"
 
 def normalize_member_name(name: bytes) -> bytes:
     """A tar member name as a vpath: ``./a//b/`` -> ``/a/b``; rejects ``..`` and ``/x``."""
+    short = name[2:] if name.startswith(b"./") else name
+    if b".." not in short and b"//" not in short and b"\0" not in short \
+            and not short.startswith((b"/", b"./")) and b"/./" not in short \
+            and not short.endswith(b"/.") and short != b"." and len(short) <= NAME_MAX:
+        return b"/" + short.rstrip(b"/")  # the common case: already normal
     if name.startswith(b"/"):
         raise InvalidLayerError(f"entry {_show(name)} has an absolute path")
     parts = []
@@ -79,6 +84,7 @@ class LayerBuilder:
     def __init__(self) -> None:
         self.entries: dict[bytes, Entry] = {}
         self._next_group = 1
+        self._has_symlinks = False  #: resolve() has nothing to follow until one is added
 
     # -- paths -----------------------------------------------------------------------
 
@@ -89,7 +95,7 @@ class LayerBuilder:
         a symlink target pops what the path has *resolved* to so far (never lexically
         across an unresolved symlink), and going above the root is an error.
         """
-        if vpath == b"/":
+        if vpath == b"/" or not self._has_symlinks:
             return vpath
         parts = vpath[1:].split(b"/")
         pending = parts[-2::-1]  #: parent components still to walk (a stack)
@@ -151,6 +157,8 @@ class LayerBuilder:
             elif old.type == DIR:
                 self._drop_children(vpath)
         self.entries[vpath] = entry
+        if entry.type == SYMLINK:
+            self._has_symlinks = True
         return vpath
 
     def whiteout(self, vpath: bytes) -> None:
