@@ -1,0 +1,841 @@
+"""The writable overlay: merged lowers (``lower.py``) under an upper directory in
+kernel-overlayfs format (``upper.py``), with POSIX semantics as kernel overlayfs gives
+them. Every method takes a vpath (``bytes``, absolute, ``b"/etc/passwd"``) and raises
+``OSError`` with a real errno: ``OverlayError``/``NoEntryError`` for what this module
+decides, the ``os`` call's own error for what the upper filesystem decides.
+
+Lookup of a path walks it one component at a time, as overlayfs does: an upper whiteout
+ends it (ENOENT), an upper non-directory hides everything below, an upper directory
+merges with the lower directory at the same path unless it is opaque.
+
+Copy-up (full mode): before the first data write or metadata change of a lower object,
+its data and metadata (owner, mode, xattrs, mtime in ns) are written to a temporary
+name in ``work`` and renamed into place, so a copy-up is visible whole or not at all.
+Missing parent directories are copied up first (metadata only). ``open`` with
+``O_TRUNC`` copies no data. Renaming a lower or merged directory copies the whole
+merged subtree up (every merged subdirectory becomes opaque, whiteouts inside it are
+dropped), then renames the now self-contained upper directory: no EXDEV, and no
+``redirect`` xattr (kernel overlayfs with ``redirect_dir=on`` copies up only the
+directory and records a redirect instead).
+
+Confinement: see ``upper.py``; the upper is only touched through fds from ``upper_fd``
+and ``*at`` calls that do not follow symlinks. A symlink that the container put where
+a directory is expected is a symlink in the view, so walking through it gives ENOTDIR.
+
+Threading: one re-entrant lock (``_lock``) serialises every namespace and metadata
+operation and every lookup (so a lookup never sees a half-done rename of ours). Data
+I/O on open handles (``read``/``write``) runs outside it: ``os.pread``/``os.pwrite`` on
+the handle's own fd, or a lower read, which is thread-safe.
+
+Imports neither fusepy nor anything above ``store``.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import itertools
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import lmdb
+
+from ..errors import LayerstoreError, NoEntryError, NotEmptyError, OverlayError
+from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, join_vpath
+from .lower import MergedLowers, Node
+from .upper import (
+    DIR_FLAGS,
+    OPAQUE_XATTR,
+    OVERLAY_XATTR_PREFIX,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    RENAME_WHITEOUT,
+    is_opaque_fd,
+    is_whiteout,
+    lstat_at,
+    make_whiteout,
+    open_dir_at,
+    path_fd,
+    proc_path,
+    remove_tree_at,
+    renameat2,
+    split_parts,
+    stat_dict,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_IFMT = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHR: stat.S_IFCHR,
+         BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+#: prefix of our temporary names in the work directory (removed at start-up)
+TMP_PREFIX = b"#layerstore-"
+#: bytes copied per read/write during a copy-up
+COPY_BLOCK = 1 << 20
+#: A container's own ``trusted.overlay.X`` is stored escaped as ``trusted.overlay.overlay.X``
+#: and shown unescaped; overlayfs' real ``trusted.overlay.*`` xattrs are hidden. This is
+#: what kernel overlayfs does since Linux 6.7 (checked in tests/test_overlay_fs.py), so a
+#: container can neither see nor forge an opaque mark or a redirect.
+ESCAPED_XATTR_PREFIX = OVERLAY_XATTR_PREFIX + b"overlay."
+
+
+def _escape_xattr(name: bytes) -> bytes:
+    return OVERLAY_XATTR_PREFIX + b"overlay." + name[len(OVERLAY_XATTR_PREFIX):] \
+        if name.startswith(OVERLAY_XATTR_PREFIX) else name
+
+
+def _visible_xattr(name: bytes) -> bytes | None:
+    """The name a stored xattr shows through the overlay, None for overlayfs' own."""
+    if name.startswith(ESCAPED_XATTR_PREFIX):
+        return OVERLAY_XATTR_PREFIX + name[len(ESCAPED_XATTR_PREFIX):]
+    if name.startswith(OVERLAY_XATTR_PREFIX):
+        return None
+    return name
+
+
+def _locked(fn: F) -> F:
+    """Run under the overlay lock; store failures become EIO (``NoEntryError`` stays)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: OverlayFS, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            try:
+                return fn(self, *args, **kwargs)
+            except OSError:
+                raise
+            except (LayerstoreError, lmdb.Error) as exc:
+                raise OverlayError(errno.EIO) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+def lower_stat(node: Node) -> dict[str, int]:
+    """A lower node's attributes (the same dict ``fuse.operations.stat_of`` builds)."""
+    e = node.entry
+    st = {
+        "st_ino": node.ino,
+        "st_mode": _IFMT[e.type] | (e.mode & 0o7777),
+        "st_nlink": 1,
+        "st_uid": e.uid,
+        "st_gid": e.gid,
+        "st_size": e.size if e.type == REG else (len(e.target) if e.type == SYMLINK else 0),
+        "st_atime": e.mtime_ns,
+        "st_mtime": e.mtime_ns,
+        "st_ctime": e.mtime_ns,
+        "st_blocks": (e.size + 511) // 512 if e.type == REG else 0,
+    }
+    if e.type in (CHR, BLK):
+        st["st_rdev"] = os.makedev(*e.rdev)
+    return st
+
+
+@dataclass
+class Found:
+    """What the merged view has at a path (never a whiteout)."""
+
+    vpath: bytes
+    ust: os.stat_result | None  #: the upper entry, if any
+    lower: Node | None  #: the lower node shown or merged here (None under an upper non-dir or opaque dir)
+    opaque: bool  #: the upper directory is opaque
+    lower_below: bool  #: a lower entry exists here that an upper whiteout must hide
+
+    @property
+    def is_dir(self) -> bool:
+        if self.ust is not None:
+            return stat.S_ISDIR(self.ust.st_mode)
+        assert self.lower is not None
+        return self.lower.entry.type == DIR
+
+    @property
+    def type_mode(self) -> int:
+        if self.ust is not None:
+            return stat.S_IFMT(self.ust.st_mode)
+        assert self.lower is not None
+        return _IFMT[self.lower.entry.type]
+
+
+@dataclass
+class _Handle:
+    vpath: bytes
+    fd: int = -1  #: an upper fd, or -1
+    node: Node | None = None  #: a lower file read in place
+
+
+def _split(vpath: bytes) -> tuple[bytes, bytes]:
+    """(parent vpath, name); the root is (b"/", b".") so ``*at`` calls reach it."""
+    parts = split_parts(vpath)
+    if not parts:
+        return b"/", b"."
+    return b"/" + b"/".join(parts[:-1]), parts[-1]
+
+
+class OverlayFS:
+    """A container's filesystem: ``lowers`` under the writable ``upper`` (see module doc)."""
+
+    def __init__(self, lowers: MergedLowers, upper: Path, work: Path):
+        self.lowers = lowers
+        self.upper_fd = os.open(upper, DIR_FLAGS)
+        try:
+            self.work_fd = os.open(work, DIR_FLAGS)
+        except BaseException:
+            os.close(self.upper_fd)
+            raise
+        if os.fstat(self.upper_fd).st_dev != os.fstat(self.work_fd).st_dev:
+            self.close()
+            raise OverlayError(errno.EXDEV, os.fsencode(work))
+        self._lock = threading.RLock()
+        self._handles: dict[int, _Handle] = {}
+        self._fh = itertools.count(1)
+        self._tmp = itertools.count()
+        for name in os.listdir(self.work_fd):  # copy-ups a crash left half done
+            if os.fsencode(name).startswith(TMP_PREFIX):
+                remove_tree_at(self.work_fd, os.fsencode(name))
+
+    def close(self) -> None:
+        for h in self._handles.values():
+            if h.fd >= 0:
+                os.close(h.fd)
+        self._handles.clear()
+        for fd in (getattr(self, "upper_fd", -1), getattr(self, "work_fd", -1)):
+            if fd >= 0:
+                os.close(fd)
+        self.upper_fd = self.work_fd = -1
+
+    # --- lookup --------------------------------------------------------------------------
+
+    def _find(self, vpath: bytes) -> Found | None:
+        """The merged entry at ``vpath``, None if there is none; ENOTDIR if a parent is
+        not a directory. Requires ``_lock``."""
+        parts = split_parts(vpath)
+        fd: int | None = os.dup(self.upper_fd)
+        try:
+            assert fd is not None
+            root_lower = self.lowers.resolve(b"/")
+            cur = Found(b"/", os.fstat(fd), root_lower, False, False)
+            for name in parts:
+                if not cur.is_dir:
+                    raise OverlayError(errno.ENOTDIR, vpath)
+                path = join_vpath(cur.vpath, name)
+                ust = lstat_at(fd, name) if fd is not None else None
+                if ust is not None and is_whiteout(ust):
+                    return None
+                merges = cur.lower is not None and cur.lower.entry.type == DIR and not cur.opaque
+                raw = self.lowers.resolve(path) if merges else None
+                lower = raw if (ust is None or stat.S_ISDIR(ust.st_mode)) else None
+                opaque = False
+                newfd = None
+                if ust is not None and stat.S_ISDIR(ust.st_mode):
+                    newfd = open_dir_at(fd, name)  # type: ignore[arg-type]
+                    opaque = is_opaque_fd(newfd)
+                    if opaque or (lower is not None and lower.entry.type != DIR):
+                        lower = None
+                if fd is not None:
+                    os.close(fd)
+                fd = newfd
+                if ust is None and lower is None:
+                    return None
+                cur = Found(path, ust, lower, opaque, raw is not None)
+            return cur
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+    def _lookup(self, vpath: bytes) -> Found:
+        f = self._find(vpath)
+        if f is None:
+            raise NoEntryError(vpath)
+        return f
+
+    def _lookup_dir(self, vpath: bytes) -> Found:
+        f = self._lookup(vpath)
+        if not f.is_dir:
+            raise OverlayError(errno.ENOTDIR, vpath)
+        return f
+
+    @contextmanager
+    def _dirfd(self, vpath: bytes, copy_up: bool = True) -> Iterator[int]:
+        """An fd of the upper directory at ``vpath``, copying up missing directories
+        (metadata only) when ``copy_up``. The merged view must have a directory there.
+        Requires ``_lock``."""
+        fd = os.dup(self.upper_fd)
+        try:
+            cur = b"/"
+            for name in split_parts(vpath):
+                cur = join_vpath(cur, name)
+                try:
+                    nfd = open_dir_at(fd, name)
+                except FileNotFoundError:
+                    node = self.lowers.resolve(cur) if copy_up else None
+                    if node is None or node.entry.type != DIR:
+                        raise NoEntryError(cur) from None
+                    self._copy_up_at(fd, name, node, data=False)
+                    nfd = open_dir_at(fd, name)
+                os.close(fd)
+                fd = nfd
+            yield fd
+        finally:
+            os.close(fd)
+
+    def _tmp_name(self) -> bytes:
+        return TMP_PREFIX + b"%d-%d" % (os.getpid(), next(self._tmp))
+
+    # --- copy-up -------------------------------------------------------------------------
+
+    def _apply_meta(self, dir_fd: int, name: bytes, node: Node) -> None:
+        """Owner, xattrs, mode and times of a lower entry onto a new entry in the work
+        directory (ours, not the container's: path calls through it are safe)."""
+        e = node.entry
+        os.chown(name, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
+        path = proc_path(dir_fd) + "/" + os.fsdecode(name)
+        for key, value in e.xattrs.items():
+            if _visible_xattr(key) is not None:  # escaped ones are the container's
+                os.setxattr(path, key, value, follow_symlinks=False)
+        if e.type != SYMLINK:
+            os.chmod(name, e.mode & 0o7777, dir_fd=dir_fd)  # after chown, which clears setuid
+        os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+
+    def _copy_up_at(self, parent_fd: int, name: bytes, node: Node, data: bool = True) -> None:
+        """Copy a lower entry to ``name`` in the upper directory ``parent_fd``: built in
+        the work directory, then renamed into place (never replacing anything)."""
+        e = node.entry
+        tmp = self._tmp_name()
+        wfd = self.work_fd
+        try:
+            if e.type == REG:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             0o600, dir_fd=wfd)
+                try:
+                    off = 0
+                    while data and off < e.size:
+                        block = self.lowers.read(node, off, COPY_BLOCK)
+                        if not block:
+                            break
+                        view = memoryview(block)
+                        while view:
+                            n = os.write(fd, view)
+                            view = view[n:]
+                        off += len(block)
+                finally:
+                    os.close(fd)
+            elif e.type == DIR:
+                os.mkdir(tmp, 0o700, dir_fd=wfd)
+            elif e.type == SYMLINK:
+                os.symlink(e.target, tmp, dir_fd=wfd)
+            elif e.type in (CHR, BLK, FIFO):
+                os.mknod(tmp, _IFMT[e.type] | 0o600, os.makedev(*e.rdev), dir_fd=wfd)
+            else:
+                raise OverlayError(errno.EIO, node.vpath)
+            self._apply_meta(wfd, tmp, node)
+            renameat2(wfd, tmp, parent_fd, name, RENAME_NOREPLACE)
+        except BaseException:
+            remove_tree_at(wfd, tmp)
+            raise
+
+    def _copy_up(self, f: Found, data: bool = True) -> None:
+        """Make ``f`` an upper entry (no-op if it is one). Requires ``_lock``."""
+        if f.ust is not None:
+            return
+        assert f.lower is not None
+        parent, name = _split(f.vpath)
+        with self._dirfd(parent) as pfd:
+            self._copy_up_at(pfd, name, f.lower, data=data)
+
+    def _copy_up_tree(self, vpath: bytes, links: dict[int, bytes]) -> None:
+        """Copy a lower or merged directory and everything below it up, then make it
+        self-contained: opaque, with no whiteouts. The merged view is the same at every
+        step. Lower hard links inside the tree stay links (``links``: lower ino -> vpath).
+        Requires ``_lock``."""
+        f = self._lookup(vpath)
+        self._copy_up(f, data=False)
+        for name in self._names(f):
+            child = join_vpath(vpath, name)
+            cf = self._lookup(child)
+            if cf.is_dir:
+                if cf.lower is not None:
+                    self._copy_up_tree(child, links)
+            elif cf.ust is None:
+                assert cf.lower is not None
+                first = links.get(cf.lower.ino) if cf.lower.entry.link_group else None
+                if first is not None:
+                    self._link_upper(first, child)
+                else:
+                    self._copy_up(cf)
+                    if cf.lower.entry.link_group:
+                        links[cf.lower.ino] = child
+        with self._dirfd(vpath, copy_up=False) as fd:
+            if not is_opaque_fd(fd):
+                os.setxattr(fd, OPAQUE_XATTR, b"y")
+            for n in os.listdir(fd):
+                st = lstat_at(fd, os.fsencode(n))
+                if st is not None and is_whiteout(st):
+                    os.unlink(n, dir_fd=fd)
+
+    def _link_upper(self, src: bytes, dst: bytes) -> None:
+        sp, sn = _split(src)
+        dp, dn = _split(dst)
+        with self._dirfd(sp, copy_up=False) as sfd, self._dirfd(dp) as dfd:
+            os.link(sn, dn, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+
+    # --- helpers for namespace changes ------------------------------------------------
+
+    def _names(self, f: Found) -> list[bytes]:
+        """The visible names in a directory, sorted. Requires ``_lock``."""
+        names: set[bytes] = set()
+        hidden: set[bytes] = set()
+        if f.ust is not None:
+            with self._dirfd(f.vpath, copy_up=False) as fd:
+                for n in os.listdir(fd):
+                    name = os.fsencode(n)
+                    st = lstat_at(fd, name)
+                    if st is None:
+                        continue
+                    (hidden if is_whiteout(st) else names).add(name)
+        if f.lower is not None:
+            for name, _ in self.lowers.listdir(f.vpath):
+                if name not in hidden:
+                    names.add(name)
+        return sorted(names)
+
+    def _move_away(self, dir_fd: int, name: bytes, whiteout: bool) -> None:
+        """Take an upper entry out of the view (to the work directory, then deleted),
+        leaving a whiteout in its place when ``whiteout`` (atomically if the upper
+        filesystem supports RENAME_WHITEOUT)."""
+        tmp = self._tmp_name()
+        if whiteout:
+            try:
+                renameat2(dir_fd, name, self.work_fd, tmp, RENAME_WHITEOUT)
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                os.rename(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self.work_fd)
+                make_whiteout(dir_fd, name)
+        else:
+            os.rename(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=self.work_fd)
+        remove_tree_at(self.work_fd, tmp)
+
+    def _remove(self, f: Found) -> None:
+        """Remove a non-directory or a directory empty in the view. Requires ``_lock``."""
+        parent, name = _split(f.vpath)
+        with self._dirfd(parent) as pfd:
+            if f.ust is None:
+                make_whiteout(pfd, name)
+            elif stat.S_ISDIR(f.ust.st_mode) or f.lower_below:
+                self._move_away(pfd, name, f.lower_below)  # a directory may hold whiteouts
+            else:
+                os.unlink(name, dir_fd=pfd)
+
+    def _make(self, vpath: bytes, make: Callable[[int, bytes], None], is_dir: bool = False,
+              uid: int | None = None, gid: int | None = None) -> None:
+        """Create a new entry with ``make(dir_fd, name)``: directly in the upper, or, over a
+        whiteout, in the work directory and then swapped in (a directory made over a
+        whiteout is opaque, as the kernel makes it). Requires ``_lock``."""
+        parent, name = _split(vpath)
+        if name == b".":
+            raise OverlayError(errno.EEXIST, vpath)
+        self._lookup_dir(parent)
+        if self._find(vpath) is not None:
+            raise OverlayError(errno.EEXIST, vpath)
+        with self._dirfd(parent) as pfd:
+            st = lstat_at(pfd, name)
+            if st is not None and not is_whiteout(st):
+                raise OverlayError(errno.EEXIST, vpath)
+            if st is None:
+                make(pfd, name)
+                if uid is not None or gid is not None:
+                    os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
+                             dir_fd=pfd, follow_symlinks=False)
+                return
+            tmp = self._tmp_name()
+            wfd = self.work_fd
+            try:
+                make(wfd, tmp)
+                if uid is not None or gid is not None:
+                    os.chown(tmp, -1 if uid is None else uid, -1 if gid is None else gid,
+                             dir_fd=wfd, follow_symlinks=False)
+                if is_dir:
+                    os.setxattr(proc_path(wfd) + "/" + os.fsdecode(tmp), OPAQUE_XATTR, b"y")
+                    renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)  # the whiteout goes to work
+                else:
+                    os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
+            finally:
+                remove_tree_at(wfd, tmp)
+
+    @contextmanager
+    def _leaf(self, vpath: bytes) -> Iterator[tuple[int, bytes]]:
+        """(upper parent fd, name) of an entry that is already in the upper."""
+        parent, name = _split(vpath)
+        with self._dirfd(parent, copy_up=False) as pfd:
+            yield pfd, name
+
+    # --- attributes and reading ---------------------------------------------------------
+
+    def _stat(self, f: Found) -> dict[str, int]:
+        if f.ust is None:
+            assert f.lower is not None
+            return lower_stat(f.lower)
+        if stat.S_ISDIR(f.ust.st_mode) and f.lower is not None:
+            # a merged directory keeps the lower inode number, and its link count is
+            # unknown without listing every layer: 1, as overlayfs reports it
+            return stat_dict(f.ust, ino=f.lower.ino, nlink=1)
+        return stat_dict(f.ust)
+
+    @_locked
+    def getattr(self, vpath: bytes) -> dict[str, int]:
+        return self._stat(self._lookup(vpath))
+
+    @_locked
+    def readdir(self, vpath: bytes) -> list[tuple[bytes, dict[str, int]]]:
+        """The visible entries of a directory, sorted by name, never whiteouts."""
+        f = self._lookup_dir(vpath)
+        out = []
+        for name in self._names(f):
+            child = self._find(join_vpath(vpath, name))
+            if child is not None:
+                out.append((name, self._stat(child)))
+        return out
+
+    @_locked
+    def readlink(self, vpath: bytes) -> bytes:
+        f = self._lookup(vpath)
+        if f.type_mode != stat.S_IFLNK:
+            raise OverlayError(errno.EINVAL, vpath)
+        if f.ust is None:
+            assert f.lower is not None
+            return f.lower.entry.target
+        with self._leaf(vpath) as (pfd, name):
+            return os.readlink(name, dir_fd=pfd)
+
+    @_locked
+    def statfs(self, vpath: bytes = b"/") -> dict[str, int]:
+        s = os.fstatvfs(self.upper_fd)
+        return {k: getattr(s, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail",
+                                            "f_files", "f_ffree", "f_favail", "f_flag", "f_namemax")}
+
+    # --- open files ---------------------------------------------------------------------
+
+    def _add_handle(self, h: _Handle) -> int:
+        fh = next(self._fh)
+        self._handles[fh] = h
+        return fh
+
+    @_locked
+    def open(self, vpath: bytes, flags: int) -> int:
+        """A handle for ``read``/``write``; writing or O_TRUNC copies a lower file up
+        (O_TRUNC without its data)."""
+        f = self._lookup(vpath)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        if f.is_dir:
+            if writing:
+                raise OverlayError(errno.EISDIR, vpath)
+            return self._add_handle(_Handle(vpath))
+        if f.type_mode == stat.S_IFLNK:
+            raise OverlayError(errno.ELOOP, vpath)
+        if not writing and f.ust is None:
+            return self._add_handle(_Handle(vpath, node=f.lower))
+        if f.ust is None:
+            self._copy_up(f, data=not flags & os.O_TRUNC)
+        keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
+        if f.type_mode != stat.S_IFREG:
+            keep |= os.O_NONBLOCK  # never block the daemon on a FIFO
+        with self._leaf(vpath) as (pfd, name):
+            fd = os.open(name, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+        return self._add_handle(_Handle(vpath, fd=fd))
+
+    @_locked
+    def create(self, vpath: bytes, mode: int, flags: int = os.O_RDWR,
+               uid: int | None = None, gid: int | None = None) -> int:
+        """Create a new regular file (EEXIST if the path exists: O_EXCL) and open it."""
+        fds: list[int] = []
+
+        def make(dfd: int, name: bytes) -> None:
+            acc = flags & os.O_ACCMODE
+            fd = os.open(name, acc | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                         | (flags & os.O_APPEND), mode & 0o7777, dir_fd=dfd)
+            fds.append(fd)
+            os.fchmod(fd, mode & 0o7777)  # the daemon's umask is not the caller's
+
+        try:
+            self._make(vpath, make, uid=uid, gid=gid)
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return self._add_handle(_Handle(vpath, fd=fds[0]))
+
+    def _handle(self, fh: int) -> _Handle:
+        h = self._handles.get(fh)
+        if h is None:
+            raise OverlayError(errno.EBADF)
+        return h
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        h = self._handle(fh)
+        if h.fd >= 0:
+            return os.pread(h.fd, size, offset)
+        if h.node is None:
+            raise OverlayError(errno.EISDIR, h.vpath)
+        try:
+            return self.lowers.read(h.node, offset, size)
+        except (LayerstoreError, lmdb.Error) as exc:
+            raise OverlayError(errno.EIO, h.vpath) from exc
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        h = self._handle(fh)
+        if h.fd < 0:
+            raise OverlayError(errno.EBADF, h.vpath)
+        return os.pwrite(h.fd, data, offset)
+
+    def ftruncate(self, fh: int, length: int) -> None:
+        h = self._handle(fh)
+        if h.fd < 0:
+            raise OverlayError(errno.EBADF, h.vpath)
+        os.ftruncate(h.fd, length)
+
+    def fgetattr(self, fh: int) -> dict[str, int]:
+        """Attributes through an open handle (works after the path is unlinked)."""
+        h = self._handle(fh)
+        if h.fd >= 0:
+            return stat_dict(os.fstat(h.fd))
+        if h.node is not None:
+            return lower_stat(h.node)
+        return self.getattr(h.vpath)
+
+    def fsync(self, fh: int, datasync: bool = False) -> None:
+        h = self._handle(fh)
+        if h.fd >= 0:
+            (os.fdatasync if datasync else os.fsync)(h.fd)
+
+    @_locked
+    def release(self, fh: int) -> None:
+        h = self._handles.pop(fh, None)
+        if h is not None and h.fd >= 0:
+            os.close(h.fd)
+
+    @_locked
+    def truncate(self, vpath: bytes, length: int) -> None:
+        f = self._lookup(vpath)
+        if f.is_dir:
+            raise OverlayError(errno.EISDIR, vpath)
+        if f.type_mode != stat.S_IFREG:
+            raise OverlayError(errno.EINVAL, vpath)
+        self._copy_up(f, data=length > 0)
+        with self._leaf(vpath) as (pfd, name):
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                os.ftruncate(fd, length)
+            finally:
+                os.close(fd)
+
+    # --- namespace ----------------------------------------------------------------------
+
+    @_locked
+    def mkdir(self, vpath: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> None:
+        def make(dfd: int, name: bytes) -> None:
+            os.mkdir(name, 0o700, dir_fd=dfd)
+            fd = open_dir_at(dfd, name)
+            try:
+                os.fchmod(fd, mode & 0o7777)
+            finally:
+                os.close(fd)
+
+        self._make(vpath, make, is_dir=True, uid=uid, gid=gid)
+
+    @_locked
+    def mknod(self, vpath: bytes, mode: int, rdev: int = 0,
+              uid: int | None = None, gid: int | None = None) -> None:
+        def make(dfd: int, name: bytes) -> None:
+            os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dfd)
+            with path_fd(dfd, name) as fd:
+                if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                    os.chmod(proc_path(fd), mode & 0o7777)
+
+        if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
+                                     stat.S_IFSOCK, 0):
+            raise OverlayError(errno.EINVAL, vpath)
+        self._make(vpath, make, uid=uid, gid=gid)
+
+    @_locked
+    def symlink(self, target: bytes, vpath: bytes, uid: int | None = None,
+                gid: int | None = None) -> None:
+        """Make ``vpath`` a symlink to ``target`` (argument order of ``os.symlink``)."""
+        self._make(vpath, lambda dfd, name: os.symlink(target, name, dir_fd=dfd), uid=uid, gid=gid)
+
+    @_locked
+    def link(self, old: bytes, new: bytes) -> None:
+        """Hard link: a lower file is copied up first, then linked in the upper."""
+        fo = self._lookup(old)
+        if fo.is_dir:
+            raise OverlayError(errno.EPERM, old)
+        self._copy_up(fo)
+        op, on = _split(old)
+        with self._dirfd(op, copy_up=False) as ofd:
+            self._make(new, lambda dfd, name: os.link(on, name, src_dir_fd=ofd, dst_dir_fd=dfd,
+                                                      follow_symlinks=False))
+
+    @_locked
+    def unlink(self, vpath: bytes) -> None:
+        f = self._lookup(vpath)
+        if f.is_dir:
+            raise OverlayError(errno.EISDIR, vpath)
+        self._remove(f)
+
+    @_locked
+    def rmdir(self, vpath: bytes) -> None:
+        f = self._lookup(vpath)
+        if not f.is_dir:
+            raise OverlayError(errno.ENOTDIR, vpath)
+        if vpath.strip(b"/") == b"":
+            raise OverlayError(errno.EBUSY, vpath)
+        if self._names(f):
+            raise NotEmptyError(vpath)
+        self._remove(f)
+
+    @_locked
+    def rename(self, old: bytes, new: bytes) -> None:
+        """rename(2) with POSIX overwrite rules; lower and merged directories are copied
+        up whole first (see the module docstring), so there is no EXDEV."""
+        if not split_parts(old) or not split_parts(new):
+            raise OverlayError(errno.EBUSY, old)
+        fo = self._lookup(old)
+        new_parent, new_name = _split(new)
+        pn = self._lookup_dir(new_parent)
+        fn = self._find(new)
+        old = b"/" + b"/".join(split_parts(old))
+        new = b"/" + b"/".join(split_parts(new))
+        if old == new:
+            return
+        if new.startswith(old + b"/"):
+            raise OverlayError(errno.EINVAL, new)
+        if fn is not None:
+            if fo.is_dir and not fn.is_dir:
+                raise OverlayError(errno.ENOTDIR, new)
+            if not fo.is_dir and fn.is_dir:
+                raise OverlayError(errno.EISDIR, new)
+            if fn.is_dir and self._names(fn):
+                raise NotEmptyError(new)
+            if (fo.ust is not None and fn.ust is not None and not fo.is_dir
+                    and (fo.ust.st_dev, fo.ust.st_ino) == (fn.ust.st_dev, fn.ust.st_ino)):
+                return  # two links of one file: rename(2) does nothing
+        if fo.is_dir and fo.lower is not None:
+            self._copy_up_tree(old, {})
+        else:
+            self._copy_up(fo)
+        fo = self._lookup(old)
+        old_parent, old_name = _split(old)
+        with self._dirfd(old_parent) as ofd, self._dirfd(new_parent) as nfd:
+            tst = lstat_at(nfd, new_name)
+            if tst is not None and stat.S_ISDIR(tst.st_mode):
+                assert fn is not None
+                self._move_away(nfd, new_name, fn.lower_below)  # empty in the view
+                tst = lstat_at(nfd, new_name)
+            ost = lstat_at(ofd, old_name)
+            if ost is None:
+                raise NoEntryError(old)
+            if stat.S_ISDIR(ost.st_mode) and pn.lower is not None:
+                # moved into a directory that merges with a lower one: hide whatever the
+                # lowers have (or will have) at the new path, as the kernel does
+                dfd = open_dir_at(ofd, old_name)
+                try:
+                    if not is_opaque_fd(dfd):
+                        os.setxattr(dfd, OPAQUE_XATTR, b"y")
+                finally:
+                    os.close(dfd)
+            if stat.S_ISDIR(ost.st_mode) and tst is not None:
+                # a directory cannot replace the whiteout: swap them, and the whiteout
+                # lands at the old path, where it is either needed or removed
+                renameat2(ofd, old_name, nfd, new_name, RENAME_EXCHANGE)
+                if not fo.lower_below:
+                    os.unlink(old_name, dir_fd=ofd)
+            elif fo.lower_below:
+                try:
+                    renameat2(ofd, old_name, nfd, new_name, RENAME_WHITEOUT)
+                except OSError as exc:
+                    if exc.errno not in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                        raise
+                    os.rename(old_name, new_name, src_dir_fd=ofd, dst_dir_fd=nfd)
+                    make_whiteout(ofd, old_name)
+            else:
+                os.rename(old_name, new_name, src_dir_fd=ofd, dst_dir_fd=nfd)
+
+    # --- metadata -----------------------------------------------------------------------
+
+    @_locked
+    def chmod(self, vpath: bytes, mode: int) -> None:
+        f = self._lookup(vpath)
+        self._copy_up(f)
+        with self._leaf(vpath) as (pfd, name), path_fd(pfd, name) as fd:
+            if stat.S_ISLNK(os.fstat(fd).st_mode):
+                raise OverlayError(errno.EOPNOTSUPP, vpath)
+            os.chmod(proc_path(fd), mode & 0o7777)
+
+    @_locked
+    def chown(self, vpath: bytes, uid: int, gid: int) -> None:
+        f = self._lookup(vpath)
+        self._copy_up(f)
+        with self._leaf(vpath) as (pfd, name):
+            os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+
+    @_locked
+    def utimens(self, vpath: bytes, times: tuple[int, int] | None = None) -> None:
+        """Set (atime_ns, mtime_ns); None sets both to now."""
+        f = self._lookup(vpath)
+        self._copy_up(f)
+        with self._leaf(vpath) as (pfd, name):
+            if times is None:
+                os.utime(name, dir_fd=pfd, follow_symlinks=False)
+            else:
+                os.utime(name, ns=times, dir_fd=pfd, follow_symlinks=False)
+
+    @staticmethod
+    def _xname(name: bytes | str, vpath: bytes) -> bytes:
+        """The stored name of an xattr named through the overlay."""
+        return _escape_xattr(os.fsencode(name))
+
+    @_locked
+    def getxattr(self, vpath: bytes, name: bytes | str) -> bytes:
+        key = self._xname(name, vpath)
+        f = self._lookup(vpath)
+        if f.ust is None:
+            assert f.lower is not None
+            value = f.lower.entry.xattrs.get(key)
+            if value is None:
+                raise OverlayError(errno.ENODATA, vpath)
+            return value
+        with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
+            return os.getxattr(proc_path(fd), key)
+
+    @_locked
+    def listxattr(self, vpath: bytes) -> list[bytes]:
+        f = self._lookup(vpath)
+        if f.ust is None:
+            assert f.lower is not None
+            names = list(f.lower.entry.xattrs)
+        else:
+            with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
+                names = [os.fsencode(n) for n in os.listxattr(proc_path(fd))]
+        return [v for v in map(_visible_xattr, names) if v is not None]
+
+    @_locked
+    def setxattr(self, vpath: bytes, name: bytes | str, value: bytes, flags: int = 0) -> None:
+        key = self._xname(name, vpath)
+        f = self._lookup(vpath)
+        self._copy_up(f)
+        with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
+            os.setxattr(proc_path(fd), key, value, flags)
+
+    @_locked
+    def removexattr(self, vpath: bytes, name: bytes | str) -> None:
+        key = self._xname(name, vpath)
+        f = self._lookup(vpath)
+        if f.ust is None:
+            assert f.lower is not None
+            if key not in f.lower.entry.xattrs:
+                raise OverlayError(errno.ENODATA, vpath)
+        self._copy_up(f)
+        with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
+            os.removexattr(proc_path(fd), key)

@@ -1,0 +1,154 @@
+"""The upper directory on the host, in kernel-overlayfs format, reached only through
+directory file descriptors.
+
+- A whiteout is a 0/0 character device; an opaque directory carries
+  ``trusted.overlay.opaque=y`` (constants below, the kernel's own names).
+- The upper is controlled by the container, so no function here follows a symlink:
+  every path is walked one component at a time from a directory fd with
+  ``O_NOFOLLOW|O_DIRECTORY``, leaves are touched with ``*at`` calls (``dir_fd=``,
+  ``follow_symlinks=False``) or through an ``O_PATH|O_NOFOLLOW`` fd, and names are
+  checked by ``check_name`` before use. A symlink where a directory is expected fails
+  with ELOOP or ENOTDIR; nothing is ever written outside the upper or work directory.
+- ``renameat2`` (``RENAME_NOREPLACE``/``EXCHANGE``/``WHITEOUT``) comes from libc through
+  ctypes, since ``os`` does not expose it.
+
+Imports nothing from layerstore but ``errors``. Stateless: thread-safety is the caller's.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from ..errors import OverlayError
+
+#: xattr that marks an upper directory as hiding all lower content at its path
+OPAQUE_XATTR = b"trusted.overlay.opaque"
+#: prefix of the xattrs overlayfs keeps for itself (hidden from listxattr, refused to users)
+OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_renameat2_fn = getattr(_libc, "renameat2", None)
+
+
+def check_name(name: bytes) -> bytes:
+    """A single path component, or EINVAL: never empty, ``.``, ``..``, or with ``/``/NUL."""
+    if not name or name in (b".", b"..") or b"/" in name or b"\0" in name:
+        raise OverlayError(errno.EINVAL, name)
+    if len(name) > 255:
+        raise OverlayError(errno.ENAMETOOLONG, name)
+    return name
+
+
+def split_parts(vpath: bytes) -> list[bytes]:
+    """Components of an absolute vpath (``b"/"`` -> ``[]``), each checked."""
+    if not isinstance(vpath, bytes) or not vpath.startswith(b"/"):
+        raise OverlayError(errno.EINVAL, vpath)
+    return [check_name(p) for p in vpath.split(b"/") if p]
+
+
+def renameat2(src_fd: int, src: bytes, dst_fd: int, dst: bytes, flags: int = 0) -> None:
+    """``renameat2(2)``; without it in libc, plain rename for flags 0 and ENOSYS otherwise."""
+    if _renameat2_fn is None:
+        if flags:
+            raise OSError(errno.ENOSYS, os.strerror(errno.ENOSYS))
+        os.rename(src, dst, src_dir_fd=src_fd, dst_dir_fd=dst_fd)
+        return
+    if _renameat2_fn(src_fd, src, dst_fd, dst, flags) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e), dst)
+
+
+def is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+def lstat_at(dir_fd: int, name: bytes) -> os.stat_result | None:
+    """lstat of ``name`` in a directory fd, None if it does not exist."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
+def open_dir_at(dir_fd: int, name: bytes) -> int:
+    """A directory fd for ``name`` in ``dir_fd``, never through a symlink (ELOOP/ENOTDIR)."""
+    return os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+
+
+@contextmanager
+def path_fd(dir_fd: int, name: bytes) -> Iterator[int]:
+    """An ``O_PATH|O_NOFOLLOW`` fd of ``name`` (the inode itself, even a symlink)."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def proc_path(fd: int) -> str:
+    """The ``/proc/self/fd`` path of an fd: path-based calls on it act on that inode
+    (used for chmod and xattrs, which have no ``AT_SYMLINK_NOFOLLOW``/fd form for
+    ``O_PATH`` fds). Callers refuse symlinks before using it."""
+    return f"/proc/self/fd/{fd}"
+
+
+def is_opaque_fd(fd: int) -> bool:
+    try:
+        return os.getxattr(fd, OPAQUE_XATTR) == b"y"
+    except OSError as exc:
+        if exc.errno in (errno.ENODATA, errno.EOPNOTSUPP):
+            return False
+        raise
+
+
+def make_whiteout(dir_fd: int, name: bytes) -> None:
+    """A whiteout: character device 0/0, mode 0 (as the kernel makes them)."""
+    os.mknod(name, stat.S_IFCHR | 0o000, os.makedev(0, 0), dir_fd=dir_fd)
+
+
+def remove_tree_at(dir_fd: int, name: bytes) -> None:
+    """Remove ``name`` in ``dir_fd`` and, if it is a directory, all below it, without
+    following symlinks."""
+    st = lstat_at(dir_fd, name)
+    if st is None:
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        os.unlink(name, dir_fd=dir_fd)
+        return
+    fd = open_dir_at(dir_fd, name)
+    try:
+        for child in os.listdir(fd):
+            remove_tree_at(fd, os.fsencode(child))
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=dir_fd)
+
+
+def stat_dict(st: os.stat_result, ino: int | None = None, nlink: int | None = None) -> dict[str, int]:
+    """``os.stat_result`` in the dict form of ``fuse.operations.stat_of`` (ns times)."""
+    out = {
+        "st_ino": st.st_ino if ino is None else ino,
+        "st_mode": st.st_mode,
+        "st_nlink": st.st_nlink if nlink is None else nlink,
+        "st_uid": st.st_uid,
+        "st_gid": st.st_gid,
+        "st_size": st.st_size,
+        "st_atime": st.st_atime_ns,
+        "st_mtime": st.st_mtime_ns,
+        "st_ctime": st.st_ctime_ns,
+        "st_blocks": st.st_blocks,
+    }
+    if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        out["st_rdev"] = st.st_rdev
+    return out

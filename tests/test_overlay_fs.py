@@ -1,0 +1,738 @@
+"""The writable overlay (``layerstore.overlay.fs.OverlayFS``) without FUSE: the demo image
+from the store as lowers, an upper and a work directory in tmp.
+
+1. A table of cases asserting errno, and the upper format: whiteouts, opaque
+   directories, copy-up of data and metadata, O_TRUNC, hard links, rename of lower
+   directories, a hostile upper (symlinked parents) that must not be written through.
+2. The same operation script on kernel overlayfs (same layers extracted as lowers, its
+   own upper/work, ``redirect_dir=on`` so that lower directories can be renamed) and on
+   ours: the same errno sequence and results, the same merged tree, an equivalent upper.
+3. The store is untouched by all of it (``check`` clean, the image exports the same).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import assert_clean
+from helpers_images import OciLayout, diff_manifests, tar_bytes, tree_manifest
+
+from layerstore.oci.sample import write_demo_layout
+from layerstore.overlay.fs import OverlayFS
+from layerstore.overlay.lower import MergedLowers, StoreLayers
+from layerstore.overlay.upper import OPAQUE_XATTR
+from layerstore.store import Store
+from layerstore.store.images import resolve
+
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (trusted.* xattrs, mknod, chown)")
+META_MTIME = 1_650_000_000
+
+
+# --- fixtures --------------------------------------------------------------------------
+
+
+def _meta_layout(path: Path) -> None:
+    """A one-layer image with owners, setuid, xattrs, hard links, a symlink and a FIFO."""
+
+    def ti(name: str, type_: bytes, mode: int, uid: int = 0, gid: int = 0,
+           link: str = "", xattrs: dict[str, str] | None = None) -> tarfile.TarInfo:
+        t = tarfile.TarInfo(name)
+        t.type, t.mode, t.uid, t.gid, t.linkname, t.mtime = type_, mode, uid, gid, link, META_MTIME
+        if xattrs:
+            t.pax_headers = {f"SCHILY.xattr.{k}": v for k, v in xattrs.items()}
+        return t
+
+    layer = tar_bytes([
+        (ti("data", tarfile.DIRTYPE, 0o750, 1000, 1000, xattrs={"user.dir": "d"}), None),
+        (ti("data/f.txt", tarfile.REGTYPE, 0o4755, 1000, 1001,
+            xattrs={"user.color": "blue", "trusted.t": "tv"}), b"metadata file\n"),
+        (ti("data/h1", tarfile.REGTYPE, 0o644), b"linked\n"),
+        (ti("data/h2", tarfile.LNKTYPE, 0o644, link="data/h1"), None),
+        (ti("data/sl", tarfile.SYMTYPE, 0o777, 1000, 1000, link="f.txt"), None),
+        (ti("data/p", tarfile.FIFOTYPE, 0o640, 1000, 1000), None),
+        (ti("data/sub", tarfile.DIRTYPE, 0o755), None),
+        (ti("data/sub/deep", tarfile.REGTYPE, 0o600, 5, 5), b"deep\n"),
+    ])
+    lay = OciLayout(path)
+    mdesc, _, _ = lay.image([layer])
+    lay.add(mdesc, ref="1", name="meta:1")
+    lay.write_index()
+
+
+@pytest.fixture
+def images(tmp_path: Path, cli, root: Path) -> Path:
+    """The store with demo:base, demo:app and meta:1 imported; returns the store root."""
+    write_demo_layout(tmp_path / "demo-oci")
+    cli("import", tmp_path / "demo-oci")
+    _meta_layout(tmp_path / "meta-oci")
+    cli("import", tmp_path / "meta-oci")
+    return root
+
+
+class Overlays:
+    """Opens OverlayFS instances over images of one store; closes everything at the end."""
+
+    def __init__(self, root: Path, tmp: Path):
+        self.store = Store.open(root)
+        self.tmp = tmp
+        self.opened: list[OverlayFS] = []
+
+    def make(self, ref: str = "demo:app", name: str = "c") -> OverlayFS:
+        with self.store.env.read() as txn:
+            img = resolve(txn, self.store.env, ref)
+        upper, work = self.tmp / f"{name}-upper", self.tmp / f"{name}-work"
+        upper.mkdir(exist_ok=True)
+        work.mkdir(exist_ok=True)
+        ofs = OverlayFS(MergedLowers(StoreLayers(self.store, img.diff_ids)), upper, work)
+        self.opened.append(ofs)
+        return ofs
+
+    def close(self) -> None:
+        for o in self.opened:
+            o.close()
+        self.opened.clear()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+
+@pytest.fixture
+def overlays(images: Path, tmp_path: Path):
+    o = Overlays(images, tmp_path)
+    yield o
+    o.close()
+    assert_clean(images)
+
+
+@pytest.fixture
+def ofs(overlays: Overlays) -> OverlayFS:
+    return overlays.make()
+
+
+def upper_of(ofs: OverlayFS, rel: str) -> Path:
+    """Host path of an upper entry (tests only: the overlay itself never builds these)."""
+    return Path(f"/proc/self/fd/{ofs.upper_fd}") / rel
+
+
+# --- one executor per side, one step language ------------------------------------------
+
+
+def _read_all(ofs: OverlayFS, vpath: bytes) -> bytes:
+    fh = ofs.open(vpath, os.O_RDONLY)
+    try:
+        out, off = [], 0
+        while True:
+            b = ofs.read(fh, 1 << 20, off)
+            if not b:
+                return b"".join(out)
+            out.append(b)
+            off += len(b)
+    finally:
+        ofs.release(fh)
+
+
+def ours(ofs: OverlayFS, op: str, *a: Any) -> Any:
+    """One script step on our overlay; returns the step's result (None if none)."""
+    if op == "stat":
+        st = ofs.getattr(a[0])
+        return (stat.filemode(st["st_mode"]), st["st_uid"], st["st_gid"],
+                st["st_size"] if not stat.S_ISDIR(st["st_mode"]) else None)
+    if op == "read":
+        return _read_all(ofs, a[0])
+    if op in ("write", "append"):
+        flags = os.O_WRONLY | (os.O_APPEND if op == "append" else 0)
+        fh = ofs.open(a[0], flags)
+        try:
+            off = a[1] if op == "write" else ofs.fgetattr(fh)["st_size"]
+            ofs.write(fh, a[-1], off)
+        finally:
+            ofs.release(fh)
+        return None
+    if op == "open_trunc":
+        ofs.release(ofs.open(a[0], os.O_WRONLY | os.O_TRUNC))
+        return None
+    if op == "create":
+        ofs.release(ofs.create(a[0], a[1], os.O_WRONLY))
+        return None
+    if op == "listdir":
+        return [n for n, _ in ofs.readdir(a[0])]
+    if op == "listxattr":
+        return sorted(ofs.listxattr(a[0]))
+    if op == "utime":
+        return ofs.utimens(a[0], a[1])
+    return getattr(ofs, op)(*a)
+
+
+def kernel(mnt: Path, op: str, *a: Any) -> Any:
+    """The same step through a kernel overlayfs mount with os calls."""
+    base = os.fsencode(mnt)
+
+    def p(v: bytes) -> bytes:
+        return base + v if v != b"/" else base
+
+    if op == "stat":
+        st = os.lstat(p(a[0]))
+        return (stat.filemode(st.st_mode), st.st_uid, st.st_gid,
+                st.st_size if not stat.S_ISDIR(st.st_mode) else None)
+    if op == "read":
+        with open(p(a[0]), "rb") as f:
+            return f.read()
+    if op in ("write", "append"):
+        fd = os.open(p(a[0]), os.O_WRONLY | (os.O_APPEND if op == "append" else 0))
+        try:
+            if op == "write":
+                os.pwrite(fd, a[-1], a[1])
+            else:
+                os.write(fd, a[-1])
+        finally:
+            os.close(fd)
+        return None
+    if op == "open_trunc":
+        os.close(os.open(p(a[0]), os.O_WRONLY | os.O_TRUNC))
+        return None
+    if op == "create":
+        os.close(os.open(p(a[0]), os.O_WRONLY | os.O_CREAT | os.O_EXCL, a[1]))
+        return None
+    if op == "listdir":
+        return sorted(os.listdir(p(a[0])))
+    if op == "listxattr":
+        return sorted(os.fsencode(n) for n in os.listxattr(p(a[0]), follow_symlinks=False))
+    if op == "getxattr":
+        return os.getxattr(p(a[0]), a[1], follow_symlinks=False)
+    if op == "setxattr":
+        return os.setxattr(p(a[0]), a[1], a[2], a[3], follow_symlinks=False)
+    if op == "removexattr":
+        return os.removexattr(p(a[0]), a[1], follow_symlinks=False)
+    if op == "utime":
+        return os.utime(p(a[0]), ns=a[1], follow_symlinks=False)
+    if op == "readlink":
+        return os.readlink(p(a[0]))
+    if op in ("rename", "link"):
+        return getattr(os, op)(p(a[0]), p(a[1]))
+    if op == "symlink":
+        return os.symlink(a[0], p(a[1]))
+    if op in ("mkdir", "chmod"):
+        return getattr(os, op)(p(a[0]), a[1])
+    if op == "chown":
+        return os.chown(p(a[0]), a[1], a[2])
+    if op == "mknod":
+        return os.mknod(p(a[0]), a[1], a[2])
+    if op == "truncate":
+        return os.truncate(p(a[0]), a[1])
+    return getattr(os, op)(p(a[0]))  # unlink, rmdir
+
+
+def run_step(fn, *args: Any) -> tuple[int, Any]:
+    try:
+        out = fn(*args)
+    except OSError as exc:
+        assert exc.errno, exc
+        return exc.errno, None
+    if isinstance(out, list):
+        out = [os.fsencode(x) for x in out]
+    elif isinstance(out, str):
+        out = os.fsencode(out)
+    return 0, out
+
+
+def errno_of(ofs: OverlayFS, steps: list[tuple]) -> int:
+    """Run steps on ours; every step but the last must succeed; the last's errno (0 = ok)."""
+    for step in steps[:-1]:
+        e, _ = run_step(ours, ofs, *step)
+        assert e == 0, (step, os.strerror(e))
+    return run_step(ours, ofs, *steps[-1])[0]
+
+
+# --- 1. table of cases -----------------------------------------------------------------
+
+CASES = [
+    ("getattr missing", [("stat", b"/nope")], errno.ENOENT),
+    ("whited out in a lower layer", [("stat", b"/etc/motd")], errno.ENOENT),
+    ("hidden by a lower opaque dir", [("stat", b"/var/cache/demo")], errno.ENOENT),
+    ("path through a file", [("stat", b"/etc/passwd/x")], errno.ENOTDIR),
+    ("open missing", [("read", b"/nope")], errno.ENOENT),
+    ("create over a lower file (O_EXCL)", [("create", b"/etc/passwd", 0o644)], errno.EEXIST),
+    ("create twice (O_EXCL)", [("create", b"/tmp/x", 0o644), ("create", b"/tmp/x", 0o644)], errno.EEXIST),
+    ("create where the parent is missing", [("create", b"/nodir/x", 0o644)], errno.ENOENT),
+    ("create under a file", [("create", b"/etc/passwd/x", 0o644)], errno.ENOTDIR),
+    ("create over a lower whiteout", [("create", b"/etc/motd", 0o600)], 0),
+    ("mkdir over a lower dir", [("mkdir", b"/etc", 0o755)], errno.EEXIST),
+    ("mkdir under a missing dir", [("mkdir", b"/a/b", 0o755)], errno.ENOENT),
+    ("rmdir a merged dir with lower children", [("rmdir", b"/usr")], errno.ENOTEMPTY),
+    ("rmdir a lower dir with an upper child", [("create", b"/var/cache/n", 0o644),
+                                               ("rmdir", b"/var/cache")], errno.ENOTEMPTY),
+    ("rmdir once the lower children are gone", [("unlink", b"/app/hello.sh"), ("rmdir", b"/app")], 0),
+    ("rmdir an empty lower dir (opaque in a lower layer)", [("rmdir", b"/var/cache")], 0),
+    ("rmdir a file", [("rmdir", b"/etc/passwd")], errno.ENOTDIR),
+    ("rmdir the root", [("rmdir", b"/")], errno.EBUSY),
+    ("unlink a dir", [("unlink", b"/usr")], errno.EISDIR),
+    ("unlink twice", [("unlink", b"/etc/group"), ("unlink", b"/etc/group")], errno.ENOENT),
+    ("open a dir for writing", [("write", b"/etc", 0, b"x")], errno.EISDIR),
+    ("truncate a dir", [("truncate", b"/etc", 0)], errno.EISDIR),
+    ("rename a file over a dir", [("rename", b"/etc/passwd", b"/tmp")], errno.EISDIR),
+    ("rename a dir over a file", [("rename", b"/tmp", b"/etc/passwd")], errno.ENOTDIR),
+    ("rename a dir over a non-empty merged dir", [("rename", b"/tmp", b"/etc")], errno.ENOTEMPTY),
+    ("rename a dir into itself", [("rename", b"/usr", b"/usr/share/x")], errno.EINVAL),
+    ("rename missing", [("rename", b"/nope", b"/tmp/x")], errno.ENOENT),
+    ("rename into a missing dir", [("rename", b"/etc/passwd", b"/nope/x")], errno.ENOENT),
+    ("rename a dir over an empty lower dir", [("rename", b"/app-data", b"/root")], 0),
+    ("link a dir", [("link", b"/etc", b"/tmp/x")], errno.EPERM),
+    ("link over an existing name", [("link", b"/etc/passwd", b"/etc/group")], errno.EEXIST),
+    ("readlink of a file", [("readlink", b"/etc/passwd")], errno.EINVAL),
+    ("getxattr missing", [("getxattr", b"/etc/passwd", b"user.none")], errno.ENODATA),
+    ("setxattr XATTR_CREATE twice", [("setxattr", b"/etc/passwd", b"user.a", b"1", 0),
+                                     ("setxattr", b"/etc/passwd", b"user.a", b"2", os.XATTR_CREATE)],
+     errno.EEXIST),
+    ("the real opaque mark is hidden", [("getxattr", b"/var/cache", OPAQUE_XATTR)], errno.ENODATA),
+    ("removexattr missing on a lower file", [("removexattr", b"/etc/passwd", b"user.x")], errno.ENODATA),
+    ("vpath with ..", [("stat", b"/etc/../etc")], errno.EINVAL),
+]
+
+
+@needs_root
+@pytest.mark.parametrize("name,steps,want", CASES, ids=[c[0] for c in CASES])
+def test_errno_table(ofs: OverlayFS, name: str, steps: list[tuple], want: int):
+    got = errno_of(ofs, steps)
+    assert got == want, f"{name}: {os.strerror(got) if got else 'ok'} != {os.strerror(want) if want else 'ok'}"
+
+
+def _walk_upper(ofs: OverlayFS) -> dict[str, os.stat_result]:
+    base = upper_of(ofs, "")
+    out = {}
+    for d, dirs, files in os.walk(base):
+        for n in dirs + files:
+            full = os.path.join(d, n)
+            out[os.path.relpath(full, base)] = os.lstat(full)
+    return out
+
+
+def _is_whiteout(st: os.stat_result) -> bool:
+    return stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+
+
+@needs_root
+def test_unlink_and_rmdir_leave_kernel_format(ofs: OverlayFS):
+    ofs.unlink(b"/etc/group")
+    st = os.lstat(upper_of(ofs, "etc/group"))
+    assert _is_whiteout(st) and stat.S_IMODE(st.st_mode) == 0
+    assert [n for n, _ in ofs.readdir(b"/etc")] == [b"os-release", b"passwd"]
+    # a file only in the upper leaves nothing
+    ofs.release(ofs.create(b"/etc/new", 0o644))
+    ofs.unlink(b"/etc/new")
+    assert not os.path.lexists(upper_of(ofs, "etc/new"))
+    # rmdir + mkdir of a lower dir: an opaque dir, lower children gone for good
+    ofs.unlink(b"/app/hello.sh")
+    ofs.rmdir(b"/app")
+    assert _is_whiteout(os.lstat(upper_of(ofs, "app")))
+    assert b"app" not in [n for n, _ in ofs.readdir(b"/")]
+    ofs.mkdir(b"/app", 0o711)
+    assert os.getxattr(upper_of(ofs, "app"), OPAQUE_XATTR) == b"y"
+    assert ofs.readdir(b"/app") == []
+    with pytest.raises(OSError) as exc:
+        ofs.getxattr(b"/app", OPAQUE_XATTR)  # overlayfs' own mark is hidden
+    assert exc.value.errno == errno.ENODATA and ofs.listxattr(b"/app") == []
+    ofs.setxattr(b"/app", OPAQUE_XATTR, b"n")  # the container's is stored escaped
+    assert os.getxattr(upper_of(ofs, "app"), b"trusted.overlay.overlay.opaque") == b"n"
+    assert os.getxattr(upper_of(ofs, "app"), OPAQUE_XATTR) == b"y"
+    assert ofs.listxattr(b"/app") == [OPAQUE_XATTR] and ofs.getxattr(b"/app", OPAQUE_XATTR) == b"n"
+    assert stat.S_IMODE(ofs.getattr(b"/app")["st_mode"]) == 0o711
+    with pytest.raises(OSError) as exc:
+        ofs.getattr(b"/app/hello.sh")
+    assert exc.value.errno == errno.ENOENT
+    # readdir never shows whiteouts anywhere
+    for vpath in (b"/", b"/etc", b"/app"):
+        for n, st2 in ofs.readdir(vpath):
+            assert not n.startswith(b".wh.")
+            assert not (stat.S_ISCHR(st2["st_mode"]) and st2.get("st_rdev", 1) == 0)
+    # no temporary left in work
+    assert os.listdir(f"/proc/self/fd/{ofs.work_fd}") == []
+
+
+@needs_root
+def test_copy_up_keeps_metadata(overlays: Overlays):
+    ofs = overlays.make("meta:1")
+    before = ofs.getattr(b"/data/f.txt")
+    dir_before = ofs.getattr(b"/data")
+    ofs.setxattr(b"/data/f.txt", b"user.new", b"1")  # a metadata change copies up
+    up = os.lstat(upper_of(ofs, "data/f.txt"))
+    assert stat.S_IMODE(up.st_mode) == 0o4755 and (up.st_uid, up.st_gid) == (1000, 1001)
+    assert up.st_mtime_ns == before["st_mtime"] == META_MTIME * 10**9
+    assert os.getxattr(upper_of(ofs, "data/f.txt"), "user.color") == b"blue"
+    assert os.getxattr(upper_of(ofs, "data/f.txt"), "trusted.t") == b"tv"
+    assert Path(upper_of(ofs, "data/f.txt")).read_bytes() == b"metadata file\n"
+    # the parent directory was copied up with its metadata, not made opaque
+    pd = os.lstat(upper_of(ofs, "data"))
+    assert stat.S_IMODE(pd.st_mode) == 0o750 and pd.st_uid == 1000
+    assert os.getxattr(upper_of(ofs, "data"), "user.dir") == b"d"
+    with pytest.raises(OSError):
+        os.getxattr(upper_of(ofs, "data"), OPAQUE_XATTR)
+    assert ofs.getattr(b"/data")["st_ino"] == dir_before["st_ino"]  # merged dir keeps its ino
+    assert sorted(ofs.listxattr(b"/data/f.txt")) == [b"trusted.t", b"user.color", b"user.new"]
+    assert [n for n, _ in ofs.readdir(b"/data")] == [b"f.txt", b"h1", b"h2", b"p", b"sl", b"sub"]
+    # symlink and FIFO copy-up (chown) keep their kind and target
+    ofs.chown(b"/data/sl", 7, 8)
+    assert os.readlink(upper_of(ofs, "data/sl")) == "f.txt" and os.lstat(upper_of(ofs, "data/sl")).st_uid == 7
+    ofs.chmod(b"/data/p", 0o600)
+    st = os.lstat(upper_of(ofs, "data/p"))
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 1000
+    # utimens in ns
+    ofs.utimens(b"/data/sub/deep", (1, 1_234_567_891_234_567_891))
+    assert ofs.getattr(b"/data/sub/deep")["st_mtime"] == 1_234_567_891_234_567_891
+    assert ofs.getattr(b"/data/sub/deep")["st_uid"] == 5
+
+
+@needs_root
+def test_o_trunc_copies_no_data_and_writes_copy_up(ofs: OverlayFS, monkeypatch):
+    reads: list[tuple] = []
+    real = ofs.lowers.read
+    monkeypatch.setattr(ofs.lowers, "read", lambda n, o, s: reads.append((n.vpath, o, s)) or real(n, o, s))
+    fh = ofs.open(b"/app-data/blob.bin", os.O_WRONLY | os.O_TRUNC)
+    assert reads == []
+    ofs.write(fh, b"new", 0)
+    ofs.release(fh)
+    assert _read_all(ofs, b"/app-data/blob.bin") == b"new"
+    assert os.lstat(upper_of(ofs, "app-data/blob.bin")).st_size == 3
+    # a write in the middle copies the whole file first
+    fh = ofs.open(b"/etc/passwd", os.O_RDWR)
+    ofs.write(fh, b"ROOT", 0)
+    ofs.release(fh)
+    assert _read_all(ofs, b"/etc/passwd") == b"ROOT:x:0:0:root:/root:/bin/sh\n"
+    # truncate to 0 copies nothing either
+    reads.clear()
+    ofs.truncate(b"/etc/os-release", 0)
+    assert reads == [] and ofs.getattr(b"/etc/os-release")["st_size"] == 0
+
+
+@needs_root
+def test_hard_link_of_a_lower_file(ofs: OverlayFS):
+    ofs.link(b"/etc/passwd", b"/tmp/pw")
+    a, b = ofs.getattr(b"/etc/passwd"), ofs.getattr(b"/tmp/pw")
+    assert a["st_ino"] == b["st_ino"] and a["st_nlink"] == b["st_nlink"] == 2
+    assert _read_all(ofs, b"/tmp/pw") == _read_all(ofs, b"/etc/passwd") == b"root:x:0:0:root:/root:/bin/sh\n"
+    fh = ofs.open(b"/tmp/pw", os.O_WRONLY | os.O_APPEND)
+    ofs.write(fh, b"x\n", 30)
+    ofs.release(fh)
+    assert _read_all(ofs, b"/etc/passwd").endswith(b"x\n")
+    # unlinking the lower name leaves a whiteout and the other link keeps the data
+    ofs.unlink(b"/etc/passwd")
+    assert _is_whiteout(os.lstat(upper_of(ofs, "etc/passwd")))
+    assert ofs.getattr(b"/tmp/pw")["st_nlink"] == 1
+
+
+@needs_root
+def test_rename_lower_and_merged_directories(overlays: Overlays):
+    ofs = overlays.make("meta:1")
+    ofs.release(ofs.create(b"/data/sub/upper-only", 0o644))
+    ofs.unlink(b"/data/f.txt")
+    tree_before = {n: _read_all(ofs, b"/data/" + n) for n in (b"h1", b"h2", b"sub/deep")}
+    ofs.rename(b"/data", b"/moved")
+    with pytest.raises(OSError) as exc:
+        ofs.getattr(b"/data")
+    assert exc.value.errno == errno.ENOENT
+    assert [n for n, _ in ofs.readdir(b"/moved")] == [b"h1", b"h2", b"p", b"sl", b"sub"]
+    assert [n for n, _ in ofs.readdir(b"/moved/sub")] == [b"deep", b"upper-only"]
+    for n, content in tree_before.items():
+        assert _read_all(ofs, b"/moved/" + n) == content
+    # lower hard links inside the tree stay one inode
+    assert ofs.getattr(b"/moved/h1")["st_ino"] == ofs.getattr(b"/moved/h2")["st_ino"]
+    assert ofs.readlink(b"/moved/sl") == b"f.txt"
+    assert ofs.getattr(b"/moved")["st_uid"] == 1000
+    # upper: a whiteout at the old path, a self-contained opaque dir, no whiteouts inside
+    assert _is_whiteout(os.lstat(upper_of(ofs, "data")))
+    assert os.getxattr(upper_of(ofs, "moved"), OPAQUE_XATTR) == b"y"
+    inside = [k for k, st in _walk_upper(ofs).items() if k.startswith("moved/") and _is_whiteout(st)]
+    assert inside == []
+    # and back over the whiteout: the directory swaps with it, the old path disappears
+    ofs.rename(b"/moved", b"/data")
+    assert [n for n, _ in ofs.readdir(b"/data")] == [b"h1", b"h2", b"p", b"sl", b"sub"]
+    assert not os.path.lexists(upper_of(ofs, "moved"))
+    # a lower dir of the demo image, across parents
+    demo = overlays.make("demo:app", "demo")
+    demo.rename(b"/usr/share", b"/tmp/share")
+    assert [n for n, _ in demo.readdir(b"/tmp/share")] == [b"doc"]
+    assert len(_read_all(demo, b"/tmp/share/doc/README")) == 64 << 10
+    assert [n for n, _ in demo.readdir(b"/usr")] == [b"bin"] + sorted(
+        n for n, _ in demo.readdir(b"/usr") if n not in (b"bin", b"share"))
+
+
+@needs_root
+def test_hostile_upper_never_writes_outside(overlays: Overlays, tmp_path: Path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "passwd").write_text("outside\n")
+    ofs = overlays.make()
+    upper = upper_of(ofs, "")
+    os.symlink(outside, upper / "etc")  # the container replaced /etc by a symlink
+    os.mkdir(upper / "usr")
+    os.symlink(outside, upper / "usr" / "share")  # and a deeper one
+    os.symlink(outside / "passwd", upper / "app-data")  # a symlink to a file
+    steps = [
+        ("create", b"/etc/new", 0o644), ("write", b"/etc/passwd", 0, b"pwned"),
+        ("truncate", b"/etc/passwd", 0), ("chmod", b"/etc/passwd", 0o777),
+        ("chown", b"/etc/passwd", 1, 1), ("setxattr", b"/etc/passwd", b"user.x", b"1", 0),
+        ("unlink", b"/etc/passwd"), ("mkdir", b"/etc/d", 0o755), ("rmdir", b"/etc"),
+        ("rename", b"/etc/passwd", b"/tmp/p"), ("rename", b"/tmp", b"/etc/tmp"),
+        ("link", b"/etc/passwd", b"/tmp/l"), ("symlink", b"x", b"/etc/s"),
+        ("mknod", b"/etc/f", stat.S_IFIFO | 0o644, 0), ("utime", b"/etc/passwd", (1, 1)),
+        ("create", b"/usr/share/x", 0o644), ("unlink", b"/usr/share/doc/README"),
+        ("write", b"/app-data", 0, b"pwned"), ("truncate", b"/app-data", 0),
+        ("chmod", b"/app-data", 0o777), ("setxattr", b"/app-data", b"user.x", b"1", 0),
+        ("chown", b"/app-data", 1, 1),
+    ]
+    before = tree_manifest(outside)
+    results = {}
+    for step in steps:
+        results[step[:2]] = run_step(ours, ofs, *step)[0]
+    assert tree_manifest(outside) == before, results
+    # the symlinks are symlinks in the view, walking through them fails
+    assert stat.S_ISLNK(ofs.getattr(b"/etc")["st_mode"])
+    assert results[("create", b"/etc/new")] == errno.ENOTDIR
+    assert results[("create", b"/usr/share/x")] == errno.ENOTDIR
+    # removing the symlink itself is allowed and only removes the link
+    ofs.unlink(b"/app-data")
+    assert (outside / "passwd").read_text() == "outside\n"
+
+
+# --- 2. the same script on kernel overlayfs --------------------------------------------
+
+SCRIPT: list[tuple] = [
+    ("append", b"/etc/passwd", b"user:x:1000:1000::/home/user:/bin/sh\n"),
+    ("create", b"/etc/new", 0o640),
+    ("create", b"/etc/new", 0o640),
+    ("unlink", b"/etc/motd"),
+    ("create", b"/etc/motd", 0o600),
+    ("write", b"/etc/motd", 0, b"motd is back\n"),
+    ("unlink", b"/etc/os-release"),
+    ("unlink", b"/etc/os-release"),
+    ("mkdir", b"/etc", 0o755),
+    ("rmdir", b"/usr/share"),
+    ("rmdir", b"/etc/passwd"),
+    ("unlink", b"/usr"),
+    ("read", b"/nonexistent"),
+    ("read", b"/etc/passwd/x"),
+    ("create", b"/nodir/x", 0o644),
+    ("create", b"/etc/passwd/x", 0o644),
+    ("write", b"/etc", 0, b"x"),
+    ("unlink", b"/usr/share/doc/README"),
+    ("rmdir", b"/usr/share/doc"),
+    ("mkdir", b"/usr/share/doc", 0o700),
+    ("create", b"/usr/share/doc/new", 0o644),
+    ("write", b"/usr/share/doc/new", 0, b"fresh\n"),
+    ("listdir", b"/usr/share/doc"),
+    ("rmdir", b"/var/cache"),
+    ("mkdir", b"/var/cache", 0o755),
+    ("rename", b"/app", b"/app2"),
+    ("read", b"/app/hello.sh"),
+    ("write", b"/app2/hello.sh", 10, b"XX"),
+    ("read", b"/app2/hello.sh"),
+    ("open_trunc", b"/etc/group"),
+    ("write", b"/etc/group", 0, b"g:x:5:\n"),
+    ("rename", b"/etc/passwd", b"/usr"),
+    ("rename", b"/etc", b"/etc/sub"),
+    ("rename", b"/root", b"/etc/passwd"),
+    ("rename", b"/tmp", b"/usr"),
+    ("rename", b"/etc/new", b"/etc/group"),
+    ("symlink", b"../etc/passwd", b"/tmp/link"),
+    ("readlink", b"/tmp/link"),
+    ("readlink", b"/usr/bin/sh"),
+    ("readlink", b"/etc/passwd"),
+    ("link", b"/app-data/blob.bin", b"/tmp/blob-link"),
+    ("link", b"/app-data", b"/tmp/dirlink"),
+    ("link", b"/etc/passwd", b"/tmp/link"),
+    ("chmod", b"/etc/group", 0o600),
+    ("chown", b"/app-data", 1000, 1000),
+    ("chown", b"/app2/hello.sh", 1000, 1001),
+    ("utime", b"/etc/group", (1_600_000_000_123_456_789, 1_600_000_000_987_654_321)),
+    ("truncate", b"/app-data/blob.bin", 1000),
+    ("stat", b"/tmp/blob-link"),
+    ("setxattr", b"/etc/passwd", b"user.test", b"v1", 0),
+    ("setxattr", b"/etc/passwd", b"user.test", b"v2", os.XATTR_CREATE),
+    ("getxattr", b"/etc/passwd", b"user.test"),
+    ("getxattr", b"/etc/passwd", b"user.none"),
+    ("listxattr", b"/etc/passwd"),
+    ("setxattr", b"/etc/passwd", b"user.keep", b"k", 0),
+    ("removexattr", b"/etc/passwd", b"user.test"),
+    ("setxattr", b"/app2", b"user.dir", b"d", 0),
+    ("getxattr", b"/usr/share/doc", OPAQUE_XATTR),
+    ("setxattr", b"/var", OPAQUE_XATTR, b"y", 0),
+    ("listxattr", b"/usr/share/doc"),
+    ("mknod", b"/tmp/fifo", stat.S_IFIFO | 0o644, 0),
+    ("mknod", b"/tmp/null", stat.S_IFCHR | 0o666, os.makedev(1, 3)),
+    ("mkdir", b"/tmp/d1", 0o755),
+    ("rename", b"/root", b"/tmp/d1"),
+    ("rename", b"/etc", b"/etc2"),
+    ("read", b"/etc2/passwd"),
+    ("listdir", b"/etc2"),
+    ("stat", b"/etc"),
+    ("mkdir", b"/etc", 0o750),
+    ("listdir", b"/etc"),
+    ("rename", b"/tmp/d1", b"/usr/share/doc"),
+    ("rename", b"/tmp/fifo", b"/var/cache/fifo"),
+    ("rename", b"/usr/bin/sh", b"/var/sh"),
+    ("rmdir", b"/"),
+    ("unlink", b"/var/sh"),
+    ("listdir", b"/usr/bin"),
+    ("stat", b"/etc2/group"),
+    ("rename", b"/app2/hello.sh", b"/app2/hello2.sh"),
+    ("rename", b"/app2", b"/var/cache/app"),
+    ("listdir", b"/var/cache/app"),
+    ("rmdir", b"/var/cache/app"),
+]
+
+
+def _extract_as_overlay_lower(tar: Path, dest: Path) -> None:
+    """One layer as a kernel-overlayfs lower directory (as in test_mount_ro.py)."""
+    dest.mkdir()
+    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
+                    str(tar), "-C", str(dest), "--exclude=.wh.*"], check=True)
+    with tarfile.open(tar) as tf:
+        for m in tf:
+            parent, _, leaf = m.name.strip("./").rpartition("/")
+            d = dest / parent if parent else dest
+            if leaf == ".wh..wh..opq":
+                os.setxattr(d, "trusted.overlay.opaque", b"y")
+            elif leaf.startswith(".wh."):
+                d.mkdir(parents=True, exist_ok=True)
+                os.mknod(d / leaf[4:], 0o600 | 0o020000, os.makedev(0, 0))
+
+
+def _export_layers(cli, ref: str, out: Path) -> list[Path]:
+    cli("export", ref, out)
+    index = json.loads((out / "index.json").read_text())
+    blobs = out / "blobs/sha256"
+    manifest = json.loads((blobs / index["manifests"][0]["digest"].split(":")[1]).read_text())
+    return [blobs / layer["digest"].split(":")[1] for layer in manifest["layers"]]
+
+
+def ours_manifest(ofs: OverlayFS) -> dict[bytes, dict[str, Any]]:
+    """Our merged tree in the form of ``tree_manifest(..., dir_mtimes=False)``."""
+    out: dict[bytes, dict[str, Any]] = {}
+    inodes: dict[int, list[bytes]] = {}
+
+    def visit(vpath: bytes, rel: bytes) -> None:
+        st = ofs.getattr(vpath)
+        mode = st["st_mode"]
+        d: dict[str, Any] = {
+            "type": stat.filemode(mode)[0], "mode": oct(stat.S_IMODE(mode)),
+            "uid": st["st_uid"], "gid": st["st_gid"], "mtime_ns": st["st_mtime"],
+            "xattrs": {n: ofs.getxattr(vpath, n) for n in ofs.listxattr(vpath)},
+        }
+        if stat.S_ISDIR(mode):
+            del d["mtime_ns"]
+        elif stat.S_ISREG(mode):
+            data = _read_all(ofs, vpath)
+            assert len(data) == st["st_size"], vpath
+            d["size"] = st["st_size"]
+            d["sha256"] = "sha256:" + hashlib.sha256(data).hexdigest()
+        elif stat.S_ISLNK(mode):
+            d["target"] = ofs.readlink(vpath)
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            d["rdev"] = (os.major(st["st_rdev"]), os.minor(st["st_rdev"]))
+        if not stat.S_ISDIR(mode) and st["st_nlink"] > 1:
+            inodes.setdefault(st["st_ino"], []).append(rel)
+        out[rel] = d
+        if stat.S_ISDIR(mode):
+            for name, _ in ofs.readdir(vpath):
+                visit((vpath if vpath != b"/" else b"") + b"/" + name, name if rel == b"." else rel + b"/" + name)
+
+    visit(b"/", b".")
+    for paths in inodes.values():
+        for p in paths:
+            out[p]["links"] = sorted(paths)
+    return out
+
+
+IGNORED_UPPER_XATTRS = {b"trusted.overlay.origin", b"trusted.overlay.impure",
+                        b"trusted.overlay.redirect", b"trusted.overlay.uuid"}
+
+
+def upper_manifest(upper: Path, t0: int) -> tuple[dict[bytes, dict[str, Any]], set[bytes]]:
+    """An upper directory for comparison (times set during the script become "new",
+    kernel bookkeeping xattrs dropped) and the set of directories with a redirect."""
+    m = tree_manifest(upper, dir_mtimes=False)
+    redirects = set()
+    for rel, d in m.items():
+        if b"trusted.overlay.redirect" in d["xattrs"]:
+            redirects.add(rel)
+        d["xattrs"] = {k: v for k, v in d["xattrs"].items() if k not in IGNORED_UPPER_XATTRS}
+        if d.get("mtime_ns", 0) >= t0:
+            d["mtime_ns"] = "new"
+    return m, redirects
+
+
+def _norm_times(m: dict[bytes, dict[str, Any]], t0: int) -> dict[bytes, dict[str, Any]]:
+    for d in m.values():
+        if d.get("mtime_ns", 0) >= t0:
+            d["mtime_ns"] = "new"
+    return m
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="mounting overlayfs needs root")
+def test_same_as_kernel_overlayfs(overlays: Overlays, cli, tmp_path: Path, images: Path):
+    lowers = []
+    for i, tar in enumerate(_export_layers(cli, "demo:app", tmp_path / "exported")):
+        d = tmp_path / f"lower{i}"
+        _extract_as_overlay_lower(tar, d)
+        lowers.append(str(d))
+    ku, kw, kmnt = tmp_path / "k-upper", tmp_path / "k-work", tmp_path / "k-mnt"
+    for d in (ku, kw, kmnt):
+        d.mkdir()
+    ofs = overlays.make("demo:app", "ours")
+    export_before = _export_layers(cli, "demo:app", tmp_path / "export-before")
+    t0 = (int(os.stat(tmp_path).st_mtime_ns) // 10**9 - 2) * 10**9
+    old_umask = os.umask(0)  # modes as given on both sides (FUSE passes the caller's)
+    try:
+        subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                        f"lowerdir={':'.join(reversed(lowers))},upperdir={ku},workdir={kw},"
+                        + "redirect_dir=on,index=off,metacopy=off", str(kmnt)], check=True)
+        try:
+            k_results, o_results = [], []
+            for step in SCRIPT:
+                k_results.append((step[:2], run_step(kernel, kmnt, *step)))
+                o_results.append((step[:2], run_step(ours, ofs, *step)))
+            mismatches = [
+                f"{k[0]}: kernel {os.strerror(k[1][0]) if k[1][0] else k[1][1]!r:.80} "
+                f"ours {os.strerror(o[1][0]) if o[1][0] else o[1][1]!r:.80}"
+                for k, o in zip(k_results, o_results) if k != o]
+            assert not mismatches, "steps differ:\n" + "\n".join(mismatches)
+            kernel_tree = _norm_times(tree_manifest(kmnt, dir_mtimes=False), t0)
+        finally:
+            subprocess.run(["umount", str(kmnt)], check=True)
+    finally:
+        os.umask(old_umask)
+    ours_tree = _norm_times(ours_manifest(ofs), t0)
+    d = diff_manifests(kernel_tree, ours_tree)
+    assert not d, "merged trees differ (first: kernel, second: ours):\n" + "\n".join(d[:40])
+
+    # the uppers: equal except below directories the kernel renamed with a redirect,
+    # which it leaves merged with their old lower path, where ours holds a full copy
+    # (opaque instead of redirected)
+    k_up, redirects = upper_manifest(ku, t0)
+    o_up, _ = upper_manifest(tmp_path / "ours-upper", t0)
+    for m in (k_up, o_up):
+        for rel in list(m):
+            if any(rel.startswith(r + b"/") for r in redirects):
+                del m[rel]
+            elif rel in redirects:
+                m[rel]["xattrs"].pop(OPAQUE_XATTR, None)
+    d = diff_manifests(k_up, o_up)
+    assert not d, "uppers differ (first: kernel, second: ours):\n" + "\n".join(d[:40])
+    assert redirects == {b"etc2", b"tmp/d1", b"var/cache/app"}, redirects
+
+    # 3. the store is untouched
+    overlays.close()
+    assert_clean(images)
+    export_after = _export_layers(cli, "demo:app", tmp_path / "export-after")
+    assert [p.name for p in export_before] == [p.name for p in export_after]
+    for a, b in zip(export_before, export_after):
+        assert a.read_bytes() == b.read_bytes()
