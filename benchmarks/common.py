@@ -41,7 +41,8 @@ def run(cmd: Sequence[str | os.PathLike[str]], **kw: Any) -> subprocess.Complete
     return proc
 
 
-def timed(cmd: Sequence[str | os.PathLike[str]], **kw: Any) -> tuple[float, subprocess.CompletedProcess[str]]:
+def timed(cmd: Sequence[str | os.PathLike[str]],
+          **kw: Any) -> tuple[float, subprocess.CompletedProcess[str]]:
     """Wall-clock seconds of one command (including process start-up)."""
     t0 = time.perf_counter()
     proc = run(cmd, **kw)
@@ -171,6 +172,18 @@ def _first_line(cmd: list[str]) -> str | None:
     return out.splitlines()[0].strip() if out.strip() else None
 
 
+def _busy_processes() -> list[str]:
+    """Other processes using CPU right now (benchmarks on a shared machine get noisy)."""
+    out = subprocess.run(["ps", "-eo", "pid=,pcpu=,args=", "--sort=-pcpu"],
+                         capture_output=True, text=True).stdout.splitlines()
+    busy = []
+    for line in out[:8]:
+        pid, pcpu, args = (line.split(None, 2) + ["", ""])[:3]
+        if float(pcpu) >= 5 and int(pid) not in (os.getpid(), os.getppid()):
+            busy.append(f"{pcpu}% {args[:120]}")
+    return busy
+
+
 def machine_info(work: Path | None = None) -> dict[str, Any]:
     mem_kib = None
     with open("/proc/meminfo") as f:
@@ -203,11 +216,23 @@ def machine_info(work: Path | None = None) -> dict[str, Any]:
                   if shutil.which(t)},
         "git_commit": _first_line(["git", "-C", str(REPO), "rev-parse", "HEAD"]),
         "page_cache": "warm (caches not dropped)",
+        "loadavg": open("/proc/loadavg").read().split()[:3],
+        "other_busy_processes": _busy_processes(),
     }
     if work is not None:
         info["work_dir"] = str(work)
         info["work_fs"] = _first_line(["sh", "-c", f"df -T '{work}' | tail -1"])
     return info
+
+
+def command_line() -> str:
+    """How this benchmark was started, relative to the repository when possible."""
+    script = Path(sys.argv[0]).resolve()
+    try:
+        script = script.relative_to(REPO)
+    except ValueError:
+        pass
+    return " ".join(["python3", str(script), *sys.argv[1:]])
 
 
 def machine_line(info: dict[str, Any]) -> str:
