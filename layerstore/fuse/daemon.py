@@ -77,13 +77,11 @@ def mount(root: Path, cid: str, diff_ids: list[str], mountpoint: Path, *, read_o
     """Mount container ``cid`` at ``mountpoint``; returns the daemon's pid (0 when
     ``foreground``, after the mount ends)."""
     mp = check_mountpoint(mountpoint)
-    if not read_only:
-        raise UsageError("writable mounts are not implemented yet; use --read-only")
     cdir = container_dir(root, cid)
     if not cdir.is_dir():
         raise StoreError(f"container directory {cdir} is missing")
     if foreground:
-        _serve(root, cid, diff_ids, mp, allow_other, debug, ready_fd=None)
+        _serve(root, cid, diff_ids, mp, read_only, allow_other, debug, ready_fd=None)
         return 0
     r, w = os.pipe()
     pid = os.fork()
@@ -97,7 +95,7 @@ def mount(root: Path, cid: str, diff_ids: list[str], mountpoint: Path, *, read_o
             os.dup2(devnull, 0)
             os.dup2(log, 1)
             os.dup2(log, 2)
-            _serve(root, cid, diff_ids, mp, allow_other, debug, ready_fd=w)
+            _serve(root, cid, diff_ids, mp, read_only, allow_other, debug, ready_fd=w)
             code = 0
         except BaseException as exc:  # report, never return into the CLI's code
             msg = str(exc) if isinstance(exc, LayerstoreError) else f"{type(exc).__name__}: {exc}"
@@ -141,13 +139,14 @@ def _read_with_timeout(fd: int, timeout: float) -> bytes:
     return os.read(fd, 4096) if ready else b""
 
 
-def _serve(root: Path, cid: str, diff_ids: list[str], mp: Path, allow_other: bool,
-           debug: bool, ready_fd: int | None) -> None:
+def _serve(root: Path, cid: str, diff_ids: list[str], mp: Path, read_only: bool,
+           allow_other: bool, debug: bool, ready_fd: int | None) -> None:
     import fuse as fusepy
 
+    from ..overlay.fs import OverlayFS
     from ..overlay.lower import MergedLowers, StoreLayers
     from ..store import Store
-    from .operations import ENCODING, ReadOnlyOperations
+    from .operations import ENCODING, Operations, ReadOnlyOperations
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -160,23 +159,46 @@ def _serve(root: Path, cid: str, diff_ids: list[str], mp: Path, allow_other: boo
         raise MountError(f"container is already mounted at {st.get('mountpoint', '?')}") from None
     store = Store.open(root)  # opened here, after the fork
     view = MergedLowers(StoreLayers(store, diff_ids))
+    fs: OverlayFS | None = None
     state = cdir / STATE_FILE
 
     def ready() -> None:
         tmp = cdir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp),
-                                   "read_only": True}))
+                                   "read_only": read_only}))
         os.rename(tmp, state)
         if ready_fd is not None:
             os.write(ready_fd, b"ok\n")
             os.close(ready_fd)
 
-    ops = ReadOnlyOperations(view, on_ready=ready)
     options: dict[str, Any] = dict(
-        foreground=True, ro=True, use_ino=True, default_permissions=True,
-        kernel_cache=True, attr_timeout=86400, entry_timeout=86400, negative_timeout=86400,
+        foreground=True, use_ino=True, default_permissions=True,
         fsname=f"layerstore:{cid[:12]}", subtype="layerstore", max_read=1 << 20,
     )
+    ops: Any
+    if read_only:
+        ops = ReadOnlyOperations(view, on_ready=ready)
+        # nothing ever changes: cache data, attributes and names for long
+        options.update(ro=True, kernel_cache=True, attr_timeout=86400, entry_timeout=86400,
+                       negative_timeout=86400)
+    else:
+        try:
+            # kills earlier daemons' half-done copy-ups left in work (see OverlayFS)
+            fs = OverlayFS(view, cdir / "upper", cdir / "work")
+        except BaseException:
+            store.close()
+            raise
+        ops = Operations(fs, on_ready=ready)
+        # Writable (see docs): names change only through this mount, and the kernel
+        # updates its dentry cache on our own create/unlink/rename, so names may be
+        # cached; attributes may not (libfuse's high-level API gives each hard link its
+        # own kernel inode, so a write or truncate through one name would leave the
+        # other's size/nlink stale). auto_cache keeps page cache across opens while
+        # the file's mtime and size are unchanged. No hard_remove: an unlinked open file
+        # keeps a hidden name so fstat works (Operations translates it; nothing reaches
+        # the upper).
+        options.update(auto_cache=True, attr_timeout=0, entry_timeout=1, negative_timeout=0,
+                       big_writes=True, max_write=1 << 20)
     if allow_other:
         options["allow_other"] = True
     try:
@@ -188,6 +210,8 @@ def _serve(root: Path, cid: str, diff_ids: list[str], mp: Path, allow_other: boo
             state.unlink()
         except FileNotFoundError:
             pass
+        if fs is not None:
+            fs.close()
         store.close()
 
 
@@ -226,6 +250,8 @@ def umount(root: Path, cid: str, mountpoint: Path | None, timeout: float = 30.0)
             break
         except PermissionError:
             break
+        if _is_zombie(pid):  # exited; its parent (often init, when the CLI is gone) reaps it later
+            break
         try:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 break
@@ -239,6 +265,14 @@ def umount(root: Path, cid: str, mountpoint: Path | None, timeout: float = 30.0)
         (container_dir(root, cid) / STATE_FILE).unlink()
     except FileNotFoundError:
         pass
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 def mounted_containers(root: Path) -> dict[str, dict[str, Any]]:

@@ -19,11 +19,14 @@ import functools
 import logging
 import os
 import stat
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import fuse as fusepy  # fusepy's module, not this package
 
+from ..overlay.fs import OverlayFS
 from ..overlay.lower import MergedLowers, Node
 from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK
 
@@ -152,3 +155,226 @@ class ReadOnlyOperations(fusepy.Operations):  # type: ignore[misc]
     def statfs(self, path: str) -> dict[str, int]:
         return {"f_bsize": 4096, "f_frsize": 4096, "f_blocks": 0, "f_bfree": 0,
                 "f_bavail": 0, "f_files": 0, "f_ffree": 0, "f_namemax": 255}
+
+
+#: ``utimensat`` special nanosecond values (fusepy gives ``tv_sec * 10**9 + tv_nsec``
+#: with ``tv_sec == 0`` for them when ``flag_utime_omit_ok`` is set)
+UTIME_NOW = (1 << 30) - 1
+UTIME_OMIT = (1 << 30) - 2
+#: libfuse2's names for open files that were unlinked (``hide_file`` in fuse.c)
+HIDDEN_PREFIX = ".fuse_hidden"
+
+
+class Operations(fusepy.Operations):  # type: ignore[misc]
+    """A container, writable: every callback converts its arguments and calls the
+    ``OverlayFS`` method of the same meaning (``layerstore mount``).
+
+    - Unlinking an open file: libfuse2's high-level API (without ``hard_remove``) renames
+      it to ``DIR/.fuse_hidden*`` and unlinks that name on the last release; with
+      ``hard_remove`` it forgets the path and ``fstat`` then fails with ENOENT (the kernel
+      sends GETATTR without the fh). So ``rename`` to a hidden name is translated to an
+      overlay ``unlink``, and the hidden name is served from the open handles (``fgetattr``)
+      until libfuse unlinks it: nothing reaches the upper, ``fstat`` keeps working. This
+      needs the current path of each open handle (``_paths``, updated on rename).
+    - ``flag_nullpath_ok``: fh-based callbacks never need the path.
+    - ``flag_utime_omit_ok``: without it libfuse2 silently drops a utimensat that sets
+      only one of the two times; with it a time to keep comes as ``UTIME_OMIT``.
+    - The caller's uid/gid (``fuse_get_context``) own what create/mkdir/mknod/symlink make.
+    """
+
+    use_ns = True
+    flag_nullpath_ok = True
+    flag_utime_omit_ok = True
+
+    def __init__(self, fs: OverlayFS, on_ready: Callable[[], None] | None = None):
+        self.fs = fs
+        self.on_ready = on_ready
+        self._lock = threading.Lock()
+        self._paths: dict[int, str] = {}  #: open fh -> its current path
+        self._hidden: dict[str, set[int]] = {}  #: libfuse's hidden name -> open fhs
+
+    def _opened(self, path: str, fh: int) -> int:
+        with self._lock:
+            self._paths[fh] = path
+        return fh
+
+    def _hidden_fh(self, path: str | None) -> int | None:
+        with self._lock:
+            fhs = self._hidden.get(path) if path is not None else None
+            return min(fhs) if fhs else None
+
+    def init(self, path: str) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    @staticmethod
+    def _owner() -> tuple[int, int]:
+        uid, gid, _pid = fusepy.fuse_get_context()
+        return uid, gid
+
+    # --- attributes and directories -----------------------------------------------------
+
+    @_errors
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        fh = fh or self._hidden_fh(path)
+        if fh:
+            return self.fs.fgetattr(fh)
+        assert path is not None
+        return self.fs.getattr(_b(path))
+
+    @_errors
+    def readdir(self, path: str, fh: int) -> list[Any]:
+        vpath = _b(path)
+        out: list[Any] = [(".", self.fs.getattr(vpath), 0), ("..", None, 0)]
+        for name, st in self.fs.readdir(vpath):
+            out.append((_s(name), st, 0))
+        return out
+
+    @_errors
+    def readlink(self, path: str) -> str:
+        return _s(self.fs.readlink(_b(path)))
+
+    @_errors
+    def access(self, path: str, amode: int) -> None:
+        # permissions are checked by the kernel (default_permissions); this only
+        # answers whether the path exists
+        self.fs.getattr(_b(path))
+
+    @_errors
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.fs.statfs(_b(path))
+
+    # --- open files ---------------------------------------------------------------------
+
+    @_errors
+    def open(self, path: str, flags: int) -> int:
+        return self._opened(path, self.fs.open(_b(path), flags))
+
+    @_errors
+    def create(self, path: str, mode: int, fi: Any = None) -> int:
+        uid, gid = self._owner()
+        return self._opened(path, self.fs.create(_b(path), mode, os.O_RDWR, uid=uid, gid=gid))
+
+    @_errors
+    def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
+        return self.fs.read(fh, size, offset)
+
+    @_errors
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        return self.fs.write(fh, data, offset)
+
+    @_errors
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+        if fh:
+            self.fs.ftruncate(fh, length)
+        else:
+            assert path is not None
+            self.fs.truncate(_b(path), length)
+
+    @_errors
+    def flush(self, path: str | None, fh: int) -> None:
+        return None
+
+    @_errors
+    def fsync(self, path: str | None, datasync: int, fh: int) -> None:
+        self.fs.fsync(fh, bool(datasync))
+
+    @_errors
+    def release(self, path: str | None, fh: int) -> None:
+        with self._lock:
+            self._paths.pop(fh, None)
+            for name, fhs in list(self._hidden.items()):
+                fhs.discard(fh)
+                if not fhs:  # libfuse unlinks the name next (or cannot: parent gone)
+                    del self._hidden[name]
+        self.fs.release(fh)
+
+    # --- namespace ----------------------------------------------------------------------
+
+    @_errors
+    def mkdir(self, path: str, mode: int) -> None:
+        uid, gid = self._owner()
+        self.fs.mkdir(_b(path), mode, uid=uid, gid=gid)
+
+    @_errors
+    def mknod(self, path: str, mode: int, dev: int) -> None:
+        uid, gid = self._owner()
+        self.fs.mknod(_b(path), mode, dev, uid=uid, gid=gid)
+
+    @_errors
+    def symlink(self, target: str, source: str) -> None:
+        # fusepy's order: ``target`` is the new link's path, ``source`` what it points to
+        uid, gid = self._owner()
+        self.fs.symlink(_b(source), _b(target), uid=uid, gid=gid)
+
+    @_errors
+    def link(self, target: str, source: str) -> None:
+        # fusepy's order: ``target`` is the new name, ``source`` the existing file
+        self.fs.link(_b(source), _b(target))
+
+    @_errors
+    def unlink(self, path: str) -> None:
+        with self._lock:
+            if self._hidden.pop(path, None) is not None:
+                return  # libfuse's hidden name of a file already unlinked in the overlay
+        self.fs.unlink(_b(path))
+
+    @_errors
+    def rmdir(self, path: str) -> None:
+        self.fs.rmdir(_b(path))
+
+    @_errors
+    def rename(self, old: str, new: str) -> None:
+        with self._lock:
+            if new.rpartition("/")[2].startswith(HIDDEN_PREFIX):
+                fhs = {fh for fh, p in self._paths.items() if p == old}
+                if fhs:  # libfuse hides an open file it is asked to unlink
+                    self.fs.unlink(_b(old))
+                    self._hidden[new] = fhs
+                    for fh in fhs:
+                        self._paths[fh] = new
+                    return
+            self.fs.rename(_b(old), _b(new))
+            for fh, p in list(self._paths.items()):
+                if p == old or p.startswith(old + "/"):
+                    self._paths[fh] = new + p[len(old):]
+
+    # --- metadata -----------------------------------------------------------------------
+
+    @_errors
+    def chmod(self, path: str, mode: int) -> None:
+        self.fs.chmod(_b(path), mode)
+
+    @_errors
+    def chown(self, path: str, uid: int, gid: int) -> None:
+        self.fs.chown(_b(path), uid, gid)
+
+    @_errors
+    def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
+        vpath = _b(path)
+        if times is None or times == (UTIME_NOW, UTIME_NOW):
+            self.fs.utimens(vpath, None)
+            return
+        if UTIME_OMIT in times or UTIME_NOW in times:
+            st = self.fs.getattr(vpath)
+            now = time.time_ns()
+            old = (st["st_atime"], st["st_mtime"])
+            times = tuple(old[i] if t == UTIME_OMIT else now if t == UTIME_NOW else t
+                          for i, t in enumerate(times))  # type: ignore[assignment]
+        self.fs.utimens(vpath, times)
+
+    @_errors
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return self.fs.getxattr(_b(path), _b(name))
+
+    @_errors
+    def listxattr(self, path: str) -> list[str]:
+        return [_s(n) for n in self.fs.listxattr(_b(path))]
+
+    @_errors
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> None:
+        self.fs.setxattr(_b(path), _b(name), value, options)
+
+    @_errors
+    def removexattr(self, path: str, name: str) -> None:
+        self.fs.removexattr(_b(path), _b(name))
