@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import stat
 import os
 import shutil
 import subprocess
@@ -60,7 +61,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         mnt = work / "mnt"
         mnt.mkdir()
         run("create", "demo:app", "--name", "demo")
-        run("mount", "demo", str(mnt), "--read-only")
+        run("mount", "demo", str(mnt))
         try:
             print(f"\n$ ls {mnt}/etc && cat {mnt}/etc/os-release")
             print("  ".join(sorted(os.listdir(mnt / "etc"))))
@@ -68,6 +69,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
             if (mnt / "bin/sh").exists() and shutil.which("chroot") and os.geteuid() == 0:
                 print(f"$ chroot {mnt} /bin/sh /app/hello.sh", flush=True)
                 subprocess.run(["chroot", str(mnt), "/bin/sh", "/app/hello.sh"], check=False)
+            print(f"$ echo changed >> {mnt}/etc/os-release; rm {mnt}/etc/passwd")
+            with open(mnt / "etc/os-release", "a") as f:
+                f.write("changed\n")
+            os.unlink(mnt / "etc/passwd")
+            upper = next((Path(root) / "containers").iterdir()) / "upper" / "etc"
+            print(f"# the container's upper directory, in kernel overlayfs format ({upper}):")
+            for name in sorted(os.listdir(upper)):
+                st = os.lstat(upper / name)
+                kind = ("whiteout (char 0/0)" if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0
+                        else f"file, {st.st_size} bytes")
+                print(f"  etc/{name}: {kind}")
         finally:
             run("umount", str(mnt))
         run("rm", "demo")
