@@ -19,6 +19,9 @@ import pytest
 
 from layerstore.store import Store
 
+#: the mount tests' shared fixtures (demo, mnt) live in helpers_mount.py
+pytest_plugins = ["helpers_mount"]
+
 
 def run_cli(*args: str | os.PathLike, root: Path, check: bool = True,
             timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

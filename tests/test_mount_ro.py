@@ -12,37 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-
 from helpers_images import apply_layer, tree_manifest
-from layerstore.oci.sample import write_demo_layout
+from helpers_mount import extract_as_overlay_lower
+
 from layerstore.overlay.lower import MergedLowers, StoreLayers
 from layerstore.store import Store
 from layerstore.store.images import resolve
-
-
-@pytest.fixture
-def demo(tmp_path: Path, cli):
-    layout = tmp_path / "demo-oci"
-    write_demo_layout(layout)
-    cli("import", layout)
-    return layout
-
-
-def _unmount_all(root: Path) -> None:
-    """Teardown: unmount whatever a test left mounted under this store's mounts."""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        parts = line.split()
-        if parts[0].startswith("layerstore:") and str(root.parent) in parts[1]:
-            subprocess.run(["fusermount3", "-u", "-z", parts[1]], capture_output=True)
-            subprocess.run(["umount", "-l", parts[1]], capture_output=True)
-
-
-@pytest.fixture
-def mnt(tmp_path: Path, root: Path):
-    m = tmp_path / "mnt"
-    m.mkdir()
-    yield m
-    _unmount_all(root)
 
 
 def _expected_tree(tmp_path: Path, cli, ref: str) -> Path:
@@ -194,25 +169,6 @@ def test_umount_cleans_up_a_dead_daemon(demo, cli, root: Path, mnt: Path):
         cli("umount", mnt)
 
 
-def _extract_as_overlay_lower(tar: Path, dest: Path) -> None:
-    """One layer as a kernel-overlayfs lower directory: entries extracted by GNU tar,
-    ``.wh.X`` as a 0/0 character device X, ``.wh..wh..opq`` as trusted.overlay.opaque."""
-    import tarfile
-
-    dest.mkdir()
-    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
-                    str(tar), "-C", str(dest), "--exclude=.wh.*"], check=True)
-    with tarfile.open(tar) as tf:
-        for m in tf:
-            parent, _, leaf = m.name.strip("./").rpartition("/")
-            d = dest / parent if parent else dest
-            if leaf == ".wh..wh..opq":
-                os.setxattr(d, "trusted.overlay.opaque", b"y")
-            elif leaf.startswith(".wh."):
-                d.mkdir(parents=True, exist_ok=True)
-                os.mknod(d / leaf[4:], 0o600 | 0o020000, os.makedev(0, 0))
-
-
 def test_read_only_mount_equals_kernel_overlayfs(demo, cli, root: Path, mnt: Path, tmp_path: Path):
     """The same layers as kernel overlayfs lowers give the same tree as our mount.
     Directory times are left out: a parent that a layer's tar does not list is made by
@@ -225,7 +181,7 @@ def test_read_only_mount_equals_kernel_overlayfs(demo, cli, root: Path, mnt: Pat
     lowers = []
     for i, layer in enumerate(manifest["layers"]):
         d = tmp_path / f"lower{i}"
-        _extract_as_overlay_lower(out / "blobs/sha256" / layer["digest"].split(":")[1], d)
+        extract_as_overlay_lower(out / "blobs/sha256" / layer["digest"].split(":")[1], d)
         lowers.append(str(d))
     kmnt = tmp_path / "kernel"
     kmnt.mkdir()

@@ -21,17 +21,16 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean
 from helpers_images import diff_manifests, dir_, reg, tar_bytes, tree_manifest
+from helpers_mount import extract_as_overlay_lower
 from test_overlay_fs import (
     SCRIPT,
     _export_layers,
-    _extract_as_overlay_lower,
     _norm_times,
     kernel,
     run_step,
     upper_manifest,
 )
 
-from layerstore.oci.sample import write_demo_layout
 from layerstore.overlay.upper import OPAQUE_XATTR
 
 IS_ROOT = os.geteuid() == 0
@@ -44,37 +43,6 @@ MOUNT_TIMEOUT = 60
 
 
 # --- fixtures and helpers --------------------------------------------------------------
-
-
-@pytest.fixture
-def demo(tmp_path: Path, cli):
-    layout = tmp_path / "demo-oci"
-    write_demo_layout(layout)
-    cli("import", layout)
-    return layout
-
-
-def _unmount_all(root: Path) -> None:
-    """Teardown: unmount whatever a test left mounted under this test's tmp dir."""
-    for line in Path("/proc/self/mounts").read_text().splitlines():
-        parts = line.split()
-        if parts[0].startswith("layerstore:") and str(root.parent) in parts[1]:
-            subprocess.run(["fusermount3", "-u", "-z", parts[1]], capture_output=True, check=False)
-            subprocess.run(["umount", "-l", parts[1]], capture_output=True, check=False)
-    # and no daemon of ours survives the test
-    for state in (root / "containers").glob("*/mount.json") if (root / "containers").exists() else []:
-        try:
-            os.kill(json.loads(state.read_text())["pid"], signal.SIGKILL)
-        except (OSError, ValueError, KeyError):
-            pass
-
-
-@pytest.fixture
-def mnt(tmp_path: Path, root: Path):
-    m = tmp_path / "mnt"
-    m.mkdir()
-    yield m
-    _unmount_all(root)
 
 
 def mount(cli, ref: str, mp: Path) -> None:
@@ -392,7 +360,7 @@ def test_same_as_kernel_overlayfs_through_fuse(demo, cli, root: Path, mnt: Path,
     lowers = []
     for i, tar in enumerate(_export_layers(cli, "demo:app", tmp_path / "exported")):
         d = tmp_path / f"lower{i}"
-        _extract_as_overlay_lower(tar, d)
+        extract_as_overlay_lower(tar, d)
         lowers.append(str(d))
     ku, kw, kmnt = tmp_path / "k-upper", tmp_path / "k-work", tmp_path / "k-mnt"
     for d in (ku, kw, kmnt):

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 from conftest import assert_clean
 from helpers_images import OciLayout, diff_manifests, tar_bytes, tree_manifest
+from helpers_mount import extract_as_overlay_lower
 
 from layerstore.oci.sample import write_demo_layout
 from layerstore.overlay.fs import OverlayFS
@@ -590,20 +591,7 @@ SCRIPT: list[tuple] = [
 ]
 
 
-def _extract_as_overlay_lower(tar: Path, dest: Path) -> None:
-    """One layer as a kernel-overlayfs lower directory (as in test_mount_ro.py)."""
-    dest.mkdir()
-    subprocess.run(["tar", "--xattrs", "--xattrs-include=*", "--numeric-owner", "-xpf",
-                    str(tar), "-C", str(dest), "--exclude=.wh.*"], check=True)
-    with tarfile.open(tar) as tf:
-        for m in tf:
-            parent, _, leaf = m.name.strip("./").rpartition("/")
-            d = dest / parent if parent else dest
-            if leaf == ".wh..wh..opq":
-                os.setxattr(d, "trusted.overlay.opaque", b"y")
-            elif leaf.startswith(".wh."):
-                d.mkdir(parents=True, exist_ok=True)
-                os.mknod(d / leaf[4:], 0o600 | 0o020000, os.makedev(0, 0))
+_extract_as_overlay_lower = extract_as_overlay_lower
 
 
 def _export_layers(cli, ref: str, out: Path) -> list[Path]:

@@ -18,7 +18,6 @@ import errno
 import functools
 import logging
 import os
-import stat
 import threading
 import time
 from collections.abc import Callable
@@ -27,16 +26,14 @@ from typing import Any, TypeVar
 import fuse as fusepy  # fusepy's module, not this package
 
 from ..overlay.fs import OverlayFS
-from ..overlay.lower import MergedLowers, Node
-from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK
+from ..overlay.lower import MergedLowers, node_stat
+from ..store.records import SYMLINK
 
 log = logging.getLogger("layerstore.fuse")
 F = TypeVar("F", bound=Callable[..., Any])
 
 ENCODING = "latin-1"
 
-_IFMT = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHR: stat.S_IFCHR,
-         BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 
 
 def _errors(fn: F) -> F:
@@ -69,24 +66,6 @@ def _s(name: bytes) -> str:
     return name.decode(ENCODING)
 
 
-def stat_of(node: Node) -> dict[str, int]:
-    e = node.entry
-    mtime = e.mtime_ns
-    st = {
-        "st_ino": node.ino,
-        "st_mode": _IFMT[e.type] | (e.mode & 0o7777),
-        "st_nlink": 1,
-        "st_uid": e.uid,
-        "st_gid": e.gid,
-        "st_size": e.size if e.type == REG else (len(e.target) if e.type == SYMLINK else 0),
-        "st_atime": mtime,
-        "st_mtime": mtime,
-        "st_ctime": mtime,
-        "st_blocks": (e.size + 511) // 512 if e.type == REG else 0,
-    }
-    if e.type in (CHR, BLK):
-        st["st_rdev"] = os.makedev(*e.rdev)
-    return st
 
 
 class ReadOnlyOperations(fusepy.Operations):  # type: ignore[misc]
@@ -104,15 +83,15 @@ class ReadOnlyOperations(fusepy.Operations):  # type: ignore[misc]
 
     @_errors
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
-        return stat_of(self.view.lookup(_b(path)))
+        return node_stat(self.view.lookup(_b(path)))
 
     @_errors
     def readdir(self, path: str, fh: int) -> list[Any]:
         vpath = _b(path)
         node = self.view.lookup(vpath)
-        out: list[Any] = [(".", stat_of(node), 0), ("..", None, 0)]
+        out: list[Any] = [(".", node_stat(node), 0), ("..", None, 0)]
         for name, child in self.view.listdir(vpath):
-            out.append((_s(name), stat_of(child), 0))
+            out.append((_s(name), node_stat(child), 0))
         return out
 
     @_errors

@@ -48,7 +48,7 @@ import lmdb
 
 from ..errors import LayerstoreError, NoEntryError, NotEmptyError, OverlayError
 from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, join_vpath
-from .lower import MergedLowers, Node
+from .lower import IFMT, MergedLowers, Node, node_stat
 from .upper import (
     DIR_FLAGS,
     OPAQUE_XATTR,
@@ -71,8 +71,6 @@ from .upper import (
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-_IFMT = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHR: stat.S_IFCHR,
-         BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
 #: prefix of our temporary names in the work directory (removed at start-up)
 TMP_PREFIX = b"#layerstore-"
 #: bytes copied per read/write during a copy-up
@@ -114,24 +112,6 @@ def _locked(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def lower_stat(node: Node) -> dict[str, int]:
-    """A lower node's attributes (the same dict ``fuse.operations.stat_of`` builds)."""
-    e = node.entry
-    st = {
-        "st_ino": node.ino,
-        "st_mode": _IFMT[e.type] | (e.mode & 0o7777),
-        "st_nlink": 1,
-        "st_uid": e.uid,
-        "st_gid": e.gid,
-        "st_size": e.size if e.type == REG else (len(e.target) if e.type == SYMLINK else 0),
-        "st_atime": e.mtime_ns,
-        "st_mtime": e.mtime_ns,
-        "st_ctime": e.mtime_ns,
-        "st_blocks": (e.size + 511) // 512 if e.type == REG else 0,
-    }
-    if e.type in (CHR, BLK):
-        st["st_rdev"] = os.makedev(*e.rdev)
-    return st
 
 
 @dataclass
@@ -156,7 +136,7 @@ class Found:
         if self.ust is not None:
             return stat.S_IFMT(self.ust.st_mode)
         assert self.lower is not None
-        return _IFMT[self.lower.entry.type]
+        return IFMT[self.lower.entry.type]
 
 
 @dataclass
@@ -327,7 +307,7 @@ class OverlayFS:
             elif e.type == SYMLINK:
                 os.symlink(e.target, tmp, dir_fd=wfd)
             elif e.type in (CHR, BLK, FIFO):
-                os.mknod(tmp, _IFMT[e.type] | 0o600, os.makedev(*e.rdev), dir_fd=wfd)
+                os.mknod(tmp, IFMT[e.type] | 0o600, os.makedev(*e.rdev), dir_fd=wfd)
             else:
                 raise OverlayError(errno.EIO, node.vpath)
             self._apply_meta(wfd, tmp, node)
@@ -477,7 +457,7 @@ class OverlayFS:
     def _stat(self, f: Found) -> dict[str, int]:
         if f.ust is None:
             assert f.lower is not None
-            return lower_stat(f.lower)
+            return node_stat(f.lower)
         if stat.S_ISDIR(f.ust.st_mode) and f.lower is not None:
             # a merged directory keeps the lower inode number, and its link count is
             # unknown without listing every layer: 1, as overlayfs reports it
@@ -602,7 +582,7 @@ class OverlayFS:
         if h.fd >= 0:
             return stat_dict(os.fstat(h.fd))
         if h.node is not None:
-            return lower_stat(h.node)
+            return node_stat(h.node)
         return self.getattr(h.vpath)
 
     def fsync(self, fh: int, datasync: bool = False) -> None:

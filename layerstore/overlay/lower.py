@@ -21,6 +21,8 @@ This module imports neither fusepy nor anything above ``store``.
 
 from __future__ import annotations
 
+import os
+import stat
 import threading
 from bisect import bisect_right
 from collections import OrderedDict
@@ -32,7 +34,20 @@ from ..errors import IntegrityError, NoEntryError, OverlayError
 from ..store import Store
 from ..store.chunks import decode_chunk
 from ..store.layers import list_dir, lookup
-from ..store.records import DIR, WHITEOUT, Entry, FileRecord, LayerRecord, join_vpath, split_vpath
+from ..store.records import (
+    BLK,
+    CHR,
+    DIR,
+    FIFO,
+    REG,
+    SYMLINK,
+    WHITEOUT,
+    Entry,
+    FileRecord,
+    LayerRecord,
+    join_vpath,
+    split_vpath,
+)
 
 #: decoded chunks kept in memory, bytes
 CHUNK_CACHE_BYTES = 64 << 20
@@ -45,6 +60,11 @@ def ino_of(*parts: bytes) -> int:
     return n if n > 1 else n + 2
 
 
+#: entry type -> S_IFMT bits
+IFMT = {REG: stat.S_IFREG, DIR: stat.S_IFDIR, SYMLINK: stat.S_IFLNK, CHR: stat.S_IFCHR,
+        BLK: stat.S_IFBLK, FIFO: stat.S_IFIFO}
+
+
 @dataclass
 class Node:
     """A path of the merged lowers."""
@@ -54,6 +74,26 @@ class Node:
     ino: int
     layer: int = -1  #: index (top = 0) of the layer a non-directory comes from
     dir_layers: list[int] = field(default_factory=list)  #: layers a directory merges
+
+
+def node_stat(node: Node) -> dict[str, int]:
+    """A lower node's attributes as ``st_*`` fields (times in ns; nlink 1)."""
+    e = node.entry
+    st = {
+        "st_ino": node.ino,
+        "st_mode": IFMT[e.type] | (e.mode & 0o7777),
+        "st_nlink": 1,
+        "st_uid": e.uid,
+        "st_gid": e.gid,
+        "st_size": e.size if e.type == REG else (len(e.target) if e.type == SYMLINK else 0),
+        "st_atime": e.mtime_ns,
+        "st_mtime": e.mtime_ns,
+        "st_ctime": e.mtime_ns,
+        "st_blocks": (e.size + 511) // 512 if e.type == REG else 0,
+    }
+    if e.type in (CHR, BLK):
+        st["st_rdev"] = os.makedev(*e.rdev)
+    return st
 
 
 class StoreLayers:

@@ -136,7 +136,7 @@ def remove_tree_at(dir_fd: int, name: bytes) -> None:
 
 
 def stat_dict(st: os.stat_result, ino: int | None = None, nlink: int | None = None) -> dict[str, int]:
-    """``os.stat_result`` in the dict form of ``fuse.operations.stat_of`` (ns times)."""
+    """``os.stat_result`` in the dict form of ``lower.node_stat`` (ns times)."""
     out = {
         "st_ino": st.st_ino if ino is None else ino,
         "st_mode": st.st_mode,
