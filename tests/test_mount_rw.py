@@ -23,11 +23,10 @@ from conftest import assert_clean
 from helpers_images import diff_manifests, dir_, reg, tar_bytes, tree_manifest
 from helpers_mount import extract_as_overlay_lower
 from test_overlay_fs import (
-    SCRIPT,
     _export_layers,
     _norm_times,
     kernel,
-    run_step,
+    script_mismatches,
     upper_manifest,
 )
 
@@ -376,14 +375,7 @@ def test_same_as_kernel_overlayfs_through_fuse(demo, cli, root: Path, mnt: Path,
         try:
             mount(cli, "c1", mnt)
             try:
-                k_results, o_results = [], []
-                for step in SCRIPT:
-                    k_results.append((step[:2], run_step(kernel, kmnt, *step)))
-                    o_results.append((step[:2], run_step(kernel, mnt, *step)))
-                mismatches = [
-                    f"{k[0]}: kernel {os.strerror(k[1][0]) if k[1][0] else k[1][1]!r:.80} "
-                    f"ours {os.strerror(o[1][0]) if o[1][0] else o[1][1]!r:.80}"
-                    for k, o in zip(k_results, o_results) if k != o]
+                mismatches = script_mismatches(kmnt, kernel, mnt)
                 assert not mismatches, "steps differ:\n" + "\n".join(mismatches)
                 kernel_tree = _norm_times(tree_manifest(kmnt, dir_mtimes=False), t0)
                 ours_tree = _norm_times(tree_manifest(mnt, dir_mtimes=False), t0)

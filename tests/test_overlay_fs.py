@@ -246,6 +246,19 @@ def run_step(fn, *args: Any) -> tuple[int, Any]:
     return 0, out
 
 
+def script_mismatches(kmnt: Path, other: Any, target: Any) -> list[str]:
+    """Run SCRIPT step by step on the kernel mount and on ``target`` (through the step
+    runner ``other``); the steps whose errno or result differ, described."""
+    out = []
+    for step in SCRIPT:
+        k = run_step(kernel, kmnt, *step)
+        o = run_step(other, target, *step)
+        if k != o:
+            out.append(f"{step[:2]}: kernel {os.strerror(k[0]) if k[0] else k[1]!r:.80} "
+                       f"ours {os.strerror(o[0]) if o[0] else o[1]!r:.80}")
+    return out
+
+
 def errno_of(ofs: OverlayFS, steps: list[tuple]) -> int:
     """Run steps on ours; every step but the last must succeed; the last's errno (0 = ok)."""
     for step in steps[:-1]:
@@ -684,14 +697,7 @@ def test_same_as_kernel_overlayfs(overlays: Overlays, cli, tmp_path: Path, image
                         f"lowerdir={':'.join(reversed(lowers))},upperdir={ku},workdir={kw},"
                         + "redirect_dir=on,index=off,metacopy=off", str(kmnt)], check=True)
         try:
-            k_results, o_results = [], []
-            for step in SCRIPT:
-                k_results.append((step[:2], run_step(kernel, kmnt, *step)))
-                o_results.append((step[:2], run_step(ours, ofs, *step)))
-            mismatches = [
-                f"{k[0]}: kernel {os.strerror(k[1][0]) if k[1][0] else k[1][1]!r:.80} "
-                f"ours {os.strerror(o[1][0]) if o[1][0] else o[1][1]!r:.80}"
-                for k, o in zip(k_results, o_results) if k != o]
+            mismatches = script_mismatches(kmnt, ours, ofs)
             assert not mismatches, "steps differ:\n" + "\n".join(mismatches)
             kernel_tree = _norm_times(tree_manifest(kmnt, dir_mtimes=False), t0)
         finally:
