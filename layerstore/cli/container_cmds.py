@@ -1,4 +1,4 @@
-"""Container commands: create, ps, rm, mount, umount."""
+"""Container commands: create, ps, rm, mount, umount, diff, commit."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ..errors import ContainerNotFoundError, ImageNotFoundError, InUseError, UsageError
+from ..fuse import daemon
 from ..store.containers import (
     all_containers,
     create_container,
     remove_container,
     resolve_container,
 )
-from ..errors import ContainerNotFoundError, ImageNotFoundError, InUseError, UsageError
-from ..fuse import daemon
 from ..store.images import get_image, names_of, resolve
 from .output import human_age, print_json, table
 
@@ -49,6 +49,16 @@ def register(sub: Any) -> None:
     p.add_argument("containers", nargs="+")
     p.add_argument("--force", "-f", action="store_true")
     p.set_defaults(func=cmd_rm)
+
+    p = sub.add_parser("diff", help="paths a container added (A), changed (C) or deleted (D)")
+    p.add_argument("container")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_diff)
+
+    p = sub.add_parser("commit", help="make a new image of a container's image plus its upper")
+    p.add_argument("container")
+    p.add_argument("name", help="NAME:TAG of the new image")
+    p.set_defaults(func=cmd_commit)
 
 
 def _store(args: argparse.Namespace) -> Any:
@@ -131,4 +141,27 @@ def cmd_umount(args: argparse.Namespace) -> int:
     if cid is None:
         raise UsageError(f"{args.target} is not a layerstore mount")
     daemon.umount(root, cid, None)
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from ..oci.commit import changes
+
+    with _store(args) as store:
+        rows = changes(store, args.container)
+    if args.json:
+        print_json([{"kind": k, "path": p} for k, p in rows])
+        return 0
+    for k, p in rows:
+        print(f"{k} {p}")
+    return 0
+
+
+def cmd_commit(args: argparse.Namespace) -> int:
+    from ..oci.commit import commit
+    from .output import progress_bars
+
+    with _store(args) as store, progress_bars(getattr(args, "quiet", False)) as progress:
+        image_id = commit(store, args.container, args.name, progress=progress)
+    print(image_id)
     return 0

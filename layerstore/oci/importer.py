@@ -48,7 +48,7 @@ class ImportResult:
     layers_reused: int
 
 
-def _no_progress(label: str, total: int | None) -> Callable[[int], None]:
+def no_progress(label: str, total: int | None) -> Callable[[int], None]:
     return lambda n: None
 
 
@@ -62,7 +62,7 @@ def import_path(
 ) -> list[ImportResult]:
     """Import every image in ``path``; return one result per image."""
     path = Path(path)
-    progress = progress or _no_progress
+    progress = progress or no_progress
     tag = normalize_name(tag) if tag else None
     with store.importing(), open_source(path, store.tmp_dir(), platform) as images:
         if tag and len(images) > 1:
@@ -71,7 +71,7 @@ def import_path(
         for img in images:
             names = [tag] if tag else []
             names += [normalize_name(n) for n in img.names if n and normalize_name(n) not in names]
-            results.append(_import_image(store, img, names, progress, str(path)))
+            results.append(import_image(store, img, names, progress, str(path)))
         return results
 
 
@@ -83,7 +83,7 @@ class PreparedLayer:
     items: list[tuple[bytes, bytes]]
 
 
-def _import_image(store: Store, img: ImageSource, names: list[str], progress: Progress,
+def import_image(store: Store, img: ImageSource, names: list[str], progress: Progress,
                   source: str) -> ImportResult:
     """Read and verify every layer, then make the new layers, the image and its names
     visible in one transaction: a failure anywhere leaves nothing visible (only chunks

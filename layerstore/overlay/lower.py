@@ -33,7 +33,7 @@ from ..digest import blake3_raw
 from ..errors import IntegrityError, NoEntryError, OverlayError
 from ..store import Store
 from ..store.chunks import decode_chunk
-from ..store.layers import list_dir, lookup
+from ..store.layers import iter_layer_values, list_dir, lookup
 from ..store.records import (
     BLK,
     CHR,
@@ -74,15 +74,17 @@ class Node:
     ino: int
     layer: int = -1  #: index (top = 0) of the layer a non-directory comes from
     dir_layers: list[int] = field(default_factory=list)  #: layers a directory merges
+    nlink: int = 1  #: names of this inode in its layer (hard-link group size)
 
 
 def node_stat(node: Node) -> dict[str, int]:
-    """A lower node's attributes as ``st_*`` fields (times in ns; nlink 1)."""
+    """A lower node's attributes as ``st_*`` fields (times in ns; a directory's nlink is
+    1, as overlayfs and btrfs report when it is unknown)."""
     e = node.entry
     st = {
         "st_ino": node.ino,
         "st_mode": IFMT[e.type] | (e.mode & 0o7777),
-        "st_nlink": 1,
+        "st_nlink": node.nlink,
         "st_uid": e.uid,
         "st_gid": e.gid,
         "st_size": e.size if e.type == REG else (len(e.target) if e.type == SYMLINK else 0),
@@ -113,10 +115,28 @@ class StoreLayers:
         self._files: dict[bytes, tuple[FileRecord, list[int]]] = {}
         self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
         self._chunk_bytes = 0
+        self._groups: dict[int, dict[int, int]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def group_size(self, layer: int, group: int) -> int:
+        """How many entries of a layer share hard-link group ``group`` (the layer is
+        scanned once, the first time one of its groups is asked for)."""
+        with self._lock:
+            sizes = self._groups.get(layer)
+        if sizes is None:
+            sizes = {}
+            env = self.store.env
+            with env.read() as txn:
+                for value in iter_layer_values(txn, env, self.records[layer].layer_no):
+                    e = Entry.decode(value)
+                    if e.link_group:
+                        sizes[e.link_group] = sizes.get(e.link_group, 0) + 1
+            with self._lock:
+                self._groups[layer] = sizes
+        return sizes.get(group, 1)
 
     def lookup(self, layer: int, vpath: bytes) -> Entry | None:
         env = self.store.env
@@ -230,7 +250,8 @@ class MergedLowers:
                 break
             if e.type != DIR:
                 if not dir_layers:
-                    return Node(vpath, e, self._ino(vpath, li, e), layer=li)
+                    nlink = self.layers.group_size(li, e.link_group) if e.link_group else 1
+                    return Node(vpath, e, self._ino(vpath, li, e), layer=li, nlink=nlink)
                 break  # a non-directory under a directory is hidden by it
             dir_layers.append(li)
             if attrs is None and not e.implicit:

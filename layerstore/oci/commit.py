@@ -1,0 +1,296 @@
+"""A container's upper directory as changes (``diff``) and as a new layer (``commit``).
+
+The upper is in kernel-overlayfs format (``overlay/upper.py``): a whiteout is a 0/0
+character device, an opaque directory carries ``trusted.overlay.opaque=y``. It is
+controlled by the container, so it is walked from directory fds with ``O_NOFOLLOW``,
+never through a symlink.
+
+``diff``: like ``docker diff``. A whiteout is ``D`` (when the lowers have the path); an
+upper entry whose path the image's merged lowers have is ``C``, else ``A``; an opaque
+directory that exists below is ``C`` and the lower children it hides (and the upper
+does not replace) are ``D``.
+
+``commit``: the upper becomes an uncompressed PAX layer tar, deterministic (entries
+sorted by path, a directory before its contents; numeric owners, no user/group names):
+a whiteout is an empty ``.wh.NAME`` file, an opaque directory is its own entry followed
+by ``DIR/.wh..wh..opq``; regular files, directories, symlinks, devices and FIFOs keep
+mode, owner, mtime (ns, PAX ``mtime``) and xattrs (``SCHILY.xattr.*``) except overlayfs'
+and layerstore's own (``trusted.overlay.*``, ``trusted.layerstore.*``); paths of one
+inode become tar hard links to the first of them. Sockets are skipped. The tar is
+imported through the importer as one more layer on top of the image's, and a new image
+is made whose config is the old one with the new diff_id, a history entry and a new
+``created``.
+
+A mounted container is committed as its upper is at that moment (no pause): copy-ups
+are atomic, but a file being written meanwhile may be caught half-written.
+"""
+
+from __future__ import annotations
+
+import datetime
+import errno
+import hashlib
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from ..errors import InvalidInputError
+from ..overlay.lower import MergedLowers, StoreLayers
+from ..overlay.upper import DIR_FLAGS, is_opaque_fd, is_whiteout, proc_path
+from ..store import Store
+from ..store.containers import resolve_container
+from ..store.images import normalize_name, resolve
+from ..store.records import DIR, ContainerRecord, ImageRecord
+from .importer import Progress, import_image, no_progress
+from .sources import ImageSource, LayerSource
+
+WH_PREFIX = ".wh."
+WH_OPAQUE = ".wh..wh..opq"
+#: xattrs that belong to the overlay or to layerstore, never to the image
+HIDDEN_XATTR_PREFIXES = (b"trusted.overlay.", b"trusted.layerstore.")
+
+
+@dataclass
+class UpperEntry:
+    """One path of the upper (vpath absolute, bytes)."""
+
+    vpath: bytes
+    st: os.stat_result
+    whiteout: bool = False
+    opaque: bool = False
+
+
+def _xattrs_at(dir_fd: int, name: bytes) -> dict[bytes, bytes]:
+    """xattrs of ``name`` in ``dir_fd`` without following it (the directory fd's
+    ``/proc`` path is the directory itself; ``name`` is not followed)."""
+    path = os.fsencode(proc_path(dir_fd)) + b"/" + name
+    out: dict[bytes, bytes] = {}
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
+            return out
+        raise
+    for n in names:
+        key = os.fsencode(n)
+        try:
+            out[key] = os.getxattr(path, n, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno == errno.ENODATA:
+                continue
+            raise
+    return out
+
+
+def walk_upper(upper: Path) -> Iterator[tuple[UpperEntry, int, bytes]]:
+    """Every entry below the upper's root, sorted, a directory before its contents:
+    (entry, parent dir fd, name). The fds are valid only during the iteration step."""
+    root_fd = os.open(upper, DIR_FLAGS)
+    try:
+        yield from _walk(root_fd, b"")
+    finally:
+        os.close(root_fd)
+
+
+def _walk(dir_fd: int, prefix: bytes) -> Iterator[tuple[UpperEntry, int, bytes]]:
+    for name in sorted(os.fsencode(n) for n in os.listdir(dir_fd)):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        vpath = prefix + b"/" + name
+        if is_whiteout(st):
+            yield UpperEntry(vpath, st, whiteout=True), dir_fd, name
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            fd = os.open(name, DIR_FLAGS, dir_fd=dir_fd)
+            try:
+                yield UpperEntry(vpath, st, opaque=is_opaque_fd(fd)), dir_fd, name
+                yield from _walk(fd, vpath)
+            finally:
+                os.close(fd)
+            continue
+        yield UpperEntry(vpath, st), dir_fd, name
+
+
+# --- diff ---------------------------------------------------------------------------------
+
+
+def _container_image(store: Store, ref: str) -> tuple[ContainerRecord, ImageRecord]:
+    with store.env.read() as txn:
+        rec = resolve_container(txn, store.env, ref)
+        img = resolve(txn, store.env, rec.image_id)
+    return rec, img
+
+
+def changes(store: Store, ref: str) -> list[tuple[str, str]]:
+    """``docker diff`` of a container: sorted (kind, path), kind in A, C, D."""
+    rec, img = _container_image(store, ref)
+    lowers = MergedLowers(StoreLayers(store, img.diff_ids))
+    out: dict[bytes, str] = {}
+    upper_paths: set[bytes] = set()
+    opaque_dirs: list[bytes] = []
+    for e, _, _ in walk_upper(Path(rec.upper)):
+        upper_paths.add(e.vpath)
+        below = lowers.resolve(e.vpath) is not None
+        if e.whiteout:
+            if below:
+                out[e.vpath] = "D"
+            continue
+        out[e.vpath] = "C" if below else "A"
+        if e.opaque and below:
+            opaque_dirs.append(e.vpath)
+    for d in opaque_dirs:
+        node = lowers.resolve(d)
+        if node is None or node.entry.type != DIR:
+            continue
+        for name, _ in lowers.listdir(d):
+            child = d + b"/" + name
+            if child not in upper_paths:
+                out[child] = "D"
+    return [(kind, os.fsdecode(p)) for p, kind in sorted(out.items())]
+
+
+# --- commit -------------------------------------------------------------------------------
+
+
+def _pax_mtime(ti: tarfile.TarInfo, mtime_ns: int) -> None:
+    sec, ns = divmod(mtime_ns, 1_000_000_000)
+    ti.mtime = sec
+    if ns:
+        ti.pax_headers["mtime"] = f"{sec}.{ns:09d}".rstrip("0")
+
+
+def _info(name: str, type_: bytes, mode: int = 0, uid: int = 0, gid: int = 0,
+          mtime_ns: int = 0) -> tarfile.TarInfo:
+    ti = tarfile.TarInfo(name)
+    ti.type = type_
+    ti.mode = mode & 0o7777
+    ti.uid, ti.gid = uid, gid
+    ti.uname = ti.gname = ""
+    _pax_mtime(ti, mtime_ns)
+    return ti
+
+
+def _set_xattrs(ti: tarfile.TarInfo, xattrs: dict[bytes, bytes]) -> None:
+    for key in sorted(xattrs):
+        if key.startswith(HIDDEN_XATTR_PREFIXES):
+            continue
+        ti.pax_headers["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = \
+            xattrs[key].decode("utf-8", "surrogateescape")
+
+
+def write_upper_tar(upper: Path, out: BinaryIO) -> int:
+    """Write the upper as a layer tar to ``out``; returns the number of entries."""
+    count = 0
+    links: dict[tuple[int, int], str] = {}
+    with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,
+                      encoding="utf-8", errors="surrogateescape") as tf:
+        for e, dir_fd, name in walk_upper(upper):
+            rel = os.fsdecode(e.vpath[1:])
+            parent, _, leaf = rel.rpartition("/")
+            st = e.st
+            if e.whiteout:
+                wh = (parent + "/" if parent else "") + WH_PREFIX + leaf
+                tf.addfile(_info(wh, tarfile.REGTYPE, 0o644))
+                count += 1
+                continue
+            mode = stat.S_IFMT(st.st_mode)
+            ti = _info(rel, tarfile.REGTYPE, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
+            if stat.S_ISSOCK(mode):
+                continue
+            _set_xattrs(ti, _xattrs_at(dir_fd, name))
+            key = (st.st_dev, st.st_ino)
+            if not stat.S_ISDIR(mode) and st.st_nlink > 1 and key in links:
+                ti.type = tarfile.LNKTYPE
+                ti.linkname = links[key]
+                tf.addfile(ti)
+                count += 1
+                continue
+            if not stat.S_ISDIR(mode) and st.st_nlink > 1:
+                links[key] = rel
+            if stat.S_ISREG(mode):
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                with os.fdopen(fd, "rb") as f:
+                    size = os.fstat(f.fileno()).st_size
+                    ti.size = size
+                    tf.addfile(ti, f)
+            elif stat.S_ISDIR(mode):
+                ti.type = tarfile.DIRTYPE
+                tf.addfile(ti)
+                if e.opaque:
+                    tf.addfile(_info(rel + "/" + WH_OPAQUE, tarfile.REGTYPE, 0o644))
+                    count += 1
+            elif stat.S_ISLNK(mode):
+                ti.type = tarfile.SYMTYPE
+                ti.linkname = os.fsdecode(os.readlink(name, dir_fd=dir_fd))
+                tf.addfile(ti)
+            elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+                ti.type = tarfile.CHRTYPE if stat.S_ISCHR(mode) else tarfile.BLKTYPE
+                ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
+                tf.addfile(ti)
+            elif stat.S_ISFIFO(mode):
+                ti.type = tarfile.FIFOTYPE
+                tf.addfile(ti)
+            else:
+                continue
+            count += 1
+    return count
+
+
+def _now_rfc3339() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def commit_config(old: bytes, diff_ids: list[str], created: str) -> bytes:
+    """The old config with the new layer's diff_ids, a history entry and ``created``."""
+    try:
+        doc: dict[str, Any] = json.loads(old)
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidInputError("the image config is not valid JSON") from None
+    rootfs = doc.get("rootfs") if isinstance(doc.get("rootfs"), dict) else {}
+    doc["rootfs"] = {**rootfs, "type": "layers", "diff_ids": diff_ids}
+    history = doc.get("history") if isinstance(doc.get("history"), list) else []
+    doc["history"] = [*history, {"created": created, "created_by": "layerstore commit"}]
+    doc["created"] = created
+    return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+
+def _missing(what: str) -> BinaryIO:
+    raise InvalidInputError(f"{what} is missing from the store")
+
+
+def commit(store: Store, ref: str, name: str, progress: Progress | None = None) -> str:
+    """Commit container ``ref`` as image ``name``; returns the new image id."""
+    progress = progress or no_progress
+    names = [normalize_name(name)]
+    with store.importing():
+        rec, img = _container_image(store, ref)
+        tmp = store.tmp_dir() / f"commit-{rec.id[:12]}-{os.getpid()}.tar"
+        try:
+            with open(tmp, "wb") as f:
+                write_upper_tar(Path(rec.upper), f)
+            h = hashlib.sha256()
+            with open(tmp, "rb") as f:
+                while block := f.read(1 << 20):
+                    h.update(block)
+            diff_id = "sha256:" + h.hexdigest()
+            size = tmp.stat().st_size
+            layers = [LayerSource(open=lambda d=d: _missing(f"layer {d}"), what=f"layer {d}",
+                                  diff_id=d) for d in img.diff_ids]
+            layers.append(LayerSource(open=lambda: open(tmp, "rb"),  # noqa: SIM115
+                                      what=f"upper of container {rec.name}",
+                                      diff_id=diff_id, size=size))
+            config = commit_config(img.config, [*img.diff_ids, diff_id], _now_rfc3339())
+            src = ImageSource(layers=layers, config=config,
+                              config_media_type=img.config_media_type,
+                              what=f"container {rec.name}")
+            result = import_image(store, src, names, progress, f"commit of container {rec.name}")
+        finally:
+            tmp.unlink(missing_ok=True)
+    return result.image_id
+
+
+__all__ = ["changes", "commit", "commit_config", "walk_upper", "write_upper_tar"]
