@@ -21,11 +21,11 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean
 from helpers_images import diff_manifests, dir_, reg, tar_bytes, tree_manifest
-from helpers_mount import extract_as_overlay_lower
 from test_overlay_fs import (
     _export_layers,
     _norm_times,
     kernel,
+    kernel_dirs,
     script_mismatches,
     upper_manifest,
 )
@@ -356,14 +356,7 @@ def test_persistence_two_containers_and_store_untouched(demo, cli, root: Path, m
 
 
 def test_same_as_kernel_overlayfs_through_fuse(demo, cli, root: Path, mnt: Path, tmp_path: Path):
-    lowers = []
-    for i, tar in enumerate(_export_layers(cli, "demo:app", tmp_path / "exported")):
-        d = tmp_path / f"lower{i}"
-        extract_as_overlay_lower(tar, d)
-        lowers.append(str(d))
-    ku, kw, kmnt = tmp_path / "k-upper", tmp_path / "k-work", tmp_path / "k-mnt"
-    for d in (ku, kw, kmnt):
-        d.mkdir()
+    lowers, ku, kw, kmnt = kernel_dirs(cli, tmp_path)
     cli("create", "demo:app", "--name", "c1")
     ours_upper = upper_of(cli, "c1")
     t0 = (int(os.stat(tmp_path).st_mtime_ns) // 10**9 - 2) * 10**9

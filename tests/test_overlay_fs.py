@@ -246,6 +246,20 @@ def run_step(fn, *args: Any) -> tuple[int, Any]:
     return 0, out
 
 
+def kernel_dirs(cli: Any, tmp_path: Path) -> tuple[list[str], Path, Path, Path]:
+    """demo:app's layers extracted as kernel overlayfs lowers (bottom first), and a new
+    upper, work dir and mountpoint for the kernel side of a comparison."""
+    lowers = []
+    for i, tar in enumerate(_export_layers(cli, "demo:app", tmp_path / "exported")):
+        d = tmp_path / f"lower{i}"
+        extract_as_overlay_lower(tar, d)
+        lowers.append(str(d))
+    ku, kw, kmnt = tmp_path / "k-upper", tmp_path / "k-work", tmp_path / "k-mnt"
+    for d in (ku, kw, kmnt):
+        d.mkdir()
+    return lowers, ku, kw, kmnt
+
+
 def script_mismatches(kmnt: Path, other: Any, target: Any) -> list[str]:
     """Run SCRIPT step by step on the kernel mount and on ``target`` (through the step
     runner ``other``); the steps whose errno or result differ, described."""
@@ -680,14 +694,7 @@ def _norm_times(m: dict[bytes, dict[str, Any]], t0: int) -> dict[bytes, dict[str
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting overlayfs needs root")
 def test_same_as_kernel_overlayfs(overlays: Overlays, cli, tmp_path: Path, images: Path):
-    lowers = []
-    for i, tar in enumerate(_export_layers(cli, "demo:app", tmp_path / "exported")):
-        d = tmp_path / f"lower{i}"
-        _extract_as_overlay_lower(tar, d)
-        lowers.append(str(d))
-    ku, kw, kmnt = tmp_path / "k-upper", tmp_path / "k-work", tmp_path / "k-mnt"
-    for d in (ku, kw, kmnt):
-        d.mkdir()
+    lowers, ku, kw, kmnt = kernel_dirs(cli, tmp_path)
     ofs = overlays.make("demo:app", "ours")
     export_before = _export_layers(cli, "demo:app", tmp_path / "export-before")
     t0 = (int(os.stat(tmp_path).st_mtime_ns) // 10**9 - 2) * 10**9

@@ -16,6 +16,7 @@ from ..store.containers import (
     resolve_container,
 )
 from ..store.images import get_image, names_of, resolve
+from . import open_store
 from .output import human_age, print_json, table
 
 
@@ -61,14 +62,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_commit)
 
 
-def _store(args: argparse.Namespace) -> Any:
-    from .main import open_store
-
-    return open_store(args)
-
 
 def cmd_create(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with open_store(args) as store:
         with store.env.read() as txn:
             img = resolve(txn, store.env, args.image)
         with store.importing():  # gc removes container directories without a record
@@ -78,7 +74,7 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 def cmd_ps(args: argparse.Namespace) -> int:
-    with _store(args) as store, store.env.read() as txn:
+    with open_store(args) as store, store.env.read() as txn:
         recs = sorted(all_containers(txn, store.env), key=lambda c: -c.created)
         names = names_of(txn, store.env)
     rows = [{"id": c.id, "name": c.name, "image_id": c.image_id,
@@ -93,7 +89,7 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with open_store(args) as store:
         for ref in args.containers:
             with store.env.read() as txn:
                 rec = resolve_container(txn, store.env, ref)
@@ -109,7 +105,7 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with open_store(args) as store:
         with store.env.read() as txn:
             rec = resolve_container(txn, store.env, args.container)
             img = get_image(txn, store.env, rec.image_id)
@@ -123,7 +119,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with open_store(args) as store:
         target = Path(args.target)
         mounts = daemon.mounted_containers(store.root)
         cid = next((c for c, st in mounts.items()
@@ -147,7 +143,7 @@ def cmd_umount(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     from ..oci.commit import changes
 
-    with _store(args) as store:
+    with open_store(args) as store:
         rows = changes(store, args.container)
     if args.json:
         print_json([{"kind": k, "path": p} for k, p in rows])
@@ -161,7 +157,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
     from ..oci.commit import commit
     from .output import progress_bars
 
-    with _store(args) as store, progress_bars(getattr(args, "quiet", False)) as progress:
+    with open_store(args) as store, progress_bars(getattr(args, "quiet", False)) as progress:
         image_id = commit(store, args.container, args.name, progress=progress)
     print(image_id)
     return 0

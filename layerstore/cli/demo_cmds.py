@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import stat
-import os
-import shutil
-import subprocess
 import hashlib
 import json
+import os
 import shlex
+import shutil
+import stat
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any

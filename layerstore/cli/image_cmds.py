@@ -13,6 +13,7 @@ from ..oci.exporter import export_image
 from ..oci.importer import import_path
 from ..store.images import all_images, image_key, names_of, normalize_name, resolve
 from ..store.records import ContainerRecord, LayerRecord
+from . import open_store
 from .output import human_age, human_size, print_json, progress_bars, table
 
 
@@ -53,14 +54,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_export)
 
 
-def _store(args: argparse.Namespace) -> Any:
-    from .main import open_store
-
-    return open_store(args)
-
 
 def cmd_import(args: argparse.Namespace) -> int:
-    with _store(args) as store, progress_bars(args.quiet) as progress:
+    with open_store(args) as store, progress_bars(args.quiet) as progress:
         results = import_path(store, args.path, tag=args.tag, platform=args.platform,
                               progress=progress)
     for r in results:
@@ -78,7 +74,7 @@ def _layer_map(txn: Any, env: Any) -> dict[str, LayerRecord]:
 
 
 def cmd_images(args: argparse.Namespace) -> int:
-    with _store(args) as store, store.env.read() as txn:
+    with open_store(args) as store, store.env.read() as txn:
         images = sorted(all_images(txn, store.env), key=lambda i: -i.created)
         names = names_of(txn, store.env)
         layers = _layer_map(txn, store.env)
@@ -101,7 +97,7 @@ def cmd_images(args: argparse.Namespace) -> int:
 
 def cmd_tag(args: argparse.Namespace) -> int:
     target = normalize_name(args.target)
-    with _store(args) as store:
+    with open_store(args) as store:
         def fn(txn: Any) -> None:
             img = resolve(txn, store.env, args.source)
             txn.put(target.encode(), img.id.encode(), db=store.env.db("names"))
@@ -116,7 +112,7 @@ def _containers_of(txn: Any, env: Any, image_id: str) -> list[ContainerRecord]:
 
 def cmd_rmi(args: argparse.Namespace) -> int:
     rc = 0
-    with _store(args) as store:
+    with open_store(args) as store:
         env = store.env
         for ref in args.images:
             def fn(txn: Any) -> list[str]:
@@ -156,7 +152,7 @@ def cmd_rmi(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    with _store(args) as store, store.env.read() as txn:
+    with open_store(args) as store, store.env.read() as txn:
         img = resolve(txn, store.env, args.image)
         names = names_of(txn, store.env).get(img.id, [])
         layers = _layer_map(txn, store.env)
@@ -184,7 +180,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    with _store(args) as store, progress_bars(args.quiet) as progress:
+    with open_store(args) as store, progress_bars(args.quiet) as progress:
         image_id = export_image(store, args.image, args.dest, progress=progress)
     print(image_id)
     return 0

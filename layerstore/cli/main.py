@@ -14,7 +14,6 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import LayerstoreError
-from ..store import Store
 from . import container_cmds, demo_cmds, image_cmds, store_cmds
 
 MODULES = [image_cmds, container_cmds, store_cmds, demo_cmds]
@@ -40,10 +39,6 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars")
     return p
-
-
-def open_store(args: argparse.Namespace) -> Store:
-    return Store.open(args.root)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,8 +8,8 @@ from typing import Any
 from ..store.check import check
 from ..store.gc import collect
 from ..store.usage import usage
+from . import open_store
 from .output import counter, human_size, print_json, table
-
 
 #: damage lines printed by ``check`` (all of them with --json)
 MAX_SHOWN = 20
@@ -30,14 +30,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=cmd_check)
 
 
-def _store(args: argparse.Namespace) -> Any:
-    from .main import open_store
-
-    return open_store(args)
-
 
 def cmd_df(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with open_store(args) as store:
         u = usage(store.env)
     if args.json:
         print_json(u.to_json())
@@ -56,7 +51,7 @@ def cmd_df(args: argparse.Namespace) -> int:
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
-    with _store(args) as store, store.collecting(args.wait):
+    with open_store(args) as store, store.collecting(args.wait):
         with counter("marking layers", "layer", args.quiet) as tick:
             r = collect(store.env, store.root, tick)
     print(f"removed {r.layers} layers, {r.files} files, {r.chunks} chunks "
@@ -65,7 +60,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    with _store(args) as store:
+    with open_store(args) as store:
         with counter("checking chunks", "B", args.quiet) as tick:
             r = check(store.env, tick)
     if args.json:
