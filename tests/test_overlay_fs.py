@@ -618,7 +618,6 @@ SCRIPT: list[tuple] = [
 ]
 
 
-_extract_as_overlay_lower = extract_as_overlay_lower
 
 
 def _export_layers(cli, ref: str, out: Path) -> list[Path]:
