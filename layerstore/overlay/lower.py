@@ -14,7 +14,14 @@ Lowers never change, so every resolved path is cached for the life of the view (
 
 Inode numbers are derived from what a lower object *is*, so they are the same on every
 mount: a directory from its path, a file from (layer, path), a hard-link group from
-(layer, group) so that links share one inode.
+(layer, group) so that links share one inode; a layer is named by ``identity(layer)``
+(a store layer by its diff_id).
+
+``MergedLowers`` uses only this small protocol of its ``layers`` (``StoreLayers`` here;
+``dirlower.DirLayers`` for host directories, ``dirlower.ChainedLayers`` for a mixed
+stack): ``len()``, ``identity(layer)``, ``lookup(layer, vpath)``, ``list(layer, vpath)``,
+``group_size(layer, group)`` and ``read(layer, vpath, entry, offset, size)``; layers are
+numbered top first.
 
 This module imports neither fusepy nor anything above ``store``.
 """
@@ -121,6 +128,10 @@ class StoreLayers:
     def __len__(self) -> int:
         return len(self.records)
 
+    def identity(self, layer: int) -> bytes:
+        """What names the layer in inode numbers: its diff_id."""
+        return self.records[layer].diff_id.encode()
+
     def group_size(self, layer: int, group: int) -> int:
         """How many entries of a layer share hard-link group ``group`` (the layer is
         scanned once, the first time one of its groups is asked for)."""
@@ -187,8 +198,9 @@ class StoreLayers:
                 self._chunk_bytes -= len(old)
         return data
 
-    def read(self, entry: Entry, offset: int, size: int) -> bytes:
-        """``size`` bytes of a regular file's content from ``offset`` (short at EOF)."""
+    def read(self, layer: int, vpath: bytes, entry: Entry, offset: int, size: int) -> bytes:
+        """``size`` bytes of a regular file's content from ``offset`` (short at EOF); the
+        content is found by ``entry.digest`` alone."""
         if not entry.digest or offset >= entry.size or size <= 0:
             return b""
         rec, starts = self._file(entry.digest)
@@ -216,10 +228,10 @@ class MergedLowers:
     def _ino(self, vpath: bytes, layer: int, e: Entry) -> int:
         if e.type == DIR:
             return ino_of(b"d", vpath)
-        rec = self.layers.records[layer]
+        ident = self.layers.identity(layer)
         if e.link_group:
-            return ino_of(b"h", rec.diff_id.encode(), str(e.link_group).encode())
-        return ino_of(b"f", rec.diff_id.encode(), vpath)
+            return ino_of(b"h", ident, str(e.link_group).encode())
+        return ino_of(b"f", ident, vpath)
 
     def resolve(self, vpath: bytes) -> Node | None:
         """The node at ``vpath``, or None if no visible lower has it."""
@@ -289,4 +301,4 @@ class MergedLowers:
         return out
 
     def read(self, node: Node, offset: int, size: int) -> bytes:
-        return self.layers.read(node.entry, offset, size)
+        return self.layers.read(node.layer, node.vpath, node.entry, offset, size)
