@@ -1,11 +1,13 @@
 """Mounting: the daemon process, its readiness handshake, and unmounting.
 
-``mount()`` checks the mountpoint, then forks. The child starts a new session, opens the
-store itself (LMDB must never be used across a fork, so the parent closes its store
-first), takes the container's lock (one daemon per container), and runs FUSE in the
-foreground of its own process. When libfuse calls ``init`` the mount is live and the
-child writes ``ok`` on a pipe; an error before that is written on the same pipe. The
-parent returns (or raises with the daemon's error) only then.
+``mount()`` checks the mountpoint, then forks (``spawn``). The child starts a new session,
+opens the store itself (LMDB must never be used across a fork, so the parent closes its
+store first), takes the container's lock (one daemon per container), and runs FUSE in the
+foreground of its own process (``serve_fuse``, which also locks the upper directory: one
+daemon per upper). When libfuse calls ``init`` the mount is live and the child writes
+``ok`` on a pipe; an error before that is written on the same pipe. The parent returns
+(or raises with the daemon's error) only then. ``layerstore-overlay`` (``compat.py``)
+starts its daemon through the same ``spawn`` and ``serve_fuse``.
 
 Each live mount has a state file ``ROOT/containers/<id>/mount.json`` (pid, mountpoint)
 that ``umount`` uses to find and wait for the daemon.
@@ -22,17 +24,21 @@ import signal
 import subprocess
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import LayerstoreError, MountError, StoreError, UsageError
+
+if TYPE_CHECKING:
+    from ..overlay.lower import MergedLowers
 
 READY_TIMEOUT = 60.0
 STATE_FILE = "mount.json"
 LOCK_FILE = "lock"
 
 
-def check_mountpoint(mountpoint: Path) -> Path:
+def check_mountpoint(mountpoint: Path, *, allow_nonempty: bool = False) -> Path:
     mp = mountpoint.absolute()
     if not mp.exists():
         raise UsageError(f"mountpoint {mp} does not exist")
@@ -40,7 +46,7 @@ def check_mountpoint(mountpoint: Path) -> Path:
         raise UsageError(f"mountpoint {mp} is not a directory")
     if os.path.ismount(mp) or is_mounted(mp):
         raise UsageError(f"{mp} is already a mount point")
-    if any(mp.iterdir()):
+    if not allow_nonempty and any(mp.iterdir()):
         raise UsageError(f"mountpoint {mp} is not empty")
     if not os.path.exists("/dev/fuse"):
         raise MountError("/dev/fuse is missing (load the fuse module: modprobe fuse)")
@@ -80,29 +86,56 @@ def mount(root: Path, cid: str, diff_ids: list[str], mountpoint: Path, *, read_o
     cdir = container_dir(root, cid)
     if not cdir.is_dir():
         raise StoreError(f"container directory {cdir} is missing")
+
+    def serve(ready: Callable[[], None]) -> None:
+        _serve_container(root, cid, diff_ids, mp, read_only, allow_other, debug, ready)
+
+    return spawn(serve, mp, foreground=foreground, log=cdir / "daemon.log")
+
+
+def spawn(serve: Callable[[Callable[[], None]], None], mp: Path, *, foreground: bool,
+          log: Path | None) -> int:
+    """Run ``serve(ready)`` in a daemon process and return its pid once ``serve`` has
+    called ``ready()`` (the mount is live), or raise ``MountError`` with the daemon's
+    error, leaving nothing mounted. The daemon starts a new session in ``/``, with its
+    stdout and stderr in ``log`` (None: nowhere). With ``foreground``, ``serve`` runs in
+    this process and 0 is returned when it returns (after the unmount).
+
+    ``layerstore mount`` and ``layerstore-overlay`` (``compat.py``) both start their
+    daemons here."""
     if foreground:
-        _serve(root, cid, diff_ids, mp, read_only, allow_other, debug, ready_fd=None)
+        serve(lambda: None)
         return 0
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the daemon
         os.close(r)
         code = 1
+        pipe_open = True
+
+        def ready() -> None:
+            nonlocal pipe_open
+            os.write(w, b"ok\n")
+            os.close(w)
+            pipe_open = False
+
         try:
             os.setsid()
+            os.chdir("/")
             devnull = os.open(os.devnull, os.O_RDWR)
-            log = os.open(cdir / "daemon.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if log else devnull
             os.dup2(devnull, 0)
-            os.dup2(log, 1)
-            os.dup2(log, 2)
-            _serve(root, cid, diff_ids, mp, read_only, allow_other, debug, ready_fd=w)
+            os.dup2(out, 1)
+            os.dup2(out, 2)
+            serve(ready)
             code = 0
         except BaseException as exc:  # report, never return into the CLI's code
             msg = str(exc) if isinstance(exc, LayerstoreError) else f"{type(exc).__name__}: {exc}"
-            try:
-                os.write(w, f"error: {msg}\n".encode())
-            except OSError:
-                pass
+            if pipe_open:  # (once closed, its fd number may name another file)
+                try:
+                    os.write(w, f"error: {msg}\n".encode())
+                except OSError:
+                    pass
             traceback.print_exc()
         finally:
             os._exit(code)
@@ -129,7 +162,7 @@ def mount(root: Path, cid: str, diff_ids: list[str], mountpoint: Path, *, read_o
         _unmount(mp, lazy=True)
     if text.startswith("error: "):
         raise MountError(text[len("error: "):])
-    raise MountError(f"the mount daemon did not start (see {cdir / 'daemon.log'})")
+    raise MountError("the mount daemon did not start" + (f" (see {log})" if log else ""))
 
 
 def _read_with_timeout(fd: int, timeout: float) -> bytes:
@@ -139,17 +172,11 @@ def _read_with_timeout(fd: int, timeout: float) -> bytes:
     return os.read(fd, 4096) if ready else b""
 
 
-def _serve(root: Path, cid: str, diff_ids: list[str], mp: Path, read_only: bool,
-           allow_other: bool, debug: bool, ready_fd: int | None) -> None:
-    import fuse as fusepy
-
-    from ..overlay.fs import OverlayFS
+def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_only: bool,
+                     allow_other: bool, debug: bool, ready: Callable[[], None]) -> None:
     from ..overlay.lower import MergedLowers, StoreLayers
     from ..store import Store
-    from .operations import ENCODING, Operations, ReadOnlyOperations
 
-    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cdir = container_dir(root, cid)
     lock_fd = os.open(cdir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
@@ -158,37 +185,69 @@ def _serve(root: Path, cid: str, diff_ids: list[str], mp: Path, read_only: bool,
         st = read_state(root, cid) or {}
         raise MountError(f"container is already mounted at {st.get('mountpoint', '?')}") from None
     store = Store.open(root)  # opened here, after the fork
-    view = MergedLowers(StoreLayers(store, diff_ids))
-    fs: OverlayFS | None = None
     state = cdir / STATE_FILE
 
-    def ready() -> None:
+    def on_ready() -> None:
         tmp = cdir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp),
                                    "read_only": read_only}))
         os.rename(tmp, state)
-        if ready_fd is not None:
-            os.write(ready_fd, b"ok\n")
-            os.close(ready_fd)
+        ready()
 
+    try:
+        view = MergedLowers(StoreLayers(store, diff_ids))
+        serve_fuse(view, mp, upper=None if read_only else cdir / "upper", work=cdir / "work",
+                   on_ready=on_ready, fsname=f"layerstore:{cid[:12]}", subtype="layerstore",
+                   allow_other=allow_other, debug=debug, log=cdir / "daemon.log")
+    finally:
+        try:
+            state.unlink()
+        except FileNotFoundError:
+            pass
+        store.close()
+
+
+def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path | None,
+               on_ready: Callable[[], None], fsname: str, subtype: str,
+               allow_other: bool = False, debug: bool = False,
+               extra: dict[str, Any] | None = None, log: Path | None = None) -> None:
+    """Serve ``view`` at ``mp`` through FUSE until it is unmounted: writable
+    (``OverlayFS`` over ``upper`` and ``work``, the upper locked against a second daemon)
+    or, without ``upper``, the lowers alone, read-only. ``extra``: more libfuse options
+    (they win)."""
+    import fuse as fusepy
+
+    from ..overlay.fs import OverlayFS
+    from .operations import ENCODING, Operations, ReadOnlyOperations
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    fs: OverlayFS | None = None
     options: dict[str, Any] = dict(
         foreground=True, use_ino=True, default_permissions=True,
-        fsname=f"layerstore:{cid[:12]}", subtype="layerstore", max_read=1 << 20,
+        fsname=fsname, subtype=subtype, max_read=1 << 20,
     )
     ops: Any
-    if read_only:
-        ops = ReadOnlyOperations(view, on_ready=ready)
+    if upper is None:
+        ops = ReadOnlyOperations(view, on_ready=on_ready)
         # nothing ever changes: cache data, attributes and names for long
         options.update(ro=True, kernel_cache=True, attr_timeout=86400, entry_timeout=86400,
                        negative_timeout=86400)
     else:
+        assert work is not None
+        upper_lock = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(upper_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(upper_lock)
+            raise MountError(f"upper directory {upper} is in use by another mount") from None
         try:
             # kills earlier daemons' half-done copy-ups left in work (see OverlayFS)
-            fs = OverlayFS(view, cdir / "upper", cdir / "work")
+            fs = OverlayFS(view, upper, work)
         except BaseException:
-            store.close()
+            os.close(upper_lock)
             raise
-        ops = Operations(fs, on_ready=ready)
+        ops = Operations(fs, on_ready=on_ready)
         # Writable (see docs): names change only through this mount, and the kernel
         # updates its dentry cache on our own create/unlink/rename, so names may be
         # cached; attributes may not (libfuse's high-level API gives each hard link its
@@ -201,18 +260,16 @@ def _serve(root: Path, cid: str, diff_ids: list[str], mp: Path, read_only: bool,
                        big_writes=True, max_write=1 << 20)
     if allow_other:
         options["allow_other"] = True
+    options.update(extra or {})
     try:
         fusepy.FUSE(ops, str(mp), encoding=ENCODING, **options)
     except RuntimeError as exc:
-        raise MountError(f"mounting {mp} failed ({exc}; see {cdir / 'daemon.log'})") from None
+        hint = f"; see {log}" if log else ""
+        raise MountError(f"mounting {mp} failed ({exc}{hint})") from None
     finally:
-        try:
-            state.unlink()
-        except FileNotFoundError:
-            pass
         if fs is not None:
             fs.close()
-        store.close()
+            os.close(upper_lock)
 
 
 def _unmount(mp: Path, lazy: bool = False) -> None:
@@ -286,4 +343,4 @@ def mounted_containers(root: Path) -> dict[str, dict[str, Any]]:
     return out
 
 
-__all__ = ["mount", "umount", "mounted_containers"]
+__all__ = ["mount", "mounted_containers", "serve_fuse", "spawn", "umount"]

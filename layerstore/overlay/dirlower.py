@@ -6,9 +6,9 @@ directories in kernel-overlayfs lower format, top first:
 - a 0/0 character device is a whiteout;
 - a directory with ``trusted.overlay.opaque=y`` is opaque; like fuse-overlayfs we also
   accept ``user.overlay.opaque=y`` and ``user.fuseoverlayfs.opaque=y``, and the OCI
-  names fuse-overlayfs accepts: ``.wh.NAME`` whites out NAME (an entry NAME of the same
-  directory wins over it, as in OCI layers) and ``.wh..wh..opq`` makes its directory
-  opaque. Names starting with ``.wh.`` are never shown (fuse-overlayfs hides them too;
+  names fuse-overlayfs accepts: ``.wh.NAME`` whites out NAME (also an entry NAME beside
+  it in the same directory, as fuse-overlayfs does; in an OCI layer tar that entry would
+  stay) and ``.wh..wh..opq`` makes its directory opaque. Names starting with ``.wh.`` are never shown (fuse-overlayfs hides them too;
   kernel overlayfs shows them).
 - overlayfs' own xattrs (``trusted.overlay.*`` but a container's escaped
   ``trusted.overlay.overlay.*``, ``user.overlay.*``, ``user.fuseoverlayfs.*``) are not part
@@ -191,12 +191,13 @@ class DirLayers:
             fd = self._dir_fd(layer, b"/" + b"/".join(parts[:-1]))
             if fd is not None:
                 try:
-                    st = lstat_at(fd, parts[-1])
-                    if st is not None:
-                        e = self._entry(layer, fd, parts[-1], st)
-                    elif len(parts[-1]) <= 255 - len(WH_PREFIX) and \
+                    if len(parts[-1]) <= 255 - len(WH_PREFIX) and \
                             lstat_at(fd, WH_PREFIX + parts[-1]) is not None:
                         e = Entry(WHITEOUT, mode=0)
+                    else:
+                        st = lstat_at(fd, parts[-1])
+                        if st is not None:
+                            e = self._entry(layer, fd, parts[-1], st)
                 finally:
                     os.close(fd)
         with self._lock:
@@ -205,7 +206,7 @@ class DirLayers:
 
     def list(self, layer: int, vpath: bytes) -> list[tuple[bytes, Entry]]:
         """The children of one directory in one lower, sorted by name; ``.wh.NAME`` as a
-        whiteout NAME (unless NAME exists), ``.wh.`` names themselves never."""
+        whiteout NAME, ``.wh.`` names themselves never."""
         fd = self._dir_fd(layer, vpath)
         if fd is None:
             return []
@@ -225,7 +226,7 @@ class DirLayers:
         finally:
             os.close(fd)
         for name in whiteouts:
-            out.setdefault(name, Entry(WHITEOUT, mode=0))
+            out[name] = Entry(WHITEOUT, mode=0)
         with self._lock:
             for name, e in out.items():
                 self._entries.setdefault((layer, join_vpath(vpath, name)), e)
