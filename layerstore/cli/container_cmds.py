@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ContainerNotFoundError, ImageNotFoundError, InUseError, UsageError
-from ..fuse import daemon
 from ..store.containers import (
     all_containers,
     create_container,
@@ -89,6 +88,8 @@ def cmd_ps(args: argparse.Namespace) -> int:
 
 
 def cmd_rm(args: argparse.Namespace) -> int:
+    from ..fuse import daemon  # only these commands need it (start-up time)
+
     with open_store(args) as store:
         for ref in args.containers:
             with store.env.read() as txn:
@@ -105,6 +106,8 @@ def cmd_rm(args: argparse.Namespace) -> int:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
+    from ..fuse import daemon  # only these commands need it (start-up time)
+
     with open_store(args) as store:
         with store.env.read() as txn:
             rec = resolve_container(txn, store.env, args.container)
@@ -119,6 +122,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from ..fuse import daemon  # only these commands need it (start-up time)
+
     with open_store(args) as store:
         target = Path(args.target)
         mounts = daemon.mounted_containers(store.root)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import IntegrityError
-from ..oci.sample import write_demo_layout
 
 
 def register(sub: Any) -> None:
@@ -28,6 +27,7 @@ def register(sub: Any) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    from ..oci.sample import write_demo_layout
     from .main import main
 
     work = Path(tempfile.mkdtemp(prefix="layerstore-demo-"))

@@ -9,8 +9,6 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InUseError
-from ..oci.exporter import export_image
-from ..oci.importer import import_path
 from ..store.images import all_images, image_key, names_of, normalize_name, resolve
 from ..store.records import ContainerRecord, LayerRecord
 from . import open_store
@@ -56,6 +54,8 @@ def register(sub: Any) -> None:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    from ..oci.importer import import_path
+
     with open_store(args) as store, progress_bars(args.quiet) as progress:
         results = import_path(store, args.path, tag=args.tag, platform=args.platform,
                               progress=progress)
@@ -180,6 +180,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from ..oci.exporter import export_image
+
     with open_store(args) as store, progress_bars(args.quiet) as progress:
         image_id = export_image(store, args.image, args.dest, progress=progress)
     print(image_id)

@@ -1,7 +1,11 @@
 """Import one uncompressed layer tar stream into the store, keeping its header stream.
 
-The tar is parsed with the standard library's ``tarfile`` in stream mode (ustar, GNU,
-PAX, long names, sparse files). Every byte passes through a ``TarSplitter``:
+Headers are parsed by ``_fast_member`` for the common case (ustar/GNU/PAX headers of
+plain files, directories, links, devices and FIFOs, GNU long names, PAX records this
+module knows), with the same checks as the standard library's ``tarfile``; at anything
+else (sparse files, global PAX headers, base-256 numbers, unknown PAX keys, a bad
+checksum, a truncated or malformed header) ``tarfile`` takes over from that member in
+stream mode, and raises what it raises. Every byte passes through a ``TarSplitter``:
 
 - all bytes are hashed with sha256 (the diff_id);
 - a regular file's data is cut into chunks and stored by content (``FileWriter``);
@@ -22,16 +26,18 @@ corrupt binary values such as ``security.capability``.
 from __future__ import annotations
 
 import base64
+import struct
 import tarfile
 import urllib.parse
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any, Callable
 
+from ..digest import blake3_raw
 from ..errors import InvalidLayerError
 from ..store.chunks import ChunkBatch, FileWriter
 from ..store.layers import LayerBuilder, normalize_member_name
-from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, Entry
+from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, Entry, FileRecord
 from ..store.tarsplit import file_frame, raw_frame_header
 
 #: A whiteout: ``.wh.NAME`` deletes NAME from the layers below (OCI layer.md).
@@ -40,7 +46,7 @@ WHITEOUT_PREFIX = b".wh."
 OPAQUE_MARKER = b".wh..wh..opq"
 
 TAR_BUFSIZE = 1 << 20
-READ_AHEAD = 64 << 10
+READ_AHEAD = 1 << 20
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 
@@ -123,6 +129,45 @@ class TarSplitter:
         """Unclassified bytes [start, end) (a member's raw headers)."""
         return bytes(self.pending[start - self.cut:end - self.cut])
 
+    # -- for the fast header reader: look at bytes before taking them ------------------
+
+    def window(self, n: int) -> tuple[bytes, int] | None:
+        """The next ``n`` bytes without taking them: (buffer, offset in it), or None if
+        the stream ends first."""
+        avail = len(self.ahead) - self.ahead_off
+        if avail < n:
+            more = self._fill(max(READ_AHEAD, n - avail))
+            self.ahead = self.ahead[self.ahead_off:] + more if avail else more
+            self.ahead_off = 0
+            if len(self.ahead) < n:
+                return None
+        return self.ahead, self.ahead_off
+
+    def take(self, n: int) -> None:
+        """Take ``n`` bytes seen with ``window`` as verbatim (header) bytes."""
+        off = self.ahead_off
+        self.pending += memoryview(self.ahead)[off:off + n]
+        self.ahead_off = off + n
+        self.pos += n
+
+    def small_file(self, size: int, batch: ChunkBatch) -> tuple[bytes, int] | None:
+        """Store the next ``size`` bytes (already in the window) as a one-chunk file,
+        hashed once (a file smaller than the minimum chunk is its own chunk); returns
+        (digest, size) as ``FileWriter.close`` would."""
+        self._raw(self.pending)
+        self.pending = bytearray()
+        off = self.ahead_off
+        data = self.ahead[off:off + size]
+        self.ahead_off = off + size
+        self.pos += size
+        self.cut = self.pos
+        digest = blake3_raw(data)
+        if size:
+            batch.add_chunk(digest, data)
+        batch.add_file(digest, FileRecord(size, [(digest, size)] if size else []))
+        self.out.write(file_frame(digest, size))
+        return digest, size
+
     def _raw(self, data: bytes | bytearray | memoryview) -> None:
         if data:
             self.out.write(raw_frame_header(len(data)))
@@ -186,6 +231,18 @@ def _pax_records(data: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+def _add_xattr(xattrs: dict[bytes, bytes], key: bytes, value: bytes) -> None:
+    """Record one PAX record if it is an xattr (``SCHILY.xattr.*``, ``LIBARCHIVE.xattr.*``)."""
+    if key.startswith(b"SCHILY.xattr."):
+        xattrs[key[len(b"SCHILY.xattr."):]] = value
+    elif key.startswith(b"LIBARCHIVE.xattr."):
+        name = urllib.parse.unquote_to_bytes(key[len(b"LIBARCHIVE.xattr."):])
+        try:
+            xattrs[name] = base64.b64decode(value + b"=" * (-len(value) % 4))
+        except ValueError:
+            raise InvalidLayerError("malformed LIBARCHIVE.xattr record") from None
+
+
 def raw_xattrs(headers: bytes) -> dict[bytes, bytes]:
     """xattrs from the PAX extended headers among a member's raw header blocks."""
     xattrs: dict[bytes, bytes] = {}
@@ -200,18 +257,202 @@ def raw_xattrs(headers: bytes) -> dict[bytes, bytes]:
         body = headers[pos + BLOCK:pos + BLOCK + size]
         if typeflag in (b"x", b"X"):
             for key, value in _pax_records(body):
-                if key.startswith(b"SCHILY.xattr."):
-                    xattrs[key[len(b"SCHILY.xattr."):]] = value
-                elif key.startswith(b"LIBARCHIVE.xattr."):
-                    name = urllib.parse.unquote_to_bytes(key[len(b"LIBARCHIVE.xattr."):])
-                    try:
-                        xattrs[name] = base64.b64decode(value + b"=" * (-len(value) % 4))
-                    except ValueError:
-                        raise InvalidLayerError("malformed LIBARCHIVE.xattr record") from None
+                _add_xattr(xattrs, key, value)
         elif typeflag not in (b"L", b"K", b"g"):
             break
         pos += BLOCK + -(-size // BLOCK) * BLOCK
     return xattrs
+
+
+# --- the fast header reader -------------------------------------------------------------
+
+#: name mode uid gid size mtime chksum typeflag linkname magic version uname gname
+#: devmajor devminor prefix (POSIX ustar; GNU uses the same offsets for these fields)
+_HEADER = struct.Struct("100s8s8s8s12s12s8sc100s6s2s32s32s8s8s155s")
+#: types whose data follows the header (tarfile's REGULAR_TYPES without GNU sparse)
+_REGULAR = (b"0", b"\0", b"7")
+#: other types this reader takes; tarfile does not skip data after them, so they must
+#: have size 0 here
+_OTHER = (b"1", b"2", b"3", b"4", b"5", b"6")
+#: PAX keys the reader understands (tarfile's PAX_FIELDS and the times); xattrs too
+_PAX_KEYS = frozenset((b"path", b"linkpath", b"size", b"uid", b"gid", b"mtime", b"atime",
+                       b"ctime", b"uname", b"gname"))
+#: longer GNU long names or PAX headers go through tarfile
+_MAX_EXT = 1 << 20
+
+
+class Member:
+    """One tar member as the importer needs it: names as bytes, mtime in ns."""
+
+    __slots__ = ("name", "linkname", "type", "mode", "uid", "gid", "size", "mtime_ns",
+                 "devmajor", "devminor", "xattrs", "info")
+
+    def __init__(self, name: bytes, linkname: bytes, type_: bytes, mode: int, uid: int,
+                 gid: int, size: int, mtime_ns: int, devmajor: int, devminor: int,
+                 xattrs: dict[bytes, bytes], info: tarfile.TarInfo | None = None):
+        self.name, self.linkname, self.type = name, linkname, type_
+        self.mode, self.uid, self.gid, self.size, self.mtime_ns = mode, uid, gid, size, mtime_ns
+        self.devmajor, self.devminor, self.xattrs = devmajor, devminor, xattrs
+        self.info = info  #: the TarInfo when tarfile read it (sparse files need it)
+
+    def show(self) -> str:
+        return repr(self.name.decode("utf-8", "surrogateescape"))
+
+
+class _Fallback(Exception):
+    """The fast reader does not take this member: tarfile reads it."""
+
+
+_END = object()
+
+
+def _nts(field: bytes) -> bytes:
+    i = field.find(b"\0")
+    return field if i < 0 else field[:i]
+
+
+def _oct(field: bytes) -> int:
+    """tarfile.nti for octal fields; base-256 and anything invalid fall back."""
+    if field[:1] in (b"\x80", b"\xff"):
+        raise _Fallback
+    try:
+        return int(_nts(field).strip() or b"0", 8)
+    except ValueError:
+        raise _Fallback from None
+
+
+def _pax_strict(body: bytes) -> list[tuple[bytes, bytes]]:
+    """PAX records, framed as tarfile checks them; anything odd falls back."""
+    out = []
+    pos, n = 0, len(body)
+    while pos < n and body[pos] != 0:
+        sp = body.find(b" ", pos, pos + 21)
+        if sp <= pos or not body[pos:sp].isdigit():
+            raise _Fallback
+        length = int(body[pos:sp])
+        end = pos + length - 1  # the newline
+        if length < 5 or pos + length > n or body[end] != 0x0A:
+            raise _Fallback
+        key, eq, value = body[sp + 1:end].partition(b"=")
+        if not key or not eq:
+            raise _Fallback
+        out.append((key, value))
+        pos += length
+    return out
+
+
+def _fast_member(tee: TarSplitter) -> Member | object:
+    """Parse the next member's headers from the read-ahead window and take them.
+
+    Returns a ``Member`` (its data not yet read), ``_END`` at the end-of-archive block,
+    or raises ``_Fallback`` with nothing taken when tarfile must read this member."""
+    win = tee.window(BLOCK)
+    if win is None:
+        raise _Fallback
+    buf, start = win
+    if buf[start:start + BLOCK] == ZERO_BLOCK:
+        return _END
+    off = start
+    longname = longlink = None
+    pax: list[tuple[bytes, bytes]] | None = None
+    while True:
+        (name, mode, uid, gid, size, mtime, chksum, typ, linkname, _magic, _version,
+         _uname, _gname, devmajor, devminor, prefix) = _HEADER.unpack_from(buf, off)
+        if sum(buf[off:off + BLOCK]) - sum(chksum) + 256 != _oct(chksum):
+            raise _Fallback  # tarfile also accepts the signed sum, or says "bad checksum"
+        mode_i, uid_i, gid_i, size_i, mtime_i = (_oct(mode), _oct(uid), _oct(gid),
+                                                 _oct(size), _oct(mtime))
+        major, minor = _oct(devmajor), _oct(devminor)
+        if typ in (b"L", b"K", b"x"):
+            blocks = -(-size_i // BLOCK) * BLOCK
+            if size_i > _MAX_EXT:
+                raise _Fallback
+            need = off - start + BLOCK + blocks + BLOCK
+            win = tee.window(need)
+            if win is None:
+                raise _Fallback
+            buf, start = win
+            off = start + need - BLOCK - blocks
+            body = buf[off:off + blocks]
+            off += blocks
+            if typ == b"x":
+                if pax is not None or b"hdrcharset=" in body:
+                    raise _Fallback
+                pax = _pax_strict(body)
+            elif typ == b"L":
+                if longname is not None:
+                    raise _Fallback
+                longname = _nts(body)
+            else:
+                if longlink is not None:
+                    raise _Fallback
+                longlink = _nts(body)
+            if buf[off:off + BLOCK] == ZERO_BLOCK:
+                raise _Fallback  # tarfile: "unexpected end"-style errors
+            continue
+        break
+    # The name as tarfile makes it (frombuf, then _proc_gnulong / _apply_pax_info).
+    name_b = _nts(name)
+    if typ == b"\0" and name_b.endswith(b"/"):
+        typ = b"5"  # old V7 directory
+    if typ == b"5":
+        name_b = name_b.rstrip(b"/")
+    prefix_b = _nts(prefix)
+    if prefix_b:
+        name_b = prefix_b + b"/" + name_b
+    link_b = _nts(linkname)
+    mtime_ns = mtime_i * 1_000_000_000
+    xattrs: dict[bytes, bytes] = {}
+    if pax is not None:
+        # tarfile applies the PAX header after the long name of an inner L/K header;
+        # both together are rare: let tarfile order them.
+        if longname is not None or longlink is not None:
+            raise _Fallback
+        for key, value in pax:
+            if key in _PAX_KEYS:
+                if key == b"path":
+                    name_b = value.rstrip(b"/")
+                elif key == b"linkpath":
+                    link_b = value
+                elif key == b"size":
+                    size_i = _pax_int(value)
+                elif key == b"uid":
+                    uid_i = _pax_int(value)
+                elif key == b"gid":
+                    gid_i = _pax_int(value)
+                elif key == b"mtime":
+                    mtime_ns = _pax_ns(value)
+            elif key.startswith((b"SCHILY.xattr.", b"LIBARCHIVE.xattr.")):
+                _add_xattr(xattrs, key, value)
+            else:
+                raise _Fallback  # GNU.sparse.*, hdrcharset, ...: tarfile's business
+    else:
+        if longname is not None:
+            name_b = longname[:-1] if typ == b"5" and longname.endswith(b"/") else longname
+        if longlink is not None:
+            link_b = longlink
+    if typ not in _REGULAR and (typ not in _OTHER or size_i != 0):
+        raise _Fallback
+    tee.take(off + BLOCK - start)
+    return Member(name_b, link_b, typ, mode_i, uid_i, gid_i, size_i, mtime_ns, major, minor,
+                  xattrs)
+
+
+def _pax_int(value: bytes) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise _Fallback from None  # tarfile makes it 0
+
+
+def _pax_ns(value: bytes) -> int:
+    try:
+        d = Decimal(value.decode("ascii"))
+    except (ArithmeticError, ValueError):
+        raise _Fallback from None
+    if not d.is_finite():
+        raise _Fallback
+    return int(d * 1_000_000_000)
 
 
 def _mtime_ns(m: tarfile.TarInfo) -> int:
@@ -226,6 +467,20 @@ def _mtime_ns(m: tarfile.TarInfo) -> int:
 
 def _b(name: str) -> bytes:
     return name.encode("utf-8", "surrogateescape")
+
+
+def _from_tarinfo(m: tarfile.TarInfo, tee: TarSplitter) -> Member:
+    xattrs = {}
+    if any(k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")) for k in m.pax_headers):
+        xattrs = raw_xattrs(tee.peek(m.offset, m.offset_data))
+    type_ = b"S" if m.isreg() and getattr(m, "sparse", None) is not None else m.type
+    if m.isreg() and type_ != b"S":
+        type_ = b"0"
+    return Member(_b(m.name), _b(m.linkname), type_, m.mode, m.uid, m.gid, m.size,
+                  _mtime_ns(m), m.devmajor, m.devminor, xattrs, m)
+
+
+_TYPES = {b"2": SYMLINK, b"5": DIR, b"3": CHR, b"4": BLK, b"6": FIFO}
 
 
 def read_layer_tar(
@@ -244,16 +499,37 @@ def read_layer_tar(
     tarsplit = FileWriter(batch, cdc)
     tee = TarSplitter(stream, diff_hasher, tarsplit)
     builder = LayerBuilder()
+    small = cdc.min_size
     last_pos = 0
+    tf: Any = None  #: tarfile, while it reads the members the fast reader does not take
+    next_header = 0  #: where the next member's headers start
     try:
-        tf = tarfile.open(fileobj=tee, mode="r:",  # type: ignore[call-overload]
-                          encoding="utf-8", errors="surrogateescape")
         while True:
-            m = tf.next()
-            if m is None:
-                break
-            tf.members.clear()  # tarfile keeps every member; we do not need them
-            name = normalize_member_name(_b(m.name))
+            if tf is None:
+                if tee.pos < next_header:
+                    win = tee.window(next_header - tee.pos)
+                    if win is None:
+                        tee.seek(next_header)  # short: tarfile reports the truncation
+                    else:
+                        tee.take(next_header - tee.pos)
+                try:
+                    m = _fast_member(tee)
+                except _Fallback:
+                    tf = tarfile.open(fileobj=tee, mode="r:",  # type: ignore[call-overload]
+                                      encoding="utf-8", errors="surrogateescape")
+                    continue
+                if m is _END:
+                    members_end = tee.pos
+                    break
+                assert isinstance(m, Member)
+            else:
+                info = tf.next()
+                if info is None:
+                    members_end = tf.offset
+                    break
+                tf.members.clear()  # tarfile keeps every member; we do not need them
+                m = _from_tarinfo(info, tee)
+            name = normalize_member_name(m.name)
             parent, _, base = name.rpartition(b"/")
             parent = parent or b"/"
             if base.startswith(WHITEOUT_PREFIX):
@@ -263,24 +539,33 @@ def read_layer_tar(
                 else:
                     victim = base[len(WHITEOUT_PREFIX):]
                     if victim in (b"", b".", b".."):
-                        raise InvalidLayerError(f"whiteout {m.name!r} has no valid name")
+                        raise InvalidLayerError(f"whiteout {m.show()} has no valid name")
                     builder.whiteout((b"" if parent == b"/" else parent) + b"/" + victim)
-                continue
-            xattrs = {}
-            if any(k.startswith(("SCHILY.xattr.", "LIBARCHIVE.xattr.")) for k in m.pax_headers):
-                xattrs = raw_xattrs(tee.peek(m.offset, m.offset_data))
-            entry = Entry(REG, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
-                          mtime_ns=_mtime_ns(m), xattrs=xattrs)
-            if m.isreg():
-                fw = FileWriter(batch, cdc)
-                if getattr(m, "sparse", None) is None:
-                    tee.copy_payload(m.size, fw, what)
-                    digest, rec = fw.close()
-                    tee.file_ref(digest, rec.size)
-                else:
+                if tf is None and m.type in _REGULAR and m.size:
+                    # a whiteout's data (there should be none) stays in the header stream
+                    next_header = tee.pos + -(-m.size // BLOCK) * BLOCK
+                elif tf is None:
+                    next_header = tee.pos
+            else:
+                entry = Entry(REG, mode=m.mode & 0o7777, uid=m.uid, gid=m.gid,
+                              mtime_ns=m.mtime_ns, xattrs=m.xattrs)
+                typ = m.type
+                if typ in _REGULAR:
+                    if tf is None and m.size < small and tee.window(m.size) is not None:
+                        digest, size = tee.small_file(m.size, batch)
+                    else:
+                        fw = FileWriter(batch, cdc)
+                        tee.copy_payload(m.size, fw, what)
+                        digest, rec = fw.close()
+                        size = rec.size
+                        tee.file_ref(digest, size)
+                    entry.size, entry.digest = size, digest
+                    builder.add(name, entry)
+                elif typ == b"S":
                     # Sparse: the data area (map + data blocks) stays verbatim in the
                     # header stream; the logical content (holes as zeros) is stored.
-                    f = tf.extractfile(m)
+                    fw = FileWriter(batch, cdc)
+                    f = tf.extractfile(m.info)
                     assert f is not None
                     while True:
                         data = f.read(TAR_BUFSIZE)
@@ -289,30 +574,30 @@ def read_layer_tar(
                         fw.write(data)
                     digest, rec = fw.close()
                     if rec.size != m.size:
-                        raise InvalidLayerError(f"{what}: truncated tar (in {m.name!r})")
-                entry.size, entry.digest = rec.size, digest
-                builder.add(name, entry)
-            elif m.islnk():
-                builder.hardlink(name, normalize_member_name(_b(m.linkname)))
-            elif m.issym():
-                entry.type, entry.target = SYMLINK, _b(m.linkname)
-                builder.add(name, entry)
-            elif m.isdir():
-                entry.type = DIR
-                builder.add(name, entry)
-            elif m.ischr() or m.isblk():
-                entry.type = CHR if m.ischr() else BLK
-                entry.rdev = (m.devmajor, m.devminor)
-                builder.add(name, entry)
-            elif m.isfifo():
-                entry.type = FIFO
-                builder.add(name, entry)
-            else:
-                raise InvalidLayerError(f"{what}: entry {m.name!r} has unsupported type {m.type!r}")
+                        raise InvalidLayerError(f"{what}: truncated tar (in {m.show()})")
+                    entry.size, entry.digest = rec.size, digest
+                    builder.add(name, entry)
+                elif typ == b"1":
+                    builder.hardlink(name, normalize_member_name(m.linkname))
+                elif typ in _TYPES:
+                    entry.type = _TYPES[typ]
+                    if typ == b"2":
+                        entry.target = m.linkname
+                    elif typ in (b"3", b"4"):
+                        entry.rdev = (m.devmajor, m.devminor)
+                    builder.add(name, entry)
+                else:
+                    raise InvalidLayerError(
+                        f"{what}: entry {m.show()} has unsupported type {typ!r}")
+                if tf is None:
+                    next_header = tee.pos + (-m.size % BLOCK if typ in _REGULAR else 0)
+            if tf is not None and not tf.pax_headers:
+                # tarfile read this member; the fast reader takes the next one (unless a
+                # global PAX header is in force: then tarfile reads to the end)
+                next_header, tf = tf.offset, None
             if progress is not None and tee.pos - last_pos > (8 << 20):
                 progress(tee.pos - last_pos)
                 last_pos = tee.pos
-        members_end = tf.offset
         tee.finish(members_end, what)
     except tarfile.ReadError as exc:
         msg = str(exc)
