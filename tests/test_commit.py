@@ -11,14 +11,20 @@ import shutil
 import tarfile
 from pathlib import Path
 
+import pytest
+
 from conftest import assert_clean
 from helpers_images import export_layout, tree_manifest
 
 EXPECTED_DIFF = [
     "C /app",
+    "C /app-data",
+    "D /app-data/blob.bin",
     "C /app/hello.sh",
     "A /app/hello2.sh",
+    "A /blob-moved",
     "C /etc",
+    "C /etc/group",
     "C /etc/os-release",
     "D /etc/passwd",
     "A /fifo",
@@ -52,6 +58,9 @@ def _make_changes(m: Path) -> bool:
     os.link(m / "app/hello.sh", m / "app/hello2.sh")  # a lower file: copied up, one inode
     os.link(m / "newfile.txt", m / "newfile2")
     os.mkfifo(m / "fifo", 0o640)
+    os.chmod(m / "etc/group", 0o600)  # with --copy-up meta: no data copied, for these two
+    os.rename(m / "app-data/blob.bin", m / "blob-moved")
+    os.setxattr(m / "etc/group", "trusted.overlay.mine", b"container's own")
     try:
         os.setxattr(m / "newfile.txt", "user.test", b"value")
         return True
@@ -64,11 +73,15 @@ def _without_links(manifest: dict) -> dict:
     return {p: {k: v for k, v in d.items() if k != "links"} for p, d in manifest.items()}
 
 
-def test_diff_and_commit(demo, cli, root: Path, mnt: Path, tmp_path: Path):
+@pytest.mark.parametrize("copy_up", ["meta", "full"])
+def test_diff_and_commit(demo, cli, root: Path, mnt: Path, tmp_path: Path, copy_up: str):
     cli("create", "demo:app", "--name", "c1")
     assert cli("diff", "c1").stdout == ""
-    cli("mount", "c1", mnt)
+    cli("mount", "c1", mnt, "--copy-up", copy_up)
     has_xattr = _make_changes(mnt)
+    upper = Path(next(c for c in json.loads(cli("ps", "--json").stdout) if c["name"] == "c1")["upper"])
+    for rel in ("etc/group", "blob-moved"):  # metacopy files whose data is in the image
+        assert ("trusted.overlay.metacopy" in os.listxattr(upper / rel)) == (copy_up == "meta")
     want = tree_manifest(mnt, dir_mtimes=False)
     assert want[b"app/hello2.sh"]["links"] == [b"app/hello.sh", b"app/hello2.sh"]
     if has_xattr:
@@ -105,7 +118,7 @@ def test_diff_and_commit(demo, cli, root: Path, mnt: Path, tmp_path: Path):
     assert got[b"newfile.txt"]["mtime_ns"] == 1_600_000_000_123_456_789
 
     # c1 remounted shows the same tree as before the commit
-    cli("mount", "c1", mnt)
+    cli("mount", "c1", mnt, "--copy-up", copy_up)
     try:
         assert tree_manifest(mnt, dir_mtimes=False) == want
     finally:
@@ -130,7 +143,10 @@ def test_diff_and_commit(demo, cli, root: Path, mnt: Path, tmp_path: Path):
     assert members["app/hello2.sh"].islnk() and members["app/hello2.sh"].linkname == "app/hello.sh"
     assert members["link"].issym() and members["fifo"].isfifo()
     assert members["newfile.txt"].pax_headers["mtime"] == "1600000000.123456789"
-    assert not any("trusted.overlay" in k for m in members.values() for k in m.pax_headers)
+    # overlayfs' own xattrs stay out; the container's own trusted.overlay.X goes in as such
+    xattrs = {(n, k) for n, m in members.items() for k in m.pax_headers if "trusted.overlay" in k}
+    assert xattrs == {("etc/group", "SCHILY.xattr.trusted.overlay.mine")}
+    assert members["etc/group"].mode == 0o600
     assert not any(n.startswith("etc/.wh.motd") for n in names)  # not in the upper
 
     # committing again gives the same layer (deterministic tar), a new config

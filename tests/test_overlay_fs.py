@@ -28,9 +28,9 @@ from helpers_images import OciLayout, diff_manifests, tar_bytes, tree_manifest
 from helpers_mount import extract_as_overlay_lower
 
 from layerstore.oci.sample import write_demo_layout
-from layerstore.overlay.fs import OverlayFS
+from layerstore.overlay.fs import FULL, META, OverlayFS
 from layerstore.overlay.lower import MergedLowers, StoreLayers
-from layerstore.overlay.upper import OPAQUE_XATTR
+from layerstore.overlay.upper import METACOPY_XATTR, OPAQUE_XATTR, ORIGIN_XATTR, REDIRECT_XATTR
 from layerstore.store import Store
 from layerstore.store.images import resolve
 
@@ -84,17 +84,18 @@ class Overlays:
     """Opens OverlayFS instances over images of one store; closes everything at the end."""
 
     def __init__(self, root: Path, tmp: Path):
+        self.root = root
         self.store = Store.open(root)
         self.tmp = tmp
         self.opened: list[OverlayFS] = []
 
-    def make(self, ref: str = "demo:app", name: str = "c") -> OverlayFS:
+    def make(self, ref: str = "demo:app", name: str = "c", copy_up: str = FULL) -> OverlayFS:
         with self.store.env.read() as txn:
             img = resolve(txn, self.store.env, ref)
         upper, work = self.tmp / f"{name}-upper", self.tmp / f"{name}-work"
         upper.mkdir(exist_ok=True)
         work.mkdir(exist_ok=True)
-        ofs = OverlayFS(MergedLowers(StoreLayers(self.store, img.diff_ids)), upper, work)
+        ofs = OverlayFS(MergedLowers(StoreLayers(self.store, img.diff_ids)), upper, work, copy_up)
         self.opened.append(ofs)
         return ofs
 
@@ -457,6 +458,142 @@ def test_hard_link_of_a_lower_file(ofs: OverlayFS):
     assert ofs.getattr(b"/tmp/pw")["st_nlink"] == 1
 
 
+def _count_lower_reads(ofs: OverlayFS, monkeypatch) -> list[tuple]:
+    reads: list[tuple] = []
+    real = ofs.lowers.read
+    monkeypatch.setattr(ofs.lowers, "read", lambda n, o, s: reads.append((n.vpath, o, s)) or real(n, o, s))
+    return reads
+
+
+BLOB = b"/app-data/blob.bin"
+
+
+@needs_root
+@pytest.mark.parametrize("op", ["chmod", "chown", "utimens", "setxattr", "removexattr"])
+def test_metacopy_copies_metadata_only(overlays: Overlays, monkeypatch, op: str):
+    ofs = overlays.make("demo:app", copy_up=META)
+    before = ofs.getattr(BLOB)
+    data = _read_all(ofs, BLOB)
+    reads = _count_lower_reads(ofs, monkeypatch)
+    if op == "removexattr":
+        ofs.setxattr(BLOB, b"user.x", b"1")
+        reads.clear()
+    {"chmod": lambda: ofs.chmod(BLOB, 0o600), "chown": lambda: ofs.chown(BLOB, 7, 8),
+     "utimens": lambda: ofs.utimens(BLOB, (1, 2)), "setxattr": lambda: ofs.setxattr(BLOB, b"user.x", b"1"),
+     "removexattr": lambda: ofs.removexattr(BLOB, b"user.x")}[op]()
+    assert reads == []
+    up = upper_of(ofs, "app-data/blob.bin")
+    st = os.lstat(up)
+    assert st.st_size == len(data) and st.st_blocks <= 8  # sparse (an xattr block at most)
+    assert os.getxattr(up, METACOPY_XATTR) == b""
+    after = ofs.getattr(BLOB)
+    for k in ("st_ino", "st_size", "st_blocks", "st_nlink"):
+        assert after[k] == before[k], k
+    assert _read_all(ofs, BLOB) == data
+    # the first write puts the data into that same upper inode, then drops the mark
+    fh = ofs.open(BLOB, os.O_WRONLY)
+    ofs.write(fh, b"X", 5)
+    assert ofs.fgetattr(fh)["st_ino"] == before["st_ino"]
+    ofs.release(fh)
+    assert os.lstat(up).st_ino == st.st_ino
+    assert METACOPY_XATTR not in [os.fsencode(n) for n in os.listxattr(up)]
+    assert _read_all(ofs, BLOB) == data[:5] + b"X" + data[6:]
+    assert Path(up).read_bytes() == data[:5] + b"X" + data[6:]
+    assert ofs.getattr(BLOB)["st_ino"] == before["st_ino"]
+
+
+@needs_root
+def test_metacopy_rename_link_and_truncate(overlays: Overlays, monkeypatch):
+    ofs = overlays.make("demo:app", "m", copy_up=META)
+    ino = ofs.getattr(BLOB)["st_ino"]
+    data = _read_all(ofs, BLOB)
+    reads = _count_lower_reads(ofs, monkeypatch)
+    ofs.rename(BLOB, b"/tmp/moved")  # no data copied: the upper records where it is
+    ofs.link(b"/tmp/moved", b"/linked")
+    assert reads == []
+    assert os.getxattr(upper_of(ofs, "tmp/moved"), REDIRECT_XATTR) == BLOB
+    for v in (b"/tmp/moved", b"/linked"):
+        assert _read_all(ofs, v) == data
+        assert ofs.getattr(v)["st_ino"] == ino and ofs.getattr(v)["st_nlink"] == 2
+    # after a remount too
+    overlays.close()
+    overlays.store = Store.open(overlays.root)
+    ofs = overlays.make("demo:app", "m", copy_up=META)
+    assert _read_all(ofs, b"/linked") == data and ofs.getattr(b"/linked")["st_ino"] == ino
+    fh = ofs.open(b"/linked", os.O_RDWR | os.O_APPEND)
+    ofs.write(fh, b"tail", len(data))
+    ofs.release(fh)
+    assert _read_all(ofs, b"/tmp/moved") == data + b"tail"
+    # truncation of a metacopy file: to 0 copies nothing, to a length copies the data
+    ofs.chmod(b"/etc/passwd", 0o600)
+    ofs.chmod(b"/etc/group", 0o600)
+    reads = _count_lower_reads(ofs, monkeypatch)
+    ofs.truncate(b"/etc/passwd", 0)
+    fh = ofs.open(b"/etc/group", os.O_WRONLY | os.O_TRUNC)
+    ofs.release(fh)
+    assert reads == []
+    assert _read_all(ofs, b"/etc/passwd") == b"" and _read_all(ofs, b"/etc/group") == b""
+    ofs.chmod(b"/etc/os-release", 0o600)
+    text = _read_all(ofs, b"/etc/os-release")
+    ofs.truncate(b"/etc/os-release", 4)
+    assert _read_all(ofs, b"/etc/os-release") == text[:4]
+    for rel in ("etc/passwd", "etc/group", "etc/os-release"):
+        assert METACOPY_XATTR not in [os.fsencode(n) for n in os.listxattr(upper_of(ofs, rel))]
+
+
+@needs_root
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_lower_hard_links_stay_one_inode(overlays: Overlays, copy_up: str):
+    ofs = overlays.make("meta:1", copy_up=copy_up)
+    ino = ofs.getattr(b"/data/h1")["st_ino"]
+    ofs.chmod(b"/data/h2", 0o600)  # copies both names up, as one upper inode
+    for v in (b"/data/h1", b"/data/h2"):
+        st = ofs.getattr(v)
+        assert (st["st_ino"], st["st_nlink"], stat.S_IMODE(st["st_mode"])) == (ino, 2, 0o600)
+    assert os.lstat(upper_of(ofs, "data/h1")).st_ino == os.lstat(upper_of(ofs, "data/h2")).st_ino
+    fh = ofs.open(b"/data/h1", os.O_WRONLY | os.O_APPEND)
+    ofs.write(fh, b"more\n", 7)
+    ofs.release(fh)
+    assert _read_all(ofs, b"/data/h2") == b"linked\nmore\n"
+    ofs.rename(b"/data", b"/moved")  # the directory rename keeps them linked too
+    assert ofs.getattr(b"/moved/h1")["st_ino"] == ofs.getattr(b"/moved/h2")["st_ino"] == ino
+
+
+@needs_root
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_read_handle_follows_a_copy_up(overlays: Overlays, copy_up: str):
+    """An fd opened for reading before another fd copies the file up reads the copy,
+    as with kernel overlayfs."""
+    ofs = overlays.make("demo:app", copy_up=copy_up)
+    r = ofs.open(b"/etc/passwd", os.O_RDONLY)
+    ofs.chmod(b"/etc/passwd", 0o600)
+    w = ofs.open(b"/etc/passwd", os.O_WRONLY)
+    ofs.write(w, b"ROOT", 0)
+    ofs.release(w)
+    assert ofs.read(r, 4, 0) == b"ROOT"
+    assert ofs.fgetattr(r)["st_ino"] == ofs.getattr(b"/etc/passwd")["st_ino"]
+    ofs.release(r)
+
+
+@needs_root
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_st_ino_stable_across_copy_up_and_remount(overlays: Overlays, copy_up: str):
+    paths = [b"/etc/passwd", b"/bin/sh", b"/etc", b"/app-data/blob.bin"]
+    ofs = overlays.make("demo:app", "i", copy_up=copy_up)
+    inos = {v: ofs.getattr(v)["st_ino"] for v in paths}
+    for v in paths:
+        ofs.utimens(v, (1, 1))
+    fh = ofs.open(b"/etc/passwd", os.O_WRONLY)
+    ofs.write(fh, b"x", 0)
+    ofs.release(fh)
+    ofs.rename(b"/app-data/blob.bin", b"/blob")
+    assert {v: ofs.getattr(v if v != BLOB else b"/blob")["st_ino"] for v in paths} == inos
+    overlays.close()
+    overlays.store = Store.open(overlays.root)
+    ofs = overlays.make("demo:app", "i", copy_up=copy_up)
+    assert {v: ofs.getattr(v if v != BLOB else b"/blob")["st_ino"] for v in paths} == inos
+
+
 @needs_root
 def test_rename_lower_and_merged_directories(overlays: Overlays):
     ofs = overlays.make("meta:1")
@@ -667,7 +804,7 @@ def ours_manifest(ofs: OverlayFS) -> dict[bytes, dict[str, Any]]:
 
 
 IGNORED_UPPER_XATTRS = {b"trusted.overlay.origin", b"trusted.overlay.impure",
-                        b"trusted.overlay.redirect", b"trusted.overlay.uuid"}
+                        b"trusted.overlay.redirect", b"trusted.overlay.uuid", ORIGIN_XATTR}
 
 
 def upper_manifest(upper: Path, t0: int) -> tuple[dict[bytes, dict[str, Any]], set[bytes]]:
@@ -692,16 +829,20 @@ def _norm_times(m: dict[bytes, dict[str, Any]], t0: int) -> dict[bytes, dict[str
 
 
 @pytest.mark.skipif(not IS_ROOT, reason="mounting overlayfs needs root")
-def test_same_as_kernel_overlayfs(overlays: Overlays, cli, tmp_path: Path, images: Path):
+@pytest.mark.parametrize("copy_up,metacopy", [(FULL, "off"), (META, "on")])
+def test_same_as_kernel_overlayfs(overlays: Overlays, cli, tmp_path: Path, images: Path,
+                                  copy_up: str, metacopy: str):
+    """The script on ours and on kernel overlayfs: full copy-up against the kernel's
+    default, metadata-only copy-up against ``metacopy=on``."""
     lowers, ku, kw, kmnt = kernel_dirs(cli, tmp_path)
-    ofs = overlays.make("demo:app", "ours")
+    ofs = overlays.make("demo:app", "ours", copy_up)
     export_before = _export_layers(cli, "demo:app", tmp_path / "export-before")
     t0 = (int(os.stat(tmp_path).st_mtime_ns) // 10**9 - 2) * 10**9
     old_umask = os.umask(0)  # modes as given on both sides (FUSE passes the caller's)
     try:
         subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
                         f"lowerdir={':'.join(reversed(lowers))},upperdir={ku},workdir={kw},"
-                        + "redirect_dir=on,index=off,metacopy=off", str(kmnt)], check=True)
+                        + f"redirect_dir=on,index=off,metacopy={metacopy}", str(kmnt)], check=True)
         try:
             mismatches = script_mismatches(kmnt, ours, ofs)
             assert not mismatches, "steps differ:\n" + "\n".join(mismatches)
@@ -727,7 +868,8 @@ def test_same_as_kernel_overlayfs(overlays: Overlays, cli, tmp_path: Path, image
                 m[rel]["xattrs"].pop(OPAQUE_XATTR, None)
     d = diff_manifests(k_up, o_up)
     assert not d, "uppers differ (first: kernel, second: ours):\n" + "\n".join(d[:40])
-    assert redirects == {b"etc2", b"tmp/d1", b"var/cache/app"}, redirects
+    # (with metacopy the kernel also redirects files it renamed or linked: so do we)
+    assert {r for r in redirects if k_up[r]["type"] == "d"} == {b"etc2", b"tmp/d1", b"var/cache/app"}
 
     # 3. the store is untouched
     overlays.close()

@@ -38,6 +38,10 @@ def register(sub: Any) -> None:
                    help="stay in the terminal until unmounted")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (default: only the mounting user)")
+    p.add_argument("--copy-up", choices=("meta", "full"), default="meta",
+                   help="meta (default): chmod/chown/utime/xattrs, rename and link of a lower "
+                        "file copy no data until the first write (kernel metacopy format); "
+                        "full: copy the data too, like overlayfs without metacopy=on")
     p.add_argument("--debug", action="store_true", help="log every failing call (daemon.log)")
     p.set_defaults(func=cmd_mount)
 
@@ -117,7 +121,8 @@ def cmd_mount(args: argparse.Namespace) -> int:
         root = store.root
     # The store is closed here: the daemon opens its own after the fork.
     daemon.mount(root, rec.id, img.diff_ids, args.mountpoint, read_only=args.read_only,
-                 foreground=args.foreground, allow_other=args.allow_other, debug=args.debug)
+                 foreground=args.foreground, allow_other=args.allow_other, debug=args.debug,
+                 copy_up=args.copy_up)
     return 0
 
 

@@ -24,7 +24,9 @@ directory literally named ``image`` or ``layer`` must be written ``./image``.
 Without ``upperdir`` and ``workdir`` the mount is read-only (as with kernel overlayfs and
 fuse-overlayfs). Options honoured: ``lowerdir``, ``upperdir``, ``workdir``, ``root``,
 ``log=FILE`` (the daemon's log; default none), ``allow_other``, ``allow_root``,
-``fsname``, ``debug`` (with ``-d``: debug log, foreground), and the mount flags libfuse
+``fsname``, ``debug`` (with ``-d``: debug log, foreground), ``metacopy=on|off`` (as
+kernel overlayfs: metadata-only copy-up, ``overlay/fs.py``; default off, as
+fuse-overlayfs copies the data), and the mount flags libfuse
 passes to the kernel (``ro``, ``rw``, ``dev``, ``nodev``, ``suid``, ``nosuid``, ``exec``,
 ``noexec``, ``atime``, ``noatime``, ``sync``, ``async``, ``dirsync``). mount(8)'s own
 options (``defaults``, ``auto``, ``nofail``, ``_netdev``, ``x-*``, ...) are dropped
@@ -81,6 +83,7 @@ class Args:
     foreground: bool = False
     debug: bool = False
     allow_other: bool = False
+    copy_up: str = "full"
     fuse_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -192,6 +195,8 @@ def _apply_option(args: Args, opt: str, warn: Callable[[str], None]) -> None:
         args.fuse_options["allow_root"] = True
     elif key == "debug" and not eq:
         args.debug = args.foreground = True
+    elif key == "metacopy" and value in ("on", "off"):
+        args.copy_up = "meta" if value == "on" else "full"
     elif key in MOUNT_FLAGS and not eq:
         if key != "rw":
             args.fuse_options[key] = True
@@ -292,7 +297,7 @@ def _serve(args: Args, mp: Path, ready: Callable[[], None]) -> None:
         daemon.serve_fuse(MergedLowers(layers), mp, upper=args.upper, work=args.work,
                           on_ready=ready, fsname=fsname, subtype=PROG,
                           allow_other=args.allow_other, debug=args.debug, extra=options,
-                          log=args.log)
+                          log=args.log, copy_up=args.copy_up)
     finally:
         for s in sources:
             if isinstance(s, DirLayers):

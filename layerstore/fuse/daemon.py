@@ -79,16 +79,18 @@ def read_state(root: Path, cid: str) -> dict[str, Any] | None:
 
 
 def mount(root: Path, cid: str, diff_ids: list[str], mountpoint: Path, *, read_only: bool,
-          foreground: bool = False, allow_other: bool = False, debug: bool = False) -> int:
+          foreground: bool = False, allow_other: bool = False, debug: bool = False,
+          copy_up: str = "meta") -> int:
     """Mount container ``cid`` at ``mountpoint``; returns the daemon's pid (0 when
-    ``foreground``, after the mount ends)."""
+    ``foreground``, after the mount ends). ``copy_up``: ``meta`` or ``full`` (see
+    ``overlay/fs.py``)."""
     mp = check_mountpoint(mountpoint)
     cdir = container_dir(root, cid)
     if not cdir.is_dir():
         raise StoreError(f"container directory {cdir} is missing")
 
     def serve(ready: Callable[[], None]) -> None:
-        _serve_container(root, cid, diff_ids, mp, read_only, allow_other, debug, ready)
+        _serve_container(root, cid, diff_ids, mp, read_only, allow_other, debug, copy_up, ready)
 
     return spawn(serve, mp, foreground=foreground, log=cdir / "daemon.log")
 
@@ -173,7 +175,8 @@ def _read_with_timeout(fd: int, timeout: float) -> bytes:
 
 
 def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_only: bool,
-                     allow_other: bool, debug: bool, ready: Callable[[], None]) -> None:
+                     allow_other: bool, debug: bool, copy_up: str,
+                     ready: Callable[[], None]) -> None:
     from ..overlay.lower import MergedLowers, StoreLayers
     from ..store import Store
 
@@ -190,7 +193,7 @@ def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_o
     def on_ready() -> None:
         tmp = cdir / (STATE_FILE + ".tmp")
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp),
-                                   "read_only": read_only}))
+                                   "read_only": read_only, "copy_up": copy_up}))
         os.rename(tmp, state)
         ready()
 
@@ -198,7 +201,8 @@ def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_o
         view = MergedLowers(StoreLayers(store, diff_ids))
         serve_fuse(view, mp, upper=None if read_only else cdir / "upper", work=cdir / "work",
                    on_ready=on_ready, fsname=f"layerstore:{cid[:12]}", subtype="layerstore",
-                   allow_other=allow_other, debug=debug, log=cdir / "daemon.log")
+                   allow_other=allow_other, debug=debug, log=cdir / "daemon.log",
+                   copy_up=copy_up)
     finally:
         try:
             state.unlink()
@@ -210,7 +214,8 @@ def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_o
 def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path | None,
                on_ready: Callable[[], None], fsname: str, subtype: str,
                allow_other: bool = False, debug: bool = False,
-               extra: dict[str, Any] | None = None, log: Path | None = None) -> None:
+               extra: dict[str, Any] | None = None, log: Path | None = None,
+               copy_up: str = "full") -> None:
     """Serve ``view`` at ``mp`` through FUSE until it is unmounted: writable
     (``OverlayFS`` over ``upper`` and ``work``, the upper locked against a second daemon)
     or, without ``upper``, the lowers alone, read-only. ``extra``: more libfuse options
@@ -243,7 +248,7 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
             raise MountError(f"upper directory {upper} is in use by another mount") from None
         try:
             # kills earlier daemons' half-done copy-ups left in work (see OverlayFS)
-            fs = OverlayFS(view, upper, work)
+            fs = OverlayFS(view, upper, work, copy_up)
         except BaseException:
             os.close(upper_lock)
             raise

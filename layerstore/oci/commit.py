@@ -14,8 +14,10 @@ does not replace) are ``D``.
 sorted by path, a directory before its contents; numeric owners, no user/group names):
 a whiteout is an empty ``.wh.NAME`` file, an opaque directory is its own entry followed
 by ``DIR/.wh..wh..opq``; regular files, directories, symlinks, devices and FIFOs keep
-mode, owner, mtime (ns, PAX ``mtime``) and xattrs (``SCHILY.xattr.*``) except overlayfs'
-and layerstore's own (``trusted.overlay.*``, ``trusted.layerstore.*``); paths of one
+mode, owner, mtime (ns, PAX ``mtime``) and xattrs (``SCHILY.xattr.*``) as the container
+sees them: overlayfs' and layerstore's own are dropped, a container's own
+``trusted.overlay.X`` (stored escaped) is written as such; a metacopy file's data is read
+from the image's layers (``overlay/upper.py``: ``trusted.overlay.metacopy``); paths of one
 inode become tar hard links to the first of them. Sockets are skipped. The tar is
 imported through the importer as one more layer on top of the image's, and a new image
 is made whose config is the old one with the new diff_id, a history entry and a new
@@ -28,8 +30,8 @@ are atomic, but a file being written meanwhile may be caught half-written.
 from __future__ import annotations
 
 import datetime
-import errno
 import hashlib
+import io
 import json
 import os
 import stat
@@ -40,19 +42,26 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import InvalidInputError
-from ..overlay.lower import MergedLowers, StoreLayers
-from ..overlay.upper import DIR_FLAGS, is_opaque_fd, is_whiteout, proc_path
+from ..overlay.lower import MergedLowers, Node, StoreLayers
+from ..overlay.upper import (
+    DIR_FLAGS,
+    METACOPY_XATTR,
+    REDIRECT_XATTR,
+    is_opaque_fd,
+    is_whiteout,
+    metacopy_source,
+    visible_xattr,
+    xattrs_at,
+)
 from ..store import Store
 from ..store.containers import resolve_container
 from ..store.images import normalize_name, resolve
-from ..store.records import DIR, ContainerRecord, ImageRecord
+from ..store.records import DIR, REG, ContainerRecord, ImageRecord
 from .importer import Progress, import_image, no_progress
 from .sources import ImageSource, LayerSource
 
 WH_PREFIX = ".wh."
 WH_OPAQUE = ".wh..wh..opq"
-#: xattrs that belong to the overlay or to layerstore, never to the image
-HIDDEN_XATTR_PREFIXES = (b"trusted.overlay.", b"trusted.layerstore.")
 
 
 @dataclass
@@ -63,28 +72,6 @@ class UpperEntry:
     st: os.stat_result
     whiteout: bool = False
     opaque: bool = False
-
-
-def _xattrs_at(dir_fd: int, name: bytes) -> dict[bytes, bytes]:
-    """xattrs of ``name`` in ``dir_fd`` without following it (the directory fd's
-    ``/proc`` path is the directory itself; ``name`` is not followed)."""
-    path = os.fsencode(proc_path(dir_fd)) + b"/" + name
-    out: dict[bytes, bytes] = {}
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.EPERM):
-            return out
-        raise
-    for n in names:
-        key = os.fsencode(n)
-        try:
-            out[key] = os.getxattr(path, n, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno == errno.ENODATA:
-                continue
-            raise
-    return out
 
 
 def walk_upper(upper: Path) -> Iterator[tuple[UpperEntry, int, bytes]]:
@@ -175,15 +162,47 @@ def _info(name: str, type_: bytes, mode: int = 0, uid: int = 0, gid: int = 0,
 
 
 def _set_xattrs(ti: tarfile.TarInfo, xattrs: dict[bytes, bytes]) -> None:
-    for key in sorted(xattrs):
-        if key.startswith(HIDDEN_XATTR_PREFIXES):
-            continue
+    """The xattrs the container sees (its own ``trusted.overlay.X`` unescaped; the
+    overlay's and layerstore's own dropped) as PAX ``SCHILY.xattr.*`` records."""
+    shown = {}
+    for key, value in xattrs.items():
+        name = visible_xattr(key)
+        if name is not None and not name.startswith(b"trusted.layerstore."):
+            shown[name] = value
+    for key in sorted(shown):
         ti.pax_headers["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = \
-            xattrs[key].decode("utf-8", "surrogateescape")
+            shown[key].decode("utf-8", "surrogateescape")
 
 
-def write_upper_tar(upper: Path, out: BinaryIO) -> int:
-    """Write the upper as a layer tar to ``out``; returns the number of entries."""
+class _LowerReader(io.RawIOBase):
+    """A lower file's content as a stream (the data of a metacopy upper file)."""
+
+    def __init__(self, lowers: MergedLowers, node: Node):
+        self.lowers, self.node, self.pos = lowers, node, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.lowers.read(self.node, self.pos, len(buf))
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _metacopy_node(lowers: MergedLowers | None, vpath: bytes, xattrs: dict[bytes, bytes]) -> Node | None:
+    """The lower file with the data of an upper metacopy file, None for other files."""
+    if METACOPY_XATTR not in xattrs:
+        return None
+    node = lowers.resolve(metacopy_source(vpath, xattrs.get(REDIRECT_XATTR))) if lowers else None
+    if node is None or node.entry.type != REG:
+        raise InvalidInputError(f"the data of metacopy file {os.fsdecode(vpath)} is not in the image")
+    return node
+
+
+def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = None) -> int:
+    """Write the upper as a layer tar to ``out``; returns the number of entries. The
+    data of metacopy files is read from ``lowers`` (the image's)."""
     count = 0
     links: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,
@@ -201,7 +220,8 @@ def write_upper_tar(upper: Path, out: BinaryIO) -> int:
             ti = _info(rel, tarfile.REGTYPE, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns)
             if stat.S_ISSOCK(mode):
                 continue
-            _set_xattrs(ti, _xattrs_at(dir_fd, name))
+            xattrs = xattrs_at(dir_fd, name)
+            _set_xattrs(ti, xattrs)
             key = (st.st_dev, st.st_ino)
             if not stat.S_ISDIR(mode) and st.st_nlink > 1 and key in links:
                 ti.type = tarfile.LNKTYPE
@@ -211,7 +231,11 @@ def write_upper_tar(upper: Path, out: BinaryIO) -> int:
                 continue
             if not stat.S_ISDIR(mode) and st.st_nlink > 1:
                 links[key] = rel
-            if stat.S_ISREG(mode):
+            data = _metacopy_node(lowers, e.vpath, xattrs) if stat.S_ISREG(mode) else None
+            if data is not None:
+                ti.size = st.st_size
+                tf.addfile(ti, io.BufferedReader(_LowerReader(lowers, data), 1 << 20))  # type: ignore[arg-type]
+            elif stat.S_ISREG(mode):
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
                 with os.fdopen(fd, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
@@ -271,7 +295,7 @@ def commit(store: Store, ref: str, name: str, progress: Progress | None = None) 
         tmp = store.tmp_dir() / f"commit-{rec.id[:12]}-{os.getpid()}.tar"
         try:
             with open(tmp, "wb") as f:
-                write_upper_tar(Path(rec.upper), f)
+                write_upper_tar(Path(rec.upper), f, MergedLowers(StoreLayers(store, img.diff_ids)))
             h = hashlib.sha256()
             with open(tmp, "rb") as f:
                 while block := f.read(1 << 20):

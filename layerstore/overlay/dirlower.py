@@ -49,7 +49,7 @@ from typing import Any
 
 from ..errors import OverlayError
 from ..store.records import BLK, CHR, DIR, FIFO, OPAQUE, REG, SYMLINK, WHITEOUT, Entry, join_vpath
-from .upper import OVERLAY_XATTR_PREFIX, lstat_at, open_dir_at, proc_path, split_parts
+from .upper import OVERLAY_XATTR_PREFIX, lstat_at, open_dir_at, split_parts, xattrs_at
 
 #: a whiteout named the OCI way, and the OCI opaque marker
 WH_PREFIX = b".wh."
@@ -70,27 +70,6 @@ _TYPES = {stat.S_IFREG: REG, stat.S_IFDIR: DIR, stat.S_IFLNK: SYMLINK, stat.S_IF
 
 def _private(name: bytes) -> bool:
     return name.startswith(PRIVATE_PREFIXES) and not name.startswith(ESCAPED_PREFIX)
-
-
-def _xattrs_at(dir_fd: int, name: bytes) -> dict[bytes, bytes]:
-    """All xattrs of ``name`` in ``dir_fd``, without following it (``l*xattr`` through the
-    directory fd's /proc path)."""
-    path = os.fsencode(proc_path(dir_fd)) + b"/" + name
-    try:
-        names = os.listxattr(path, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTSUP, errno.ENODATA):
-            return {}
-        raise
-    out = {}
-    for n in names:
-        key = os.fsencode(n)
-        try:
-            out[key] = os.getxattr(path, key, follow_symlinks=False)
-        except OSError as exc:
-            if exc.errno != errno.ENODATA:
-                raise
-    return out
 
 
 class DirLayers:
@@ -150,7 +129,7 @@ class DirLayers:
             return None
         if kind == CHR and st.st_rdev == 0:
             return Entry(WHITEOUT, mode=0)
-        xattrs = _xattrs_at(dir_fd, name)
+        xattrs = xattrs_at(dir_fd, name)
         flags = 0
         if kind == DIR and not root:
             if any(xattrs.get(k) == b"y" for k in OPAQUE_XATTRS):

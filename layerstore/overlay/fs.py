@@ -8,15 +8,33 @@ Lookup of a path walks it one component at a time, as overlayfs does: an upper w
 ends it (ENOENT), an upper non-directory hides everything below, an upper directory
 merges with the lower directory at the same path unless it is opaque.
 
-Copy-up (full mode): before the first data write or metadata change of a lower object,
-its data and metadata (owner, mode, xattrs, mtime in ns) are written to a temporary
-name in ``work`` and renamed into place, so a copy-up is visible whole or not at all.
-Missing parent directories are copied up first (metadata only). ``open`` with
-``O_TRUNC`` copies no data. Renaming a lower or merged directory copies the whole
-merged subtree up (every merged subdirectory becomes opaque, whiteouts inside it are
-dropped), then renames the now self-contained upper directory: no EXDEV, and no
-``redirect`` xattr (kernel overlayfs with ``redirect_dir=on`` copies up only the
-directory and records a redirect instead).
+Copy-up: before the first data write or metadata change of a lower object, it is
+written to a temporary name in ``work`` and renamed into place, so a copy-up is visible
+whole or not at all. Missing parent directories are copied up first (metadata only).
+Two modes (``copy_up``):
+
+- ``FULL``: data and metadata (owner, mode, xattrs, mtime in ns) before the first write
+  or metadata change; ``open`` with ``O_TRUNC`` and ``truncate(0)`` copy no data.
+- ``META``: chmod, chown, utimens, xattr changes, rename and link copy the metadata only,
+  in the kernel's ``metacopy`` format: a sparse upper file of the right size with
+  ``trusted.overlay.metacopy``, plus ``trusted.overlay.redirect`` (absolute) once it has
+  been renamed or linked, so kernel overlayfs mounted with ``metacopy=on`` reads the same
+  upper. The first write puts the data into that same upper inode and then drops the
+  mark: a crash midway still reads the old data from the lowers. Uppers written in
+  either mode are read in both.
+
+Copied-up non-directories carry their lower inode number (``ORIGIN_XATTR``), so
+``st_ino`` is the same before and after a copy-up and across remounts. Copying up one
+name of a lower hard link links every other name the view shows of it, so the links stay
+one inode (kernel overlayfs needs ``index=on`` for that). An fd opened for reading
+before a copy-up reads the upper copy afterwards, as with kernel overlayfs.
+
+Renaming a lower or merged directory copies the whole merged subtree up (every merged
+subdirectory becomes opaque, whiteouts inside it are dropped; files are copied in the
+mount's mode, metacopy ones with an absolute redirect), then renames the now
+self-contained upper directory: no EXDEV, and no directory ``redirect`` (kernel
+overlayfs with ``redirect_dir=on`` copies up only the directory and records a redirect
+instead).
 
 Confinement: see ``upper.py``; the upper is only touched through fds from ``upper_fd``
 and ``*at`` calls that do not follow symlinks. A symlink that the container put where
@@ -51,15 +69,20 @@ from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, join_vpath
 from .lower import IFMT, MergedLowers, Node, node_stat
 from .upper import (
     DIR_FLAGS,
+    METACOPY_XATTR,
     OPAQUE_XATTR,
-    OVERLAY_XATTR_PREFIX,
+    ORIGIN_XATTR,
+    REDIRECT_XATTR,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     RENAME_WHITEOUT,
+    escape_xattr,
     is_opaque_fd,
+    is_private_xattr,
     is_whiteout,
     lstat_at,
     make_whiteout,
+    metacopy_source,
     open_dir_at,
     path_fd,
     proc_path,
@@ -67,6 +90,8 @@ from .upper import (
     renameat2,
     split_parts,
     stat_dict,
+    visible_xattr,
+    xattrs_at,
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -75,25 +100,11 @@ F = TypeVar("F", bound=Callable[..., Any])
 TMP_PREFIX = b"#layerstore-"
 #: bytes copied per read/write during a copy-up
 COPY_BLOCK = 1 << 20
-#: A container's own ``trusted.overlay.X`` is stored escaped as ``trusted.overlay.overlay.X``
-#: and shown unescaped; overlayfs' real ``trusted.overlay.*`` xattrs are hidden. This is
-#: what kernel overlayfs does since Linux 6.7 (checked in tests/test_overlay_fs.py), so a
-#: container can neither see nor forge an opaque mark or a redirect.
-ESCAPED_XATTR_PREFIX = OVERLAY_XATTR_PREFIX + b"overlay."
 
-
-def _escape_xattr(name: bytes) -> bytes:
-    return OVERLAY_XATTR_PREFIX + b"overlay." + name[len(OVERLAY_XATTR_PREFIX):] \
-        if name.startswith(OVERLAY_XATTR_PREFIX) else name
-
-
-def _visible_xattr(name: bytes) -> bytes | None:
-    """The name a stored xattr shows through the overlay, None for overlayfs' own."""
-    if name.startswith(ESCAPED_XATTR_PREFIX):
-        return OVERLAY_XATTR_PREFIX + name[len(ESCAPED_XATTR_PREFIX):]
-    if name.startswith(OVERLAY_XATTR_PREFIX):
-        return None
-    return name
+#: copy-up modes: the data with the metadata, or the metadata alone (the data stays in
+#: the lowers until the first write)
+FULL, META = "full", "meta"
+COPY_UP_MODES = (FULL, META)
 
 
 def _locked(fn: F) -> F:
@@ -123,6 +134,8 @@ class Found:
     lower: Node | None  #: the lower node shown or merged here (None under an upper non-dir or opaque dir)
     opaque: bool  #: the upper directory is opaque
     lower_below: bool  #: a lower entry exists here that an upper whiteout must hide
+    data: Node | None = None  #: an upper metacopy file: the lower file that has its data
+    origin: int | None = None  #: an upper non-directory copied up: its lower inode number
 
     @property
     def is_dir(self) -> bool:
@@ -143,7 +156,8 @@ class Found:
 class _Handle:
     vpath: bytes
     fd: int = -1  #: an upper fd, or -1
-    node: Node | None = None  #: a lower file read in place
+    node: Node | None = None  #: a lower file read in place (also the data of a metacopy file)
+    ino: int | None = None  #: the inode number to report (the lower one after a copy-up)
 
 
 def _split(vpath: bytes) -> tuple[bytes, bytes]:
@@ -157,8 +171,11 @@ def _split(vpath: bytes) -> tuple[bytes, bytes]:
 class OverlayFS:
     """A container's filesystem: ``lowers`` under the writable ``upper`` (see module doc)."""
 
-    def __init__(self, lowers: MergedLowers, upper: Path, work: Path):
+    def __init__(self, lowers: MergedLowers, upper: Path, work: Path, copy_up: str = FULL):
+        if copy_up not in COPY_UP_MODES:
+            raise ValueError(f"copy-up mode {copy_up!r}: one of {', '.join(COPY_UP_MODES)}")
         self.lowers = lowers
+        self.copy_up_mode = copy_up
         self.upper_fd = os.open(upper, DIR_FLAGS)
         try:
             self.work_fd = os.open(work, DIR_FLAGS)
@@ -197,13 +214,18 @@ class OverlayFS:
             assert fd is not None
             root_lower = self.lowers.resolve(b"/")
             cur = Found(b"/", os.fstat(fd), root_lower, False, False)
-            for name in parts:
+            for i, name in enumerate(parts):
                 if not cur.is_dir:
                     raise OverlayError(errno.ENOTDIR, vpath)
                 path = join_vpath(cur.vpath, name)
                 ust = lstat_at(fd, name) if fd is not None else None
                 if ust is not None and is_whiteout(ust):
                     return None
+                if ust is not None and not stat.S_ISDIR(ust.st_mode):
+                    assert fd is not None
+                    if i != len(parts) - 1:
+                        raise OverlayError(errno.ENOTDIR, vpath)
+                    return self._upper_leaf(path, ust, fd, name, cur)
                 merges = cur.lower is not None and cur.lower.entry.type == DIR and not cur.opaque
                 raw = self.lowers.resolve(path) if merges else None
                 lower = raw if (ust is None or stat.S_ISDIR(ust.st_mode)) else None
@@ -224,6 +246,28 @@ class OverlayFS:
         finally:
             if fd is not None:
                 os.close(fd)
+
+    def _upper_leaf(self, path: bytes, ust: os.stat_result, pfd: int, name: bytes,
+                    parent: Found) -> Found:
+        """The Found of an upper non-directory: its origin inode and, for a metacopy
+        file, the lower node that has its data."""
+        merges = parent.lower is not None and parent.lower.entry.type == DIR and not parent.opaque
+        below = merges and self.lowers.resolve(path) is not None
+        priv = xattrs_at(pfd, name, is_private_xattr)
+        origin = priv.get(ORIGIN_XATTR)
+        f = Found(path, ust, None, False, below,
+                  origin=int.from_bytes(origin, "big") if origin and len(origin) == 8 else None)
+        if METACOPY_XATTR in priv and stat.S_ISREG(ust.st_mode):
+            f.data = self._metacopy_data(path, priv.get(REDIRECT_XATTR))
+        return f
+
+    def _metacopy_data(self, path: bytes, redirect: bytes | None) -> Node:
+        """The lower file with the data of the metacopy file at ``path`` (EIO if the
+        lowers do not have it: the upper does not belong to these lowers)."""
+        node = self.lowers.resolve(metacopy_source(path, redirect))
+        if node is None or node.entry.type != REG:
+            raise OverlayError(errno.EIO, path)
+        return node
 
     def _lookup(self, vpath: bytes) -> Found:
         f = self._find(vpath)
@@ -253,7 +297,7 @@ class OverlayFS:
                     node = self.lowers.resolve(cur) if copy_up else None
                     if node is None or node.entry.type != DIR:
                         raise NoEntryError(cur) from None
-                    self._copy_up_at(fd, name, node, data=False)
+                    self._copy_up_at(fd, name, node, META)
                     nfd = open_dir_at(fd, name)
                 os.close(fd)
                 fd = nfd
@@ -273,15 +317,30 @@ class OverlayFS:
         os.chown(name, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
         path = proc_path(dir_fd) + "/" + os.fsdecode(name)
         for key, value in e.xattrs.items():
-            if _visible_xattr(key) is not None:  # escaped ones are the container's
+            if visible_xattr(key) is not None:  # escaped ones are the container's
                 os.setxattr(path, key, value, follow_symlinks=False)
         if e.type != SYMLINK:
             os.chmod(name, e.mode & 0o7777, dir_fd=dir_fd)  # after chown, which clears setuid
         os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
-    def _copy_up_at(self, parent_fd: int, name: bytes, node: Node, data: bool = True) -> None:
+    def _write_data(self, fd: int, node: Node) -> None:
+        """Write a lower file's content to ``fd`` from offset 0."""
+        off, size = 0, node.entry.size
+        while off < size:
+            block = self.lowers.read(node, off, COPY_BLOCK)
+            if not block:
+                break
+            view = memoryview(block)
+            while view:
+                n = os.pwrite(fd, view, off)
+                view = view[n:]
+                off += n
+
+    def _copy_up_at(self, parent_fd: int, name: bytes, node: Node, how: str = FULL) -> None:
         """Copy a lower entry to ``name`` in the upper directory ``parent_fd``: built in
-        the work directory, then renamed into place (never replacing anything)."""
+        the work directory, then renamed into place (never replacing anything). ``how``
+        for a regular file: FULL copies the data, META records where it is (a sparse file
+        of the right size with ``METACOPY_XATTR``), anything else leaves it empty."""
         e = node.entry
         tmp = self._tmp_name()
         wfd = self.work_fd
@@ -290,16 +349,11 @@ class OverlayFS:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                              0o600, dir_fd=wfd)
                 try:
-                    off = 0
-                    while data and off < e.size:
-                        block = self.lowers.read(node, off, COPY_BLOCK)
-                        if not block:
-                            break
-                        view = memoryview(block)
-                        while view:
-                            n = os.write(fd, view)
-                            view = view[n:]
-                        off += len(block)
+                    if how == FULL:
+                        self._write_data(fd, node)
+                    elif how == META:
+                        os.ftruncate(fd, e.size)
+                        os.setxattr(fd, METACOPY_XATTR, b"")
                 finally:
                     os.close(fd)
             elif e.type == DIR:
@@ -311,42 +365,97 @@ class OverlayFS:
             else:
                 raise OverlayError(errno.EIO, node.vpath)
             self._apply_meta(wfd, tmp, node)
+            if e.type != DIR:
+                os.setxattr(proc_path(wfd) + "/" + os.fsdecode(tmp), ORIGIN_XATTR,
+                            node.ino.to_bytes(8, "big"), follow_symlinks=False)
             renameat2(wfd, tmp, parent_fd, name, RENAME_NOREPLACE)
         except BaseException:
             remove_tree_at(wfd, tmp)
             raise
+        if e.type == REG and how != META:
+            self._switch_handles(node.ino, parent_fd, name)
 
-    def _copy_up(self, f: Found, data: bool = True) -> None:
-        """Make ``f`` an upper entry (no-op if it is one). Requires ``_lock``."""
+    def _copy_up(self, f: Found, how: str = FULL) -> None:
+        """Make ``f`` an upper entry (no-op if it is one; see ``_copy_up_at`` for
+        ``how``). The other names a lower hard link has in the view are linked to the
+        new upper file, so the links stay one inode. Requires ``_lock``."""
         if f.ust is not None:
             return
         assert f.lower is not None
         parent, name = _split(f.vpath)
         with self._dirfd(parent) as pfd:
-            self._copy_up_at(pfd, name, f.lower, data=data)
+            self._copy_up_at(pfd, name, f.lower, how)
+        for other in self.lowers.links(f.lower):
+            of = self._find(other)
+            if of is not None and of.ust is None and of.lower is not None \
+                    and of.lower.ino == f.lower.ino:
+                self._link_upper(f.vpath, other)
 
-    def _copy_up_tree(self, vpath: bytes, links: dict[int, bytes]) -> None:
+    def _copy_up_data(self, f: Found) -> None:
+        """Give an upper metacopy file its data (no-op for any other file). The data is
+        written into the upper file itself, so its hard links stay links, and the
+        metacopy mark is removed last: until then the file still reads from the lowers,
+        so a crash midway shows the old content. Requires ``_lock``."""
+        if f.data is None:
+            return
+        with self._leaf(f.vpath) as (pfd, name):
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                self._write_data(fd, f.data)
+                self._drop_metacopy(fd)
+            finally:
+                os.close(fd)
+            self._switch_handles(f.data.ino if f.origin is None else f.origin, pfd, name)
+        f.data = None
+
+    @staticmethod
+    def _drop_metacopy(fd: int) -> None:
+        for key in (METACOPY_XATTR, REDIRECT_XATTR):
+            try:
+                os.removexattr(fd, key)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+
+    def _switch_handles(self, ino: int, pfd: int, name: bytes) -> None:
+        """Open handles reading a lower file (``ino``) read the upper copy from now on,
+        as kernel overlayfs switches an fd opened before a copy-up."""
+        for h in self._handles.values():
+            if h.fd < 0 and h.node is not None and h.node.ino == ino:
+                h.fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                h.ino = ino
+
+    def _meta_copy_up(self, f: Found) -> None:
+        """Copy-up before a metadata change: metadata only in META mode."""
+        self._copy_up(f, self.copy_up_mode)
+
+    def _set_redirect(self, vpath: bytes, data: Node) -> None:
+        """Record in the upper metacopy file at ``vpath`` where its data is in the lowers,
+        in the kernel's absolute form, which every name of the inode can use (the kernel
+        does the same before a rename or a link of a metacopy file)."""
+        with self._leaf(vpath) as (pfd, name), path_fd(pfd, name) as fd:
+            os.setxattr(proc_path(fd), REDIRECT_XATTR, data.vpath)
+
+    def _copy_up_tree(self, vpath: bytes) -> None:
         """Copy a lower or merged directory and everything below it up, then make it
         self-contained: opaque, with no whiteouts. The merged view is the same at every
-        step. Lower hard links inside the tree stay links (``links``: lower ino -> vpath).
-        Requires ``_lock``."""
+        step. Files are copied up in the mount's copy-up mode; metacopy files get an
+        absolute redirect, so their data is found wherever the tree goes. Requires
+        ``_lock``."""
         f = self._lookup(vpath)
-        self._copy_up(f, data=False)
+        self._copy_up(f, how=META)
         for name in self._names(f):
             child = join_vpath(vpath, name)
             cf = self._lookup(child)
             if cf.is_dir:
                 if cf.lower is not None:
-                    self._copy_up_tree(child, links)
-            elif cf.ust is None:
-                assert cf.lower is not None
-                first = links.get(cf.lower.ino) if cf.lower.entry.link_group else None
-                if first is not None:
-                    self._link_upper(first, child)
-                else:
-                    self._copy_up(cf)
-                    if cf.lower.entry.link_group:
-                        links[cf.lower.ino] = child
+                    self._copy_up_tree(child)
+                continue
+            if cf.ust is None:
+                self._meta_copy_up(cf)
+                cf = self._lookup(child)
+            if cf.data is not None:
+                self._set_redirect(child, cf.data)
         with self._dirfd(vpath, copy_up=False) as fd:
             if not is_opaque_fd(fd):
                 os.setxattr(fd, OPAQUE_XATTR, b"y")
@@ -462,7 +571,10 @@ class OverlayFS:
             # a merged directory keeps the lower inode number, and its link count is
             # unknown without listing every layer: 1, as overlayfs reports it
             return stat_dict(f.ust, ino=f.lower.ino, nlink=1)
-        return stat_dict(f.ust)
+        st = stat_dict(f.ust, ino=f.origin)
+        if f.data is not None:  # a metacopy file's blocks are those of its data
+            st["st_blocks"] = node_stat(f.data)["st_blocks"]
+        return st
 
     @_locked
     def getattr(self, vpath: bytes) -> dict[str, int]:
@@ -515,16 +627,27 @@ class OverlayFS:
             return self._add_handle(_Handle(vpath))
         if f.type_mode == stat.S_IFLNK:
             raise OverlayError(errno.ELOOP, vpath)
-        if not writing and f.ust is None:
-            return self._add_handle(_Handle(vpath, node=f.lower))
+        if not writing and (f.ust is None or f.data is not None):
+            node = f.lower if f.ust is None else f.data
+            return self._add_handle(_Handle(vpath, node=node, ino=f.origin))
+        trunc = bool(flags & os.O_TRUNC) and f.type_mode == stat.S_IFREG
         if f.ust is None:
-            self._copy_up(f, data=not flags & os.O_TRUNC)
+            self._copy_up(f, how="empty" if trunc else FULL)
+        elif not trunc:
+            self._copy_up_data(f)
+        f = self._lookup(vpath)
         keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
         if f.type_mode != stat.S_IFREG:
             keep |= os.O_NONBLOCK  # never block the daemon on a FIFO
         with self._leaf(vpath) as (pfd, name):
             fd = os.open(name, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        return self._add_handle(_Handle(vpath, fd=fd))
+        if f.data is not None:  # truncated: the data in the lowers is not needed any more
+            try:
+                self._drop_metacopy(fd)
+            except BaseException:
+                os.close(fd)
+                raise
+        return self._add_handle(_Handle(vpath, fd=fd, ino=f.origin))
 
     @_locked
     def create(self, vpath: bytes, mode: int, flags: int = os.O_RDWR,
@@ -580,9 +703,14 @@ class OverlayFS:
         """Attributes through an open handle (works after the path is unlinked)."""
         h = self._handle(fh)
         if h.fd >= 0:
-            return stat_dict(os.fstat(h.fd))
+            return stat_dict(os.fstat(h.fd), ino=h.ino)
         if h.node is not None:
-            return node_stat(h.node)
+            ino = h.node.ino if h.ino is None else h.ino
+            try:
+                st = self.getattr(h.vpath)
+            except OSError:
+                st = None
+            return st if st is not None and st["st_ino"] == ino else node_stat(h.node)
         return self.getattr(h.vpath)
 
     def fsync(self, fh: int, datasync: bool = False) -> None:
@@ -603,11 +731,17 @@ class OverlayFS:
             raise OverlayError(errno.EISDIR, vpath)
         if f.type_mode != stat.S_IFREG:
             raise OverlayError(errno.EINVAL, vpath)
-        self._copy_up(f, data=length > 0)
+        if f.ust is None:
+            self._copy_up(f, how=FULL if length > 0 else "empty")
+            f = self._lookup(vpath)
+        elif length > 0:
+            self._copy_up_data(f)
         with self._leaf(vpath) as (pfd, name):
             fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:
                 os.ftruncate(fd, length)
+                if f.data is not None:  # truncated to 0 before: the mark goes after
+                    self._drop_metacopy(fd)
             finally:
                 os.close(fd)
 
@@ -651,7 +785,10 @@ class OverlayFS:
         fo = self._lookup(old)
         if fo.is_dir:
             raise OverlayError(errno.EPERM, old)
-        self._copy_up(fo)
+        self._meta_copy_up(fo)
+        fo = self._lookup(old)
+        if fo.data is not None:
+            self._set_redirect(old, fo.data)
         op, on = _split(old)
         with self._dirfd(op, copy_up=False) as ofd:
             self._make(new, lambda dfd, name: os.link(on, name, src_dir_fd=ofd, dst_dir_fd=dfd,
@@ -702,10 +839,12 @@ class OverlayFS:
                     and (fo.ust.st_dev, fo.ust.st_ino) == (fn.ust.st_dev, fn.ust.st_ino)):
                 return  # two links of one file: rename(2) does nothing
         if fo.is_dir and fo.lower is not None:
-            self._copy_up_tree(old, {})
+            self._copy_up_tree(old)
         else:
-            self._copy_up(fo)
+            self._meta_copy_up(fo)
         fo = self._lookup(old)
+        if fo.data is not None:
+            self._set_redirect(old, fo.data)
         old_parent, old_name = _split(old)
         with self._dirfd(old_parent) as ofd, self._dirfd(new_parent) as nfd:
             tst = lstat_at(nfd, new_name)
@@ -747,7 +886,7 @@ class OverlayFS:
     @_locked
     def chmod(self, vpath: bytes, mode: int) -> None:
         f = self._lookup(vpath)
-        self._copy_up(f)
+        self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name), path_fd(pfd, name) as fd:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise OverlayError(errno.EOPNOTSUPP, vpath)
@@ -756,7 +895,7 @@ class OverlayFS:
     @_locked
     def chown(self, vpath: bytes, uid: int, gid: int) -> None:
         f = self._lookup(vpath)
-        self._copy_up(f)
+        self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name):
             os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
 
@@ -764,7 +903,7 @@ class OverlayFS:
     def utimens(self, vpath: bytes, times: tuple[int, int] | None = None) -> None:
         """Set (atime_ns, mtime_ns); None sets both to now."""
         f = self._lookup(vpath)
-        self._copy_up(f)
+        self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name):
             if times is None:
                 os.utime(name, dir_fd=pfd, follow_symlinks=False)
@@ -774,7 +913,7 @@ class OverlayFS:
     @staticmethod
     def _xname(name: bytes | str, vpath: bytes) -> bytes:
         """The stored name of an xattr named through the overlay."""
-        return _escape_xattr(os.fsencode(name))
+        return escape_xattr(os.fsencode(name))
 
     @_locked
     def getxattr(self, vpath: bytes, name: bytes | str) -> bytes:
@@ -798,13 +937,13 @@ class OverlayFS:
         else:
             with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
                 names = [os.fsencode(n) for n in os.listxattr(proc_path(fd))]
-        return [v for v in map(_visible_xattr, names) if v is not None]
+        return [v for v in map(visible_xattr, names) if v is not None]
 
     @_locked
     def setxattr(self, vpath: bytes, name: bytes | str, value: bytes, flags: int = 0) -> None:
         key = self._xname(name, vpath)
         f = self._lookup(vpath)
-        self._copy_up(f)
+        self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
             os.setxattr(proc_path(fd), key, value, flags)
 
@@ -816,6 +955,6 @@ class OverlayFS:
             assert f.lower is not None
             if key not in f.lower.entry.xattrs:
                 raise OverlayError(errno.ENODATA, vpath)
-        self._copy_up(f)
+        self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
             os.removexattr(proc_path(fd), key)

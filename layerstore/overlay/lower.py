@@ -40,7 +40,7 @@ from ..digest import blake3_raw
 from ..errors import IntegrityError, NoEntryError, OverlayError
 from ..store import Store
 from ..store.chunks import decode_chunk
-from ..store.layers import iter_layer_values, list_dir, lookup
+from ..store.layers import list_dir, lookup, walk
 from ..store.records import (
     BLK,
     CHR,
@@ -122,7 +122,7 @@ class StoreLayers:
         self._files: dict[bytes, tuple[FileRecord, list[int]]] = {}
         self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
         self._chunk_bytes = 0
-        self._groups: dict[int, dict[int, int]] = {}
+        self._groups: dict[int, dict[int, list[bytes]]] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -132,22 +132,28 @@ class StoreLayers:
         """What names the layer in inode numbers: its diff_id."""
         return self.records[layer].diff_id.encode()
 
-    def group_size(self, layer: int, group: int) -> int:
-        """How many entries of a layer share hard-link group ``group`` (the layer is
-        scanned once, the first time one of its groups is asked for)."""
+    def _group_map(self, layer: int) -> dict[int, list[bytes]]:
+        """Hard-link group -> its paths, for one layer (scanned once, the first time)."""
         with self._lock:
-            sizes = self._groups.get(layer)
-        if sizes is None:
-            sizes = {}
+            groups = self._groups.get(layer)
+        if groups is None:
+            groups = {}
             env = self.store.env
             with env.read() as txn:
-                for value in iter_layer_values(txn, env, self.records[layer].layer_no):
-                    e = Entry.decode(value)
+                for vpath, e in walk(txn, env, self.records[layer].layer_no):
                     if e.link_group:
-                        sizes[e.link_group] = sizes.get(e.link_group, 0) + 1
+                        groups.setdefault(e.link_group, []).append(vpath)
             with self._lock:
-                self._groups[layer] = sizes
-        return sizes.get(group, 1)
+                self._groups[layer] = groups
+        return groups
+
+    def group_size(self, layer: int, group: int) -> int:
+        """How many entries of a layer share hard-link group ``group``."""
+        return len(self._group_map(layer).get(group, ())) or 1
+
+    def group_paths(self, layer: int, group: int) -> list[bytes]:
+        """The paths of a layer that share hard-link group ``group``."""
+        return list(self._group_map(layer).get(group, ()))
 
     def lookup(self, layer: int, vpath: bytes) -> Entry | None:
         env = self.store.env
@@ -298,6 +304,22 @@ class MergedLowers:
             child = self.resolve(join_vpath(vpath, name))
             if child is not None:
                 out.append((name, child))
+        return out
+
+    def links(self, node: Node) -> list[bytes]:
+        """The other paths of ``node``'s layer that are hard links of it and that the
+        merged lowers show as that same inode."""
+        if node.entry.type == DIR or not node.entry.link_group or node.nlink < 2:
+            return []
+        paths = getattr(self.layers, "group_paths", None)
+        if paths is None:
+            return []
+        out = []
+        for p in paths(node.layer, node.entry.link_group):
+            if p != node.vpath:
+                other = self.resolve(p)
+                if other is not None and other.ino == node.ino:
+                    out.append(p)
         return out
 
     def read(self, node: Node, offset: int, size: int) -> bytes:

@@ -21,7 +21,7 @@ import ctypes
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from ..errors import OverlayError
@@ -30,6 +30,22 @@ from ..errors import OverlayError
 OPAQUE_XATTR = b"trusted.overlay.opaque"
 #: prefix of the xattrs overlayfs keeps for itself (hidden from listxattr, refused to users)
 OVERLAY_XATTR_PREFIX = b"trusted.overlay."
+#: a regular file whose data is still in the lowers (metadata-only copy-up); its size is
+#: the upper file's (sparse), its content that of the lower file at the same path, or at
+#: ``REDIRECT_XATTR`` when that is set. Empty value: the kernel's format without verity.
+METACOPY_XATTR = b"trusted.overlay.metacopy"
+#: where the lowers have the data of a renamed metacopy file: an absolute path, or a name
+#: in the same directory (the kernel writes that form for a rename within one directory)
+REDIRECT_XATTR = b"trusted.overlay.redirect"
+#: ours: the inode number (8 bytes, big-endian) the object had in the lowers, so that
+#: st_ino stays the same across copy-up. Under ``trusted.overlay.`` so that neither the
+#: container nor kernel overlayfs shows it, and the container cannot forge it.
+ORIGIN_XATTR = b"trusted.overlay.layerstore.origin"
+#: a container's own ``trusted.overlay.X`` is stored escaped as ``trusted.overlay.overlay.X``
+#: and shown unescaped; overlayfs' real ``trusted.overlay.*`` xattrs are hidden. This is
+#: what kernel overlayfs does since Linux 6.7 (checked in tests/test_overlay_fs.py), so a
+#: container can neither see nor forge an opaque mark, a metacopy or a redirect.
+ESCAPED_XATTR_PREFIX = OVERLAY_XATTR_PREFIX + b"overlay."
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -67,6 +83,61 @@ def renameat2(src_fd: int, src: bytes, dst_fd: int, dst: bytes, flags: int = 0) 
     if _renameat2_fn(src_fd, src, dst_fd, dst, flags) != 0:
         e = ctypes.get_errno()
         raise OSError(e, os.strerror(e), dst)
+
+
+def escape_xattr(name: bytes) -> bytes:
+    """The stored name of an xattr the container names ``name``."""
+    if name.startswith(OVERLAY_XATTR_PREFIX):
+        return ESCAPED_XATTR_PREFIX + name[len(OVERLAY_XATTR_PREFIX):]
+    return name
+
+
+def visible_xattr(name: bytes) -> bytes | None:
+    """The name a stored xattr shows through the overlay, None for overlayfs' own."""
+    if name.startswith(ESCAPED_XATTR_PREFIX):
+        return OVERLAY_XATTR_PREFIX + name[len(ESCAPED_XATTR_PREFIX):]
+    if name.startswith(OVERLAY_XATTR_PREFIX):
+        return None
+    return name
+
+
+def xattrs_at(dir_fd: int, name: bytes,
+              keep: Callable[[bytes], bool] | None = None) -> dict[bytes, bytes]:
+    """The xattrs of ``name`` in ``dir_fd`` (those whose name ``keep`` accepts), without
+    following it: one listxattr, then a getxattr per name kept. None where the
+    filesystem has no xattrs."""
+    path = os.fsencode(proc_path(dir_fd)) + b"/" + name
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA):
+            return {}
+        raise
+    out = {}
+    for n in names:
+        key = os.fsencode(n)
+        if keep is None or keep(key):
+            try:
+                out[key] = os.getxattr(path, key, follow_symlinks=False)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+    return out
+
+
+def is_private_xattr(key: bytes) -> bool:
+    """overlayfs' own (``trusted.overlay.*``), not a container's escaped one."""
+    return key.startswith(OVERLAY_XATTR_PREFIX) and not key.startswith(ESCAPED_XATTR_PREFIX)
+
+
+def metacopy_source(vpath: bytes, redirect: bytes | None) -> bytes:
+    """The lower path with the data of the metacopy file at ``vpath``: its redirect
+    (absolute, or a name in the same directory), else ``vpath`` itself."""
+    if not redirect:
+        return vpath
+    if redirect.startswith(b"/"):
+        return redirect
+    return vpath.rsplit(b"/", 1)[0] + b"/" + redirect
 
 
 def is_whiteout(st: os.stat_result) -> bool:
