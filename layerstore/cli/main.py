@@ -14,9 +14,9 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import LayerstoreError
-from . import container_cmds, demo_cmds, image_cmds, store_cmds
+from . import bench_cmds, container_cmds, demo_cmds, image_cmds, store_cmds
 
-MODULES = [image_cmds, container_cmds, store_cmds, demo_cmds]
+MODULES = [image_cmds, container_cmds, store_cmds, demo_cmds, bench_cmds]
 
 
 def build_parser() -> argparse.ArgumentParser:

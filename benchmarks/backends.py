@@ -1,0 +1,362 @@
+"""The backends the suite compares: how each one gets a fresh mount over the same lowers.
+
+Every backend shows the same merged tree: the suite's image (two layers, bottom first:
+the root filesystem, then the benchmark files) over a writable upper.
+
+- ``dir``: a plain directory holding both layers copied together (the floor). It is one
+  persistent tree: each scenario undoes its change afterwards (untimed).
+- ``kernel``: kernel overlayfs, ``lowerdir=`` the two layer directories.
+- ``fuse-overlayfs``: the Debian package, the same options.
+- ``layerstore``: ``layerstore create`` + ``layerstore mount`` of the imported image (full
+  copy-up; ``--copy-up full`` when the CLI has the option).
+- ``layerstore-meta``: the same with ``--copy-up meta`` (metadata-only copy-up), present
+  when ``layerstore mount --help`` lists it.
+- ``layerstore-overlay``: the fuse-overlayfs-compatible console script over the same layer
+  directories, present when it is on PATH.
+
+The layerstore CLI is called in this process (``layerstore.cli.main.main``: the same code
+as the console script, without a Python start-up per mount); the daemon it forks serves
+the mount. Every other mount is a subprocess. ``Mounts`` remembers each live mount and
+the daemon pids behind it, so ``cleanup()`` can unmount and kill whatever is left, also
+after Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import common
+
+from layerstore.cli.bench_cmds import BACKENDS
+
+
+@dataclass
+class Data:
+    """The suite's data: layer directories (bottom first), the image in the store, the
+    plain-directory copy, and where fresh uppers and mountpoints go."""
+    layers: list[Path]
+    store: Path
+    image: str
+    plain: Path
+    scratch: Path
+
+    @property
+    def lowerdir(self) -> str:
+        """overlayfs ``lowerdir=`` value: topmost first."""
+        return ":".join(str(p) for p in reversed(self.layers))
+
+
+def is_mounted(mp: Path) -> bool:
+    target = str(mp).encode().replace(b" ", b"\\040")
+    with open("/proc/self/mounts", "rb") as f:
+        return any(len(line.split()) > 1 and line.split()[1] == target for line in f)
+
+
+def pids_serving(mp: Path) -> list[int]:
+    """Processes that have ``mp`` as one of their arguments (the daemon of a FUSE mount)."""
+    out = []
+    want = str(mp).encode()
+    for d in os.listdir("/proc"):
+        if not d.isdigit() or int(d) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{d}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if want in args:
+            out.append(int(d))
+    return out
+
+
+def force_unmount(mp: Path) -> None:
+    """Unmount ``mp`` whatever it is; lazily when busy; then kill the daemons serving it."""
+    pids = pids_serving(mp)
+    for cmd in (["umount", str(mp)], ["fusermount3", "-u", "-z", str(mp)],
+                ["umount", "-l", str(mp)]):
+        if not is_mounted(mp):
+            break
+        subprocess.run(cmd, capture_output=True)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
+
+
+class Backend:
+    name = "?"
+    persistent = False  # True: one tree for every measurement; scenarios undo their changes
+    description = ""
+
+    def __init__(self, data: Data):
+        self.data = data
+        self.root = data.scratch / self.name
+        self.mp = self.root / "mnt"
+        self.n = 0
+        self.mounted = False
+        self.daemon_pids: list[int] = []
+
+    def unavailable(self) -> str | None:
+        """Why this backend cannot run here (None: it can)."""
+        return None
+
+    def mount(self) -> Path:
+        """A fresh mount with a fresh, empty upper; returns the merged root."""
+        raise NotImplementedError
+
+    def umount(self) -> None:
+        """Unmount and throw the upper away (untimed)."""
+        raise NotImplementedError
+
+    def upper(self) -> Path | None:
+        return None
+
+    def cleanup(self) -> None:
+        """After the suite, also after errors and Ctrl-C: nothing stays mounted."""
+        if self.mp.exists() and is_mounted(self.mp):
+            force_unmount(self.mp)
+        for pid in self.daemon_pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.mounted = False
+
+    # helpers for the overlay-style backends
+    def _fresh_dirs(self) -> tuple[Path, Path]:
+        self.n += 1
+        up, wk = self.root / f"upper{self.n}", self.root / f"work{self.n}"
+        for d in (up, wk):
+            common.fresh_dir(d)
+        self.mp.mkdir(parents=True, exist_ok=True)
+        if is_mounted(self.mp):
+            force_unmount(self.mp)
+        return up, wk
+
+    def _drop_dirs(self) -> None:
+        for p in (self.root / f"upper{self.n}", self.root / f"work{self.n}"):
+            if p.exists():
+                common.rmtree(p)
+
+
+class PlainDir(Backend):
+    name = "dir"
+    persistent = True
+    description = "plain directory with both layers copied in (the floor; no copy-up)"
+
+    def mount(self) -> Path:
+        self.mounted = True
+        return self.data.plain
+
+    def umount(self) -> None:
+        self.mounted = False
+
+
+class Kernel(Backend):
+    name = "kernel"
+    fuse = False
+    description = "kernel overlayfs, lowerdir = the layer directories (default options)"
+
+    def options(self, up: Path, wk: Path) -> str:
+        return f"lowerdir={self.data.lowerdir},upperdir={up},workdir={wk}"
+
+    def unavailable(self) -> str | None:
+        if os.geteuid() != 0:
+            return "needs root to mount"
+        try:
+            self.mount()
+        except RuntimeError as exc:
+            return f"mount -t overlay failed: {exc}".splitlines()[0][:200]
+        self.umount()
+        return None
+
+    def mount_cmd(self, up: Path, wk: Path) -> list[str]:
+        return ["mount", "-t", "overlay", "overlay", "-o", self.options(up, wk), str(self.mp)]
+
+    def mount(self) -> Path:
+        up, wk = self._fresh_dirs()
+        common.run(self.mount_cmd(up, wk), timeout=120)
+        self.mounted = True
+        if self.fuse:
+            self.daemon_pids = pids_serving(self.mp)
+        return self.mp
+
+    def umount(self) -> None:
+        if is_mounted(self.mp):
+            common.run(["umount", self.mp])
+        self._wait_daemons()
+        self.mounted = False
+        self._drop_dirs()
+
+    def _wait_daemons(self, timeout: float = 30) -> None:
+        """Wait until the FUSE daemons of the mount are gone (none for the kernel)."""
+        deadline = time.monotonic() + timeout
+        for pid in self.daemon_pids:
+            while time.monotonic() < deadline and _alive(pid):
+                time.sleep(0.01)
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        self.daemon_pids = []
+
+    def upper(self) -> Path:
+        return self.root / f"upper{self.n}"
+
+
+class FuseOverlayfs(Kernel):
+    """fuse-overlayfs, and anything that takes its command line (layerstore-overlay)."""
+    name = "fuse-overlayfs"
+    program = "fuse-overlayfs"
+    fuse = True
+    description = "fuse-overlayfs (Debian package), the same lowerdir/upperdir/workdir"
+
+    def unavailable(self) -> str | None:
+        if shutil.which(self.program) is None:
+            return f"`{self.program}` is not installed"
+        if not os.path.exists("/dev/fuse"):
+            return "/dev/fuse is missing"
+        return Kernel.unavailable(self)
+
+    def mount_cmd(self, up: Path, wk: Path) -> list[str]:
+        return [self.program, "-o", self.options(up, wk), str(self.mp)]
+
+
+class LayerstoreOverlay(FuseOverlayfs):
+    name = "layerstore-overlay"
+    program = "layerstore-overlay"
+    description = "`layerstore-overlay` (fuse-overlayfs-compatible) over the layer directories"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return False
+
+
+def layerstore_cli(*args: str | os.PathLike[str]) -> str:
+    """Run the layerstore CLI in this process; its stdout, or RuntimeError with stderr."""
+    from layerstore.cli.main import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    if rc:
+        raise RuntimeError(f"layerstore {' '.join(map(str, args))}: exit {rc}: "
+                           f"{err.getvalue().strip()}")
+    return out.getvalue()
+
+
+def copy_up_modes() -> list[str]:
+    """The values of ``layerstore mount --copy-up`` ([] when the option does not exist)."""
+    proc = subprocess.run([sys.executable, "-m", "layerstore", "mount", "--help"],
+                          capture_output=True, text=True, env=common.ls_env())
+    text = proc.stdout
+    if "--copy-up" not in text:
+        return []
+    import re
+    m = re.search(r"--copy-up\s*\{([^}]*)\}", text)
+    return [s.strip() for s in m.group(1).split(",")] if m else ["full"]
+
+
+class Layerstore(Backend):
+    name = "layerstore"
+    mode: str | None = "full"
+    description = "`layerstore create` + `layerstore mount` (full copy-up)"
+
+    def __init__(self, data: Data, copy_up_option: bool):
+        super().__init__(data)
+        self.copy_up_option = copy_up_option
+        self.cid: str | None = None
+
+    def unavailable(self) -> str | None:
+        if not os.path.exists("/dev/fuse"):
+            return "/dev/fuse is missing"
+        try:
+            self.mount()
+        except RuntimeError as exc:
+            return str(exc).splitlines()[0][:200]
+        self.umount()
+        return None
+
+    def mount(self) -> Path:
+        self.mp.mkdir(parents=True, exist_ok=True)
+        if is_mounted(self.mp):
+            force_unmount(self.mp)
+        root = self.data.store
+        self.cid = layerstore_cli("--root", root, "create", self.data.image, "-q").strip()
+        extra = ["--copy-up", self.mode] if self.copy_up_option and self.mode else []
+        layerstore_cli("--root", root, "mount", self.cid, self.mp, *extra)
+        self.mounted = True
+        from layerstore.fuse import daemon
+        st = daemon.read_state(root, self.cid) or {}
+        self.daemon_pids = [st["pid"]] if st.get("pid") else []
+        return self.mp
+
+    def umount(self) -> None:
+        root = self.data.store
+        if self.cid is not None:
+            if is_mounted(self.mp):
+                layerstore_cli("--root", root, "umount", self.mp)
+            layerstore_cli("--root", root, "rm", "--force", self.cid)
+            self.cid = None
+        self.mounted = False
+        self.daemon_pids = []
+
+    def upper(self) -> Path | None:
+        return self.data.store / "containers" / self.cid / "upper" if self.cid else None
+
+    def cleanup(self) -> None:
+        super().cleanup()
+        if self.cid is not None:
+            with contextlib.suppress(Exception):
+                layerstore_cli("--root", self.data.store, "rm", "--force", self.cid)
+            self.cid = None
+
+
+class LayerstoreMeta(Layerstore):
+    name = "layerstore-meta"
+    mode = "meta"
+    description = "`layerstore mount --copy-up meta` (metadata-only copy-up)"
+
+
+ALL = BACKENDS
+
+
+def make_backends(data: Data, wanted: list[str]) -> tuple[list[Backend], dict[str, str]]:
+    """The wanted backends that can run here, and the reasons for the others."""
+    modes = copy_up_modes()
+    makers: dict[str, Callable[[], Backend]] = {
+        "dir": lambda: PlainDir(data),
+        "kernel": lambda: Kernel(data),
+        "fuse-overlayfs": lambda: FuseOverlayfs(data),
+        "layerstore": lambda: Layerstore(data, "full" in modes),
+        "layerstore-meta": lambda: LayerstoreMeta(data, True),
+        "layerstore-overlay": lambda: LayerstoreOverlay(data),
+    }
+    ok, skipped = [], {}
+    for name in wanted:
+        if name == "layerstore-meta" and "meta" not in modes:
+            skipped[name] = ("`layerstore mount` has no `--copy-up meta` option yet"
+                             if not modes else f"`--copy-up` offers only {', '.join(modes)}")
+            continue
+        b = makers[name]()
+        try:
+            why = b.unavailable()
+        finally:
+            b.cleanup()
+        if why:
+            skipped[name] = why
+        else:
+            ok.append(b)
+    return ok, skipped

@@ -1,0 +1,47 @@
+"""`layerstore bench --quick` through the CLI: the suite runs end to end and writes its
+JSON, Markdown and chart, with samples for every backend that can run here and every
+scenario. No timing assertions (CI machines are noisy); the numbers are only looked at
+for being there."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.fuse]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts overlayfs and FUSE, drops caches: root")
+def test_bench_quick(tmp_path: Path) -> None:
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = subprocess.run([sys.executable, "-m", "layerstore", "bench", "--quick",
+                           "--out", str(out), "--work", str(work)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for ext in ("json", "md", "png"):
+        assert (out / f"suite-quick.{ext}").stat().st_size > 0, ext
+    res = json.loads((out / "suite-quick.json").read_text())
+    backends = set(res["backends"])
+    assert {"dir", "layerstore"} <= backends, res["skipped"]
+    for name, why in res["skipped"].items():
+        assert why, name  # every skip says why
+    errors = "\n".join(f"{e['backend']} {e['key']}: {e['error'][:300]}" for e in res["errors"])
+    have = {(s["backend"], s["scenario"]) for s in res["samples"]}
+    missing = [(b, n) for n in range(1, 8) for b in sorted(backends) if (b, n) not in have]
+    assert not missing, f"no samples for {missing}\nerrors:\n{errors}"
+    s8 = {s["backend"] for s in res["samples"] if s["scenario"] == 8}
+    assert {"layerstore import", "tar -x", "layerstore commit", "layerstore store"} <= s8, errors
+    for s in res["samples"]:
+        assert s["value"] > 0 and {"metric", "unit", "run", "params"} <= set(s), s
+    for key in ("date", "uname_a", "packages", "tool_versions"):
+        assert res["machine"].get(key), key
+    md = (out / "suite-quick.md").read_text()
+    assert "### The issue's bars" in md and ("PASS" in md or "MISS" in md)
+    # nothing stays mounted under the work directory
+    mounts = Path("/proc/self/mounts").read_text()
+    assert str(work) not in mounts
