@@ -26,12 +26,14 @@ corrupt binary values such as ``security.capability``.
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import tarfile
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any, Callable
+from typing import Any
 
 from ..digest import blake3_raw
 from ..errors import InvalidLayerError
@@ -47,6 +49,7 @@ OPAQUE_MARKER = b".wh..wh..opq"
 
 TAR_BUFSIZE = 1 << 20
 READ_AHEAD = 1 << 20
+FRAMES_FLUSH = 1 << 20
 BLOCK = 512
 ZERO_BLOCK = bytes(BLOCK)
 
@@ -74,6 +77,9 @@ class TarSplitter:
         #: and the hash sees big updates.
         self.ahead = b""
         self.ahead_off = 0
+        #: header-stream frames not yet handed to ``out`` (one write per ~1 MiB, not two
+        #: per member)
+        self.frames = bytearray()
 
     def _fill(self, n: int) -> bytes:
         data = self.raw.read(n)
@@ -165,13 +171,20 @@ class TarSplitter:
         if size:
             batch.add_chunk(digest, data)
         batch.add_file(digest, FileRecord(size, [(digest, size)] if size else []))
-        self.out.write(file_frame(digest, size))
+        self.file_ref(digest, size)
         return digest, size
 
     def _raw(self, data: bytes | bytearray | memoryview) -> None:
         if data:
-            self.out.write(raw_frame_header(len(data)))
-            self.out.write(data)
+            frames = self.frames
+            frames += raw_frame_header(len(data))
+            frames += data
+            if len(frames) >= FRAMES_FLUSH:
+                self.flush_frames()
+
+    def flush_frames(self) -> None:
+        self.out.write(self.frames)
+        self.frames = bytearray()
 
     def copy_payload(self, size: int, fw: FileWriter, what: str) -> None:
         """Bytes [cut, pos) are verbatim; the next ``size`` bytes are file data."""
@@ -187,7 +200,7 @@ class TarSplitter:
         self.cut = self.pos
 
     def file_ref(self, digest: bytes, size: int) -> None:
-        self.out.write(file_frame(digest, size))
+        self.frames += file_frame(digest, size)
 
     def finish(self, members_end: int, what: str) -> None:
         """Read to EOF, check the end-of-archive block, flush the verbatim tail."""
@@ -200,6 +213,7 @@ class TarSplitter:
         self._raw(self.pending)
         self.pending = bytearray()
         self.cut = self.pos
+        self.flush_frames()
 
 
 @dataclass
@@ -279,13 +293,32 @@ _PAX_KEYS = frozenset((b"path", b"linkpath", b"size", b"uid", b"gid", b"mtime", 
                        b"ctime", b"uname", b"gname"))
 #: longer GNU long names or PAX headers go through tarfile
 _MAX_EXT = 1 << 20
+#: mode, uid, gid, size, mtime and checksum (header bytes 100-156) as GNU tar and tarfile
+#: write them: zero-padded octal ending in NUL; the checksum as 6 digits, NUL, space (or
+#: 7 digits and NUL or space). Parsed with int() they give what tarfile.nti gives; any
+#: other spelling goes through ``_oct``.
+_NUMBERS = re.compile(rb"([0-7]{7})\0([0-7]{7})\0([0-7]{7})\0([0-7]{11})\0([0-7]{11})\0"
+                      rb"([0-7]{6}\0 |[0-7]{7}[\0 ])")
+_ZERO_NUMBERS = frozenset((bytes(8), b"0000000\0", b"0000000 "))
 
 
 class Member:
     """One tar member as the importer needs it: names as bytes, mtime in ns."""
 
-    __slots__ = ("name", "linkname", "type", "mode", "uid", "gid", "size", "mtime_ns",
-                 "devmajor", "devminor", "xattrs", "info")
+    __slots__ = (
+        "devmajor",
+        "devminor",
+        "gid",
+        "info",
+        "linkname",
+        "mode",
+        "mtime_ns",
+        "name",
+        "size",
+        "type",
+        "uid",
+        "xattrs",
+    )
 
     def __init__(self, name: bytes, linkname: bytes, type_: bytes, mode: int, uid: int,
                  gid: int, size: int, mtime_ns: int, devmajor: int, devminor: int,
@@ -358,11 +391,18 @@ def _fast_member(tee: TarSplitter) -> Member | object:
     while True:
         (name, mode, uid, gid, size, mtime, chksum, typ, linkname, _magic, _version,
          _uname, _gname, devmajor, devminor, prefix) = _HEADER.unpack_from(buf, off)
-        if sum(buf[off:off + BLOCK]) - sum(chksum) + 256 != _oct(chksum):
+        nums = _NUMBERS.match(buf, off + 100)
+        if nums is not None:  # as GNU tar and tarfile write them
+            mode_i, uid_i, gid_i, size_i, mtime_i, chk_i = (
+                int(nums[1], 8), int(nums[2], 8), int(nums[3], 8), int(nums[4], 8),
+                int(nums[5], 8), int(nums[6][:7].rstrip(b"\0 "), 8))
+        else:
+            mode_i, uid_i, gid_i, size_i, mtime_i, chk_i = (
+                _oct(mode), _oct(uid), _oct(gid), _oct(size), _oct(mtime), _oct(chksum))
+        if sum(buf[off:off + BLOCK]) - sum(chksum) + 256 != chk_i:
             raise _Fallback  # tarfile also accepts the signed sum, or says "bad checksum"
-        mode_i, uid_i, gid_i, size_i, mtime_i = (_oct(mode), _oct(uid), _oct(gid),
-                                                 _oct(size), _oct(mtime))
-        major, minor = _oct(devmajor), _oct(devminor)
+        major = 0 if devmajor in _ZERO_NUMBERS else _oct(devmajor)
+        minor = 0 if devminor in _ZERO_NUMBERS else _oct(devminor)
         if typ in (b"L", b"K", b"x"):
             blocks = -(-size_i // BLOCK) * BLOCK
             if size_i > _MAX_EXT:
@@ -392,15 +432,15 @@ def _fast_member(tee: TarSplitter) -> Member | object:
             continue
         break
     # The name as tarfile makes it (frombuf, then _proc_gnulong / _apply_pax_info).
-    name_b = _nts(name)
+    name_b = name.partition(b"\0")[0]
     if typ == b"\0" and name_b.endswith(b"/"):
         typ = b"5"  # old V7 directory
     if typ == b"5":
         name_b = name_b.rstrip(b"/")
-    prefix_b = _nts(prefix)
+    prefix_b = prefix.partition(b"\0")[0]
     if prefix_b:
         name_b = prefix_b + b"/" + name_b
-    link_b = _nts(linkname)
+    link_b = linkname.partition(b"\0")[0]
     mtime_ns = mtime_i * 1_000_000_000
     xattrs: dict[bytes, bytes] = {}
     if pax is not None:
@@ -517,6 +557,9 @@ def read_layer_tar(
                 except _Fallback:
                     tf = tarfile.open(fileobj=tee, mode="r:",  # type: ignore[call-overload]
                                       encoding="utf-8", errors="surrogateescape")
+                    if tf.firstmember is None:  # what it read ends the members
+                        members_end = tf.offset
+                        break
                     continue
                 if m is _END:
                     members_end = tee.pos

@@ -39,6 +39,10 @@ MIN_SAVING = 0.10
 #: How much of a file is buffered before it is cut (a multiple of the max chunk size).
 CUT_WINDOW = 4 << 20
 
+#: The batch writer drops the LMDB map pages it has touched every this many gets or puts
+#: (``Env.release_map``): each one can map ~64 KiB, so this bounds them to a few MiB.
+RELEASE_EVERY = 64
+
 
 @dataclass(frozen=True)
 class ChunkParams:
@@ -155,6 +159,9 @@ class ChunkBatch:
         self.stored_bytes = 0  #: bytes of values written for those chunks
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: Future[None] | None = None
+        #: zstd threads: 1 while the caller cuts and hashes on the other core, 2 for the
+        #: last batch, which the caller only waits for
+        self._threads = 1
 
     def add_chunk(self, digest: bytes, data: bytes | memoryview) -> None:
         if digest in self.seen:
@@ -188,6 +195,8 @@ class ChunkBatch:
     def close(self) -> None:
         """Write everything pending and wait for it (also stops the writer thread)."""
         try:
+            self._wait()
+            self._threads = 2
             self._hand_off()
             self._wait()
         finally:
@@ -206,28 +215,40 @@ class ChunkBatch:
             self.close()
 
     def _write(self, chunks: dict[bytes, bytes], files: dict[bytes, bytes]) -> None:
-        chunks_db, files_db = self.env.db("chunks"), self.env.db("files")
-        with self.env.read() as txn:
-            missing = [d for d in chunks if txn.get(d, db=chunks_db) is None]
+        env = self.env
+        chunks_db, files_db = env.db("chunks"), env.db("files")
+        missing = []
+        with env.read() as txn:
+            for i, d in enumerate(chunks):
+                if txn.get(d, db=chunks_db) is None:
+                    missing.append(d)
+                if i % RELEASE_EVERY == RELEASE_EVERY - 1:
+                    env.release_map()
         values = self._encode([chunks[d] for d in missing])
 
         def put(txn: lmdb.Transaction) -> None:
-            for d, v in zip(missing, values):
-                txn.put(d, v, db=chunks_db, overwrite=False)
-            for d, v in files.items():
-                txn.put(d, v, db=files_db, overwrite=False)
+            n = 0
+            for db, items in ((chunks_db, zip(missing, values)), (files_db, files.items())):
+                for d, v in items:
+                    txn.put(d, v, db=db, overwrite=False)
+                    n += 1
+                    if n % RELEASE_EVERY == 0:
+                        env.release_map()
 
-        self.env.write(put)
-        self.env.release_map()
+        env.write(put)
+        env.release_map()
+        env.start_writeback()
         self.new_chunk_bytes += sum(len(chunks[d]) for d in missing)
         self.stored_bytes += sum(len(v) for v in values)
 
     def _encode(self, payloads: list[bytes]) -> list[bytes]:
         if self._compressor is None or not payloads:
             return [b"\x00" + p for p in payloads]
+        compressed: Any
         if len(payloads) > 8:
-            res = self._compressor.multi_compress_to_buffer(payloads, threads=1)
-            compressed = [res[i].tobytes() for i in range(len(payloads))]
+            # segments of one buffer: each is copied once, into its value below
+            compressed = self._compressor.multi_compress_to_buffer(payloads,
+                                                                   threads=self._threads)
         else:
             compressed = [self._compressor.compress(p) for p in payloads]
         out = []

@@ -85,6 +85,9 @@ class LayerBuilder:
         self.entries: dict[bytes, Entry] = {}
         self._next_group = 1
         self._has_symlinks = False  #: resolve() has nothing to follow until one is added
+        #: resolve()'s answers for parent paths; they depend only on this layer's
+        #: symlinks, so the cache is emptied whenever one may have come or gone
+        self._resolved: dict[bytes, bytes] = {}
 
     # -- paths -----------------------------------------------------------------------
 
@@ -97,6 +100,10 @@ class LayerBuilder:
         """
         if vpath == b"/" or not self._has_symlinks:
             return vpath
+        parent, _, name = vpath.rpartition(b"/")
+        cached = self._resolved.get(parent)
+        if cached is not None:
+            return cached + b"/" + name
         parts = vpath[1:].split(b"/")
         pending = parts[-2::-1]  #: parent components still to walk (a stack)
         cur = b""  #: the resolved parent path so far ("" is the root)
@@ -122,6 +129,7 @@ class LayerBuilder:
                 pending.extend(e.target.split(b"/")[::-1])
                 continue
             cur = cand
+        self._resolved[parent] = cur
         return cur + b"/" + parts[-1]
 
     def _ensure_parents(self, vpath: bytes) -> None:
@@ -149,6 +157,8 @@ class LayerBuilder:
         if vpath != b"/":
             self._ensure_parents(vpath)
         old = self.entries.get(vpath)
+        if entry.type == SYMLINK or (old is not None and old.type in (SYMLINK, DIR)):
+            self._resolved.clear()  # a symlink may come, go, or be dropped with children
         if old is not None:
             if entry.type == DIR and old.type == DIR:
                 entry.flags |= old.flags & OPAQUE

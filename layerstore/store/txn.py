@@ -38,20 +38,45 @@ MAX_MAP_SIZE = 1 << 44
 
 
 _MADV_DONTNEED = 4
+_SYNC_FILE_RANGE_WRITE = 2
+_libc: Any = None
 
 
-def _madvise_dontneed(path: str) -> None:
-    try:
+def _c() -> Any:
+    """libc through ctypes (madvise, sync_file_range); calls release the GIL."""
+    global _libc
+    if _libc is None:
         import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
+        lib = ctypes.CDLL(None, use_errno=True)
+        lib.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+        lib.sync_file_range.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                        ctypes.c_uint)
+        _libc = lib
+    return _libc
+
+
+def _madvise(ranges: list[tuple[int, int]], advice: int) -> None:
+    try:
+        libc = _c()
+        for lo, hi in ranges:
+            libc.madvise(lo, hi - lo, advice)
+    except (OSError, AttributeError):
+        pass  # an optimisation only
+
+
+def _mapped_ranges(path: str) -> list[tuple[int, int]]:
+    """Where ``path`` is mapped in this process (from /proc/self/maps)."""
+    out = []
+    try:
         with open("/proc/self/maps") as f:
             for line in f:
                 if line.rstrip().endswith(path):
                     lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
-                    libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
-    except (OSError, ValueError, AttributeError):
-        pass  # an optimisation only
+                    out.append((lo, hi))
+    except (OSError, ValueError):
+        pass
+    return out
 
 
 class Env:
@@ -59,6 +84,8 @@ class Env:
 
     def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False):
         self.path = path
+        #: where data.mdb is mapped; found again after anything that remaps it
+        self._map_ranges: list[tuple[int, int]] | None = None
         try:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True)
@@ -103,7 +130,7 @@ class Env:
                 txn = self.env.begin(write=False, buffers=False)
                 break
             except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
+                self._set_mapsize(0)
         else:  # pragma: no cover - the map cannot keep growing under us
             raise StoreError("store map kept resizing; try again")
         try:
@@ -120,7 +147,7 @@ class Env:
             try:
                 txn = self.env.begin(write=True)
             except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
+                self._set_mapsize(0)
                 continue
             try:
                 result = fn(txn)
@@ -131,7 +158,7 @@ class Env:
                 self._grow()
             except lmdb.MapResizedError:
                 txn.abort()
-                self.env.set_mapsize(0)
+                self._set_mapsize(0)
             except lmdb.DiskError as exc:
                 txn.abort()
                 raise StoreError(f"store disk error: {exc}") from exc
@@ -148,24 +175,54 @@ class Env:
         size = self.env.info()["map_size"]
         if size >= MAX_MAP_SIZE:
             raise StoreError("store map is at its maximum size")
-        self.env.set_mapsize(min(size * 2, MAX_MAP_SIZE))
+        self._set_mapsize(min(size * 2, MAX_MAP_SIZE))
+
+    def _set_mapsize(self, size: int) -> None:
+        self._map_ranges = None  # LMDB maps the file anew
+        self.env.set_mapsize(size)
 
     def release_map(self) -> None:
         """Unmap the pages of the data file that this process has touched.
 
-        LMDB leaves every page it wrote or read mapped in the process, so a long import
-        would show the whole store it wrote as resident memory. The map is a shared file
-        mapping: MADV_DONTNEED only drops this process's page-table entries; the data
-        stays in the page cache and on disk, and a later access maps it again.
-        Call with no transaction open in this process.
+        LMDB reads its B-tree through a shared, read-only map of data.mdb, and the
+        kernel's fault-around maps up to 16 neighbouring pages with every page read, when
+        they are in the page cache. During an import they are: they are the chunk values
+        it has just written. So each leaf page an import looks at brings ~64 KiB of
+        unrelated chunk data into its resident set; a 1 GiB import looked at enough
+        leaves to show 200+ MiB of the map as resident memory. MADV_DONTNEED only drops
+        this process's page-table entries: the data stays in the page cache and on disk,
+        and the next access maps it again. It is safe at any time, also inside a
+        transaction, because the map is never written through (no ``writemap``): dirty
+        pages of a write transaction live in LMDB's own heap buffers until the commit.
+        Cheap (one madvise) after the first call, so writers call it every few hundred
+        operations.
         """
-        _madvise_dontneed(str(self.path / "data.mdb"))
+        if self._map_ranges is None:
+            self._map_ranges = _mapped_ranges(str(self.path / "data.mdb"))
+        _madvise(self._map_ranges, _MADV_DONTNEED)
+
+    def start_writeback(self) -> None:
+        """Start writing the data file's dirty pages to disk, without waiting
+        (sync_file_range(SYNC_FILE_RANGE_WRITE)). Commits do not fsync (``sync=False``);
+        an import calls this after each batch so that the disk works while it goes on,
+        and the ``sync()`` at the end of the command waits only for the rest."""
+        try:
+            fd = os.open(self.path / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return
+        try:
+            _c().sync_file_range(fd, 0, 0, _SYNC_FILE_RANGE_WRITE)
+        except (OSError, AttributeError):
+            pass  # an optimisation only
+        finally:
+            os.close(fd)
 
     def sync(self) -> None:
         self.env.sync(True)
 
     def close(self) -> None:
         """Make every commit durable, then close."""
+        self._map_ranges = []  # never madvise an address range that is not ours any more
         try:
             self.env.sync(True)
         except lmdb.Error:
