@@ -43,7 +43,8 @@ EXPECTED_DIFF = [
 
 
 def _make_changes(m: Path) -> bool:
-    """The changes; returns whether a user xattr could be set (the upper's filesystem)."""
+    """The changes (see ``_expected_diff``); returns whether a user xattr could be set
+    (the upper's filesystem)."""
     (m / "newfile.txt").write_bytes(b"hello\n")
     os.utime(m / "newfile.txt", ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
     (m / "newdir/sub").mkdir(parents=True)
@@ -61,12 +62,20 @@ def _make_changes(m: Path) -> bool:
     os.chmod(m / "etc/group", 0o600)  # with --copy-up meta: no data copied, for these two
     os.rename(m / "app-data/blob.bin", m / "blob-moved")
     os.setxattr(m / "etc/group", "trusted.overlay.mine", b"container's own")
+    shutil.rmtree(m / "bin")  # a lower directory replaced by a file
+    (m / "bin").write_bytes(b"not a directory\n")
     try:
         os.setxattr(m / "newfile.txt", "user.test", b"value")
         return True
     except OSError as exc:
         assert exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP)
         return False
+
+
+def _expected_diff(bin_names: list[str]) -> list[str]:
+    """EXPECTED_DIFF, plus the lower /bin (this machine's binaries) replaced by a file."""
+    extra = ["C /bin"] + [f"D /bin/{n}" for n in bin_names]
+    return sorted(EXPECTED_DIFF + extra, key=lambda line: line[2:].encode())
 
 
 def _without_links(manifest: dict) -> dict:
@@ -78,6 +87,9 @@ def test_diff_and_commit(demo, cli, root: Path, mnt: Path, tmp_path: Path, copy_
     cli("create", "demo:app", "--name", "c1")
     assert cli("diff", "c1").stdout == ""
     cli("mount", "c1", mnt, "--copy-up", copy_up)
+    bin_names = sorted(os.listdir(mnt / "bin"))
+    assert bin_names
+    expected_diff = _expected_diff(bin_names)
     has_xattr = _make_changes(mnt)
     upper = Path(next(c for c in json.loads(cli("ps", "--json").stdout) if c["name"] == "c1")["upper"])
     for rel in ("etc/group", "blob-moved"):  # metacopy files whose data is in the image
@@ -88,11 +100,11 @@ def test_diff_and_commit(demo, cli, root: Path, mnt: Path, tmp_path: Path, copy_
         assert want[b"newfile.txt"]["xattrs"] == {b"user.test": b"value"}
 
     # diff while mounted (reads the upper as it is)
-    assert cli("diff", "c1").stdout.splitlines() == EXPECTED_DIFF
+    assert cli("diff", "c1").stdout.splitlines() == expected_diff
     cli("umount", mnt)
-    assert cli("diff", "c1").stdout.splitlines() == EXPECTED_DIFF
+    assert cli("diff", "c1").stdout.splitlines() == expected_diff
     rows = json.loads(cli("diff", "c1", "--json").stdout)
-    assert [f"{r['kind']} {r['path']}" for r in rows] == EXPECTED_DIFF
+    assert [f"{r['kind']} {r['path']}" for r in rows] == expected_diff
 
     image_id = cli("commit", "c1", "new:1").stdout.strip()
     assert image_id.startswith("sha256:") and len(image_id) == 71

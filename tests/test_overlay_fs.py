@@ -163,9 +163,11 @@ def ours(ofs: OverlayFS, op: str, *a: Any) -> Any:
     if op == "open_trunc":
         ofs.release(ofs.open(a[0], os.O_WRONLY | os.O_TRUNC))
         return None
-    if op == "create":
-        ofs.release(ofs.create(a[0], a[1], os.O_WRONLY))
+    if op == "create":  # owned by the caller, root, as the FUSE adapter passes it
+        ofs.release(ofs.create(a[0], a[1], os.O_WRONLY, uid=0, gid=0))
         return None
+    if op == "mkdir":
+        return ofs.mkdir(a[0], a[1], uid=0, gid=0)
     if op == "listdir":
         return [n for n, _ in ofs.readdir(a[0])]
     if op == "listxattr":
@@ -752,6 +754,14 @@ SCRIPT: list[tuple] = [
     ("rename", b"/app2", b"/var/cache/app"),
     ("listdir", b"/var/cache/app"),
     ("rmdir", b"/var/cache/app"),
+    # a setgid directory: what is made in it takes its group, directories stay setgid
+    ("mkdir", b"/sg", 0o755),
+    ("chown", b"/sg", 0, 1234),
+    ("chmod", b"/sg", 0o2775),
+    ("create", b"/sg/f", 0o644),
+    ("mkdir", b"/sg/d", 0o755),
+    ("stat", b"/sg/f"),
+    ("stat", b"/sg/d"),
 ]
 
 

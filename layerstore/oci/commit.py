@@ -7,8 +7,8 @@ never through a symlink.
 
 ``diff``: like ``docker diff``. A whiteout is ``D`` (when the lowers have the path); an
 upper entry whose path the image's merged lowers have is ``C``, else ``A``; an opaque
-directory that exists below is ``C`` and the lower children it hides (and the upper
-does not replace) are ``D``.
+directory, or a non-directory, where the lowers have a directory is ``C`` and the lower
+children it hides (and the upper does not replace) are ``D``.
 
 ``commit``: the upper becomes an uncompressed PAX layer tar, deterministic (entries
 sorted by path, a directory before its contents; numeric owners, no user/group names):
@@ -127,8 +127,8 @@ def changes(store: Store, ref: str) -> list[tuple[str, str]]:
                 out[e.vpath] = "D"
             continue
         out[e.vpath] = "C" if below else "A"
-        if e.opaque and below:
-            opaque_dirs.append(e.vpath)
+        if below and (e.opaque or not stat.S_ISDIR(e.st.st_mode)):
+            opaque_dirs.append(e.vpath)  # hides what the lowers have below it
     for d in opaque_dirs:
         node = lowers.resolve(d)
         if node is None or node.entry.type != DIR:

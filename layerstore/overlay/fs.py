@@ -521,31 +521,35 @@ class OverlayFS:
     def _make(self, vpath: bytes, make: Callable[[int, bytes], None], is_dir: bool = False,
               uid: int | None = None, gid: int | None = None) -> None:
         """Create a new entry with ``make(dir_fd, name)``: directly in the upper, or, over a
-        whiteout, in the work directory and then swapped in (a directory made over a
-        whiteout is opaque, as the kernel makes it). Requires ``_lock``."""
+        whiteout, in the work directory and then swapped in. A new directory is opaque
+        when made over a whiteout or in a directory that merges with a lower one, as the
+        kernel makes it. Requires ``_lock``."""
         parent, name = _split(vpath)
         if name == b".":
             raise OverlayError(errno.EEXIST, vpath)
-        self._lookup_dir(parent)
+        merged_parent = self._lookup_dir(parent).lower is not None
         if self._find(vpath) is not None:
             raise OverlayError(errno.EEXIST, vpath)
         with self._dirfd(parent) as pfd:
             st = lstat_at(pfd, name)
             if st is not None and not is_whiteout(st):
                 raise OverlayError(errno.EEXIST, vpath)
+            pst = os.fstat(pfd)
+            setgid = bool(pst.st_mode & stat.S_ISGID)
+            if setgid:  # BSD group semantics, as the kernel gives them in a setgid dir
+                gid = pst.st_gid
             if st is None:
                 make(pfd, name)
-                if uid is not None or gid is not None:
-                    os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
-                             dir_fd=pfd, follow_symlinks=False)
+                self._own(pfd, name, uid, gid, setgid and is_dir)
+                if is_dir and merged_parent:  # as the kernel: no lower lookups below it
+                    os.setxattr(proc_path(pfd) + "/" + os.fsdecode(name), OPAQUE_XATTR, b"y",
+                                follow_symlinks=False)
                 return
             tmp = self._tmp_name()
             wfd = self.work_fd
             try:
                 make(wfd, tmp)
-                if uid is not None or gid is not None:
-                    os.chown(tmp, -1 if uid is None else uid, -1 if gid is None else gid,
-                             dir_fd=wfd, follow_symlinks=False)
+                self._own(wfd, tmp, uid, gid, setgid and is_dir)
                 if is_dir:
                     os.setxattr(proc_path(wfd) + "/" + os.fsdecode(tmp), OPAQUE_XATTR, b"y")
                     renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)  # the whiteout goes to work
@@ -553,6 +557,19 @@ class OverlayFS:
                     os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
             finally:
                 remove_tree_at(wfd, tmp)
+
+    @staticmethod
+    def _own(dfd: int, name: bytes, uid: int | None, gid: int | None, setgid_dir: bool) -> None:
+        """Give a new entry its owner; a directory made in a setgid directory is setgid."""
+        if uid is not None or gid is not None:
+            os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
+                     dir_fd=dfd, follow_symlinks=False)
+        if setgid_dir:
+            fd = open_dir_at(dfd, name)
+            try:
+                os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_ISGID)
+            finally:
+                os.close(fd)
 
     @contextmanager
     def _leaf(self, vpath: bytes) -> Iterator[tuple[int, bytes]]:
