@@ -330,7 +330,10 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"## layerstore benchmark suite{' (--quick)' if result['quick'] else ''}", "",
              f"Date {m['date']}; {m['cpu']}, {m['nproc']} CPUs, {m['mem_total_mib']} MiB RAM; "
              f"kernel `{m['uname_a']}`; Python {m['python']}; layerstore "
-             f"{m['packages'].get('layerstore')} (commit {str(m.get('git_commit'))[:10]}); "
+             f"{m['packages'].get('layerstore')} (commit {str(m.get('git_commit'))[:10]}"
+             + (f", with uncommitted changes in "
+                f"{len(m['git_at_start']['dirty_files'])} files"
+                if m.get("git_at_start", {}).get("dirty_files") else "") + "); "
              + "; ".join(f"{k} {v}" for k, v in m.get("tool_versions", {}).items() if v)
              + ".", "",
              f"Command: `{result['command']}`. Runs: {result['runs']} (medians; min-max in "
@@ -509,8 +512,30 @@ def main(argv: list[str] | None = None) -> int:
     return run(parse(args), " ".join(["python3 benchmarks/suite.py", *args]))
 
 
+def import_layerstore() -> None:
+    """Import every layerstore module now. The mount daemons are forks of this process and
+    would otherwise import the overlay and FUSE code from the working tree at each mount:
+    a tree being edited mid-run must not change the code under test."""
+    import importlib
+    import pkgutil
+
+    import layerstore
+    for m in pkgutil.walk_packages(layerstore.__path__, "layerstore."):
+        if not m.name.endswith("__main__"):
+            importlib.import_module(m.name)
+
+
+def git_state() -> dict[str, Any]:
+    """The commit measured, and the files that differed from it (a shared working tree)."""
+    out = subprocess.run(["git", "-C", str(common.REPO), "status", "--porcelain",
+                          "--untracked-files=no"], capture_output=True, text=True).stdout
+    return {"dirty_files": [line[3:] for line in out.splitlines()]}
+
+
 def run(a: argparse.Namespace, command: str) -> int:
     """The suite with parsed options (``layerstore bench`` calls this)."""
+    import_layerstore()
+    git = git_state()
     a.out = a.out or common.DEFAULT_OUT
     a.work = a.work or common.DEFAULT_WORK
     cfg = sc.QUICK if a.quick else sc.ISSUE if a.issue_sizes else sc.FULL
@@ -559,6 +584,7 @@ def run(a: argparse.Namespace, command: str) -> int:
     ours = [b.name for b in live if b.name.startswith("layerstore")]
     machine = common.machine_info(a.work)
     machine["tool_versions"] = tool_versions()
+    machine["git_at_start"] = git
     machine["page_cache"] = "warm, except the cold measurements (drop_caches after mounting)"
     result = {"suite": "layerstore bench", "command": cmd, "quick": a.quick, "runs": runs,
               "interrupted": interrupted, "seconds": time.monotonic() - t0,
