@@ -422,11 +422,18 @@ def test_copy_up_keeps_metadata(overlays: Overlays):
     assert ofs.getattr(b"/data/sub/deep")["st_uid"] == 5
 
 
+def _count_lower_reads(ofs: OverlayFS, monkeypatch) -> list[tuple]:
+    """Record every read of lower file data (reads, and whole-file copies)."""
+    reads: list[tuple] = []
+    read, copy = ofs.lowers.read, ofs.lowers.copy_to
+    monkeypatch.setattr(ofs.lowers, "read", lambda n, o, s: reads.append((n.vpath, o, s)) or read(n, o, s))
+    monkeypatch.setattr(ofs.lowers, "copy_to", lambda n, fd, *a: reads.append((n.vpath, "copy")) or copy(n, fd, *a))
+    return reads
+
+
 @needs_root
 def test_o_trunc_copies_no_data_and_writes_copy_up(ofs: OverlayFS, monkeypatch):
-    reads: list[tuple] = []
-    real = ofs.lowers.read
-    monkeypatch.setattr(ofs.lowers, "read", lambda n, o, s: reads.append((n.vpath, o, s)) or real(n, o, s))
+    reads = _count_lower_reads(ofs, monkeypatch)
     fh = ofs.open(b"/app-data/blob.bin", os.O_WRONLY | os.O_TRUNC)
     assert reads == []
     ofs.write(fh, b"new", 0)
@@ -458,13 +465,6 @@ def test_hard_link_of_a_lower_file(ofs: OverlayFS):
     ofs.unlink(b"/etc/passwd")
     assert _is_whiteout(os.lstat(upper_of(ofs, "etc/passwd")))
     assert ofs.getattr(b"/tmp/pw")["st_nlink"] == 1
-
-
-def _count_lower_reads(ofs: OverlayFS, monkeypatch) -> list[tuple]:
-    reads: list[tuple] = []
-    real = ofs.lowers.read
-    monkeypatch.setattr(ofs.lowers, "read", lambda n, o, s: reads.append((n.vpath, o, s)) or real(n, o, s))
-    return reads
 
 
 BLOB = b"/app-data/blob.bin"

@@ -325,16 +325,7 @@ class OverlayFS:
 
     def _write_data(self, fd: int, node: Node) -> None:
         """Write a lower file's content to ``fd`` from offset 0."""
-        off, size = 0, node.entry.size
-        while off < size:
-            block = self.lowers.read(node, off, COPY_BLOCK)
-            if not block:
-                break
-            view = memoryview(block)
-            while view:
-                n = os.pwrite(fd, view, off)
-                view = view[n:]
-                off += n
+        self.lowers.copy_to(node, fd, COPY_BLOCK)
 
     def _copy_up_at(self, parent_fd: int, name: bytes, node: Node, how: str = FULL) -> None:
         """Copy a lower entry to ``name`` in the upper directory ``parent_fd``: built in

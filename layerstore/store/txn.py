@@ -123,11 +123,12 @@ class Env:
         return self.dbs[name]
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[lmdb.Transaction]:
-        """A read-only transaction, closed when the block ends."""
+    def read(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:
+        """A read-only transaction, closed when the block ends. With ``buffers``, values
+        are memoryviews into the map, valid only inside the block (no copy)."""
         for _ in range(3):
             try:
-                txn = self.env.begin(write=False, buffers=False)
+                txn = self.env.begin(write=False, buffers=buffers)
                 break
             except lmdb.MapResizedError:
                 self._set_mapsize(0)
