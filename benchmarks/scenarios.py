@@ -257,6 +257,17 @@ def walk_targets(root: Path, skip: tuple[str, ...]) -> list[str]:
     return [x for n in sorted(os.listdir(root)) for x in expand(n)]
 
 
+def count_entries(root: Path, rels: list[str]) -> int:
+    """What ``find REL...`` in ``root`` lists (command-line symlinks are not followed)."""
+    n = 0
+    for rel in rels:
+        p = root / rel
+        n += 1
+        if p.is_dir() and not p.is_symlink():
+            n += sum(len(d) + len(f) for _, d, f in os.walk(p))
+    return n
+
+
 def mark_plain_dirty(prep: Prepared, dirty: bool) -> None:
     """While the suite runs, the plain copy may be changed; an interrupted run has it
     copied again next time."""
@@ -280,6 +291,17 @@ def warm_up(prep: Prepared) -> None:
                 with open(p, "rb", buffering=0) as f:
                     while f.readinto(buf):
                         pass
+
+
+def drops_so_far() -> int:
+    """How often anyone dropped the page cache since boot (/proc/vmstat drop_pagecache):
+    another benchmark on the machine doing it in the middle of a warm measurement
+    makes that measurement partly cold."""
+    with open("/proc/vmstat") as f:
+        for line in f:
+            if line.startswith("drop_pagecache "):
+                return int(line.split()[1])
+    return 0
 
 
 def drop_caches() -> None:

@@ -21,6 +21,7 @@ on errors and Ctrl-C.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -85,9 +86,15 @@ def measure(b: bk.Backend, spec: sc.Spec, prep: sc.Prepared,
     root = b.mount()
     ctx = sc.Ctx(backend=b, root=root, prep=prep, startup=startup)
     try:
+        drops = sc.drops_so_far()
         if spec.cold:
             sc.drop_caches()
-        return spec.fn(ctx)
+            drops += 1
+        got = spec.fn(ctx)
+        if sc.drops_so_far() > drops:  # someone else dropped the caches meanwhile
+            for s in got:
+                s.extra["caches_dropped_by_others"] = True
+        return got
     finally:
         try:
             for undo in reversed(ctx.undo):
@@ -340,8 +347,16 @@ def markdown(result: dict[str, Any]) -> str:
              f"brackets). Root filesystem: {result['data']['rootfs']} "
              f"({result['data']['rootfs_stats'].get('files')} files, "
              f"{result['data']['rootfs_stats'].get('dirs')} dirs, "
-             f"{result['data']['rootfs_stats'].get('symlinks')} symlinks). "
+             f"{result['data']['rootfs_stats'].get('symlinks')} symlinks)"
+             + (f"; the walks cover {result['data']['walk_entries']} entries of it"
+                + (f" (all but {', '.join(cfg.get('walk_skip'))})" if cfg.get("walk_skip")
+                   else "") if result["data"].get("walk_entries") else "") + ". "
              f"Load average at start: {' '.join(m.get('loadavg', []))}.", ""]
+    hit = sum(1 for s in result["samples"] if s.get("extra", {}).get("caches_dropped_by_others"))
+    if hit:
+        lines += [f"{hit} of {len(result['samples'])} samples ran while another process "
+                  "dropped the page cache (/proc/vmstat drop_pagecache rose): they are kept, "
+                  "and flagged `caches_dropped_by_others` in the JSON.", ""]
     lines += ["Backends: " + "; ".join(f"**{n}**: {d}" for n, d in result["backends"].items())
               + "."]
     for n, why in result["skipped"].items():
@@ -498,18 +513,35 @@ def tool_versions() -> dict[str, str | None]:
 
 # -- main -----------------------------------------------------------------------------
 
+def write_all(result: dict[str, Any], out: Path, name: str) -> None:
+    """NAME.json, NAME.md (also printed) and NAME.png from one result."""
+    common.write_results(out, name, result, markdown(result))
+    if chart(result, out / f"{name}.png"):
+        print(f"(wrote {out / name}.png)")
+    else:
+        print("(no chart: matplotlib is not installed; pip install -e '.[bench]')")
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     from layerstore.cli.bench_cmds import add_arguments
 
     ap = argparse.ArgumentParser(prog="python3 benchmarks/suite.py",
                                  description=__doc__.split("\n\n")[0])
     add_arguments(ap)
+    ap.add_argument("--from-json", type=Path, metavar="JSON",
+                    help="measure nothing: write the Markdown and chart of an earlier "
+                    "run's JSON again (into --out, default next to it)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    return run(parse(args), " ".join(["python3 benchmarks/suite.py", *args]))
+    a = parse(args)
+    if a.from_json:
+        result = json.loads(a.from_json.read_text())
+        write_all(result, a.out or a.from_json.parent, a.from_json.stem)
+        return 0
+    return run(a, " ".join(["python3 benchmarks/suite.py", *args]))
 
 
 def import_layerstore() -> None:
@@ -590,6 +622,7 @@ def run(a: argparse.Namespace, command: str) -> int:
               "interrupted": interrupted, "seconds": time.monotonic() - t0,
               "machine": machine, "config": {**cfg.__dict__, "runs": runs},
               "data": {"rootfs": prep.rootfs_label, "rootfs_stats": prep.rootfs_stats,
+                       "walk_entries": sc.count_entries(prep.data.layers[0], prep.walk_names),
                        "layers": [str(p) for p in prep.data.layers],
                        "store": str(prep.data.store), "scenario8": s8},
               "scenarios": {n: sc.SCENARIOS[n] for n in scen},
@@ -597,13 +630,7 @@ def run(a: argparse.Namespace, command: str) -> int:
               "skipped": skipped, "samples": samples, "errors": errors,
               "summary": summary,
               "bars": evaluate_bars(summary, cfg, ours) if live else []}
-    name = "suite-quick" if a.quick else "suite"
-    md = markdown(result)
-    common.write_results(a.out, name, result, md)
-    if chart(result, a.out / f"{name}.png"):
-        print(f"(wrote {a.out / name}.png)")
-    else:
-        print("(no chart: matplotlib is not installed; pip install -e '.[bench]')")
+    write_all(result, a.out, "suite-quick" if a.quick else "suite")
     log(f"done in {(time.monotonic() - t0) / 60:.1f} min")
     return 130 if interrupted else 0
 
