@@ -453,6 +453,7 @@ def chart(result: dict[str, Any], path: Path) -> bool:
     if not rows:
         return False
     half = (len(rows) + 1) // 2
+    lim = 300.0  # the floor (no copy-up at all) is 10^4 times faster: clip, and say so
     fig, axes = plt.subplots(1, 2, figsize=(16, max(6, 0.22 * len(names) * half + 2)))
     width = 0.8 / len(names)
     for ax, part in zip(axes, (rows[:half], rows[half:]), strict=True):
@@ -465,15 +466,20 @@ def chart(result: dict[str, Any], path: Path) -> bool:
                     continue
                 speed = s["median"] / rv if r["higher_is_better"] else rv / s["median"]
                 ys.append(j + i * width)
-                xs.append(speed)
-            ax.barh(ys, [x - 1 for x in xs], height=width, color=COLORS.get(b), label=b,
-                    left=1)
+                xs.append(min(max(speed, 1 / lim), lim))
+                if not 1 / lim <= speed <= lim:
+                    ax.text(xs[-1], ys[-1], f" {speed:.3g}x", va="center", fontsize=6,
+                            ha="right" if speed > 1 else "left")
+            ax.barh(ys, [x - 1 for x in xs], height=width, color=COLORS.get(b),
+                    label=b if b != ref else f"{b} (= 1, the black line)", left=1)
         ax.set_yticks([j + width * (len(names) - 1) / 2 for j in range(len(part))])
         ax.set_yticklabels([f"{r['scenario']}. {r['metric']}" for r in part], fontsize=8)
         ax.invert_yaxis()
         ax.set_xscale("log")
+        ax.set_xlim(1 / lim, lim)
         ax.axvline(1.0, color="black", linewidth=0.8)
-        ax.set_xlabel(f"speed relative to {ref} (log; > 1 = faster than {ref})")
+        ax.set_xlabel(f"speed relative to {ref} (log; > 1 = faster than {ref}; "
+                      f"clipped at {lim:g}x)")
         ax.grid(axis="x", which="both", alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=8)
     m = result["machine"]
