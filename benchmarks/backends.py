@@ -62,8 +62,9 @@ def is_mounted(mp: Path) -> bool:
         return any(len(line.split()) > 1 and line.split()[1] == target for line in f)
 
 
-def pids_serving(mp: Path) -> list[int]:
-    """Processes that have ``mp`` as one of their arguments (the daemon of a FUSE mount)."""
+def pids_serving(mp: Path, inside: bool = False) -> list[int]:
+    """Processes that have ``mp`` as one of their arguments (the daemon of a FUSE mount);
+    with ``inside``, also those with an argument below it (a tool working on it)."""
     out = []
     want = str(mp).encode()
     for d in os.listdir("/proc"):
@@ -74,9 +75,18 @@ def pids_serving(mp: Path) -> list[int]:
                 args = f.read().split(b"\0")
         except OSError:
             continue
-        if want in args:
+        if want in args or (inside and any(want + b"/" in a for a in args)):
             out.append(int(d))
     return out
+
+
+def kill_leftovers(scratch: Path) -> None:
+    """Kill what this run started under ``scratch`` and left behind (a tool interrupted
+    in the middle of forking, a daemon): found by the run's own mounts directory (the
+    work directory is locked, so no other run uses it)."""
+    for pid in pids_serving(scratch, inside=True):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def force_unmount(mp: Path) -> None:
@@ -192,8 +202,13 @@ class Kernel(Backend):
         return self.mp
 
     def umount(self) -> None:
-        if is_mounted(self.mp):
-            common.run(["umount", self.mp])
+        deadline = time.monotonic() + 10
+        while is_mounted(self.mp):  # busy for a moment after a killed tool: retry
+            proc = subprocess.run(["umount", str(self.mp)], capture_output=True, text=True)
+            if proc.returncode != 0 and time.monotonic() > deadline:
+                raise RuntimeError(f"umount {self.mp}: {proc.stderr.strip()}")
+            if proc.returncode != 0:
+                time.sleep(0.1)
         self._wait_daemons()
         self.mounted = False
         self._drop_dirs()
@@ -251,6 +266,8 @@ def layerstore_cli(*args: str | os.PathLike[str]) -> str:
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main([str(a) for a in args])
+    if rc == 130:  # main() turns Ctrl-C into exit 130: the suite must stop, not go on
+        raise KeyboardInterrupt
     if rc:
         raise RuntimeError(f"layerstore {' '.join(map(str, args))}: exit {rc}: "
                            f"{err.getvalue().strip()}")

@@ -22,12 +22,15 @@ measured in the same run (both are kept in the JSON). fio reports its own IOPS.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
@@ -197,6 +200,12 @@ def prepare(work: Path, cfg: Config, log: Callable[[str], None]) -> Prepared:
     """Make (or reuse) the layers, the image in a store, and the plain copy."""
     base = work / ("suite-quick" if cfg.quick else "suite")
     base.mkdir(parents=True, exist_ok=True)
+    lock = os.open(base / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:  # held until the process ends: two runs on one work dir would share mountpoints
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another benchmark suite run is using {base} (give this one "
+                         "its own --work)") from None
     spec_file = base / "spec.json"
     spec = json.loads(json.dumps(cfg.spec()))  # as it reads back from spec.json
     l0 = None
@@ -347,11 +356,26 @@ def ms(ns: int) -> float:
     return ns / 1e6
 
 
+def run_group(argv: list[str], cwd: Path | None = None, stdout: Any = subprocess.PIPE,
+              timeout: float = 1800) -> subprocess.CompletedProcess[bytes]:
+    """``subprocess.run`` in a process group of its own: on Ctrl-C or a timeout the whole
+    group is killed (fio forks its job processes; they must not outlive the mount)."""
+    p = subprocess.Popen(argv, cwd=cwd, stdout=stdout, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+        raise
+    return subprocess.CompletedProcess(argv, p.returncode, out, err)
+
+
 def run_tool(ctx: Ctx, name: str, argv: list[str], cwd: Path) -> tuple[float, dict[str, Any]]:
     """Seconds of a tool run minus its start-up time; and both raw numbers."""
     t0 = time.perf_counter_ns()
-    proc = subprocess.run(argv, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          timeout=1800)
+    proc = run_group(argv, cwd=cwd, stdout=subprocess.DEVNULL)
     dt = (time.perf_counter_ns() - t0) / 1e9
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[:3])}... exit {proc.returncode}: "
@@ -386,8 +410,7 @@ def measure_startup(tmp: Path) -> dict[str, float]:
         times = []
         for _ in range(7):
             t0 = time.perf_counter_ns()
-            subprocess.run(argv, cwd=empty, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL)
+            run_group(argv, cwd=empty, stdout=subprocess.DEVNULL)  # as run_tool runs it
             times.append((time.perf_counter_ns() - t0) / 1e9)
             if name == "mv":
                 os.rename(empty / "e2", empty / "e")
@@ -445,11 +468,13 @@ def randwrite(size: int, count: int) -> Callable[[Ctx], list[Sample]]:
                 f"--size={size}", f"--number_ios={count}", "--ioengine=psync",
                 "--randrepeat=1", "--output-format=json"]
         t0 = time.perf_counter_ns()
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
+        proc = run_group(argv)
         wall = (time.perf_counter_ns() - t0) / 1e9
         if proc.returncode != 0:
-            raise RuntimeError(f"fio exit {proc.returncode}: {proc.stderr.strip()[-500:]}")
-        job = json.loads(proc.stdout[proc.stdout.index("{"):])["jobs"][0]
+            raise RuntimeError(f"fio exit {proc.returncode}: "
+                               f"{proc.stderr.decode(errors='replace').strip()[-500:]}")
+        text = proc.stdout.decode()
+        job = json.loads(text[text.index("{"):])["jobs"][0]
         w = job["write"]
         if w.get("total_ios") is not None and w["total_ios"] < count:
             raise RuntimeError(f"fio wrote only {w['total_ios']} blocks")

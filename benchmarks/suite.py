@@ -94,13 +94,24 @@ def measure(b: bk.Backend, spec: sc.Spec, prep: sc.Prepared,
         if sc.drops_so_far() > drops:  # someone else dropped the caches meanwhile
             for s in got:
                 s.extra["caches_dropped_by_others"] = True
-        return got
-    finally:
-        try:
-            for undo in reversed(ctx.undo):
-                undo()
-        finally:
-            b.umount()
+    except BaseException:
+        teardown(b, ctx, quiet=True)  # an unmount error must not hide this one (Ctrl-C)
+        raise
+    teardown(b, ctx)
+    return got
+
+
+def teardown(b: bk.Backend, ctx: sc.Ctx, quiet: bool = False) -> None:
+    """Undo the change (plain directory), unmount, drop the upper; when ``quiet``, failing
+    that only forces the unmount."""
+    try:
+        for undo in reversed(ctx.undo):
+            undo()
+        b.umount()
+    except Exception:
+        if not quiet:
+            raise
+        b.cleanup()
 
 
 def run_scenarios(backends: list[bk.Backend], specs: list[sc.Spec], prep: sc.Prepared,
@@ -615,9 +626,10 @@ def run(a: argparse.Namespace, command: str) -> int:
         finally:
             for b in live:
                 b.cleanup()
-            leftovers = [p for p in prep.data.scratch.glob("*/mnt") if bk.is_mounted(p)]
-            for p in leftovers:
-                bk.force_unmount(p)
+            for p in prep.data.scratch.glob("*/mnt"):
+                if bk.is_mounted(p):
+                    bk.force_unmount(p)
+            bk.kill_leftovers(prep.data.scratch)
     summary = summarize(samples)
     ours = [b.name for b in live if b.name.startswith("layerstore")]
     machine = common.machine_info(a.work)
