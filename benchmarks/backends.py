@@ -313,12 +313,16 @@ class Layerstore(Backend):
         root = self.data.store
         self.cid = layerstore_cli("--root", root, "create", self.data.image, "-q").strip()
         extra = ["--copy-up", self.mode] if self.copy_up_option and self.mode else []
-        layerstore_cli("--root", root, "mount", self.cid, self.mp, *extra)
+        self._mount_cmd(root, extra)
         self.mounted = True
         from layerstore.fuse import daemon
         st = daemon.read_state(root, self.cid) or {}
         self.daemon_pids = [st["pid"]] if st.get("pid") else []
         return self.mp
+
+    def _mount_cmd(self, root: Path, extra: list[str]) -> None:
+        assert self.cid is not None
+        layerstore_cli("--root", root, "mount", self.cid, self.mp, *extra)
 
     def umount(self) -> None:
         root = self.data.store
@@ -347,6 +351,23 @@ class LayerstoreMeta(Layerstore):
     description = "`layerstore mount --copy-up meta` (metadata-only copy-up)"
 
 
+class LayerstoreFusepy(Layerstore):
+    """The mount on fusepy/libfuse2 (``LAYERSTORE_FUSE=fusepy``), to compare bindings:
+    the mount command runs in a subprocess, as the binding is chosen at import."""
+
+    name = "layerstore-fusepy"
+    mode = "meta"
+    description = "`layerstore mount` on fusepy/libfuse2 instead of mfusepy/libfuse3"
+
+    def _mount_cmd(self, root: Path, extra: list[str]) -> None:
+        assert self.cid is not None
+        env = dict(common.ls_env(), LAYERSTORE_FUSE="fusepy")
+        proc = subprocess.run(common.ls_cmd(root, "mount", self.cid, self.mp, *extra), env=env,
+                              capture_output=True, text=True, check=False)
+        if proc.returncode:
+            raise RuntimeError(f"layerstore mount (fusepy): {proc.stderr.strip()}")
+
+
 ALL = BACKENDS
 
 
@@ -360,6 +381,7 @@ def make_backends(data: Data, wanted: list[str]) -> tuple[list[Backend], dict[st
         "layerstore": lambda: Layerstore(data, "full" in modes),
         "layerstore-meta": lambda: LayerstoreMeta(data, True),
         "layerstore-overlay": lambda: LayerstoreOverlay(data),
+        "layerstore-fusepy": lambda: LayerstoreFusepy(data, True),
     }
     ok, skipped = [], {}
     for name in wanted:

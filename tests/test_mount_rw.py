@@ -143,6 +143,20 @@ def test_operations_through_the_mount(demo, cli, root: Path, mnt: Path):
             f.write(b"LINKED")
         assert (mnt / "app-data/blob.bin").read_bytes()[:6] == b"LINKED"
         assert errno_of(os.link, mnt / "app2", mnt / "tmp/dirlink") == errno.EPERM
+        # attributes changed through one name show through the other at once (the
+        # mount caches attributes; each name is its own kernel inode to libfuse)
+        os.chmod(mnt / "tmp/blob-link", 0o640)
+        os.truncate(mnt / "tmp/blob-link", 100)
+        os.utime(mnt / "tmp/blob-link", ns=(5, 7_000_000_123))
+        st = os.stat(mnt / "app-data/blob.bin")
+        assert (stat.S_IMODE(st.st_mode), st.st_size, st.st_mtime_ns) == (0o640, 100, 7_000_000_123)
+        with open(mnt / "app-data/blob.bin", "ab") as f:
+            f.write(b"+tail")
+        assert os.stat(mnt / "tmp/blob-link").st_size == 105
+        os.link(mnt / "tmp/blob-link", mnt / "tmp/third")
+        assert os.stat(mnt / "app-data/blob.bin").st_nlink == 3
+        os.unlink(mnt / "tmp/third")
+        assert os.stat(mnt / "app-data/blob.bin").st_nlink == os.stat(mnt / "tmp/blob-link").st_nlink == 2
 
         # chmod / chown / utimensat with ns (both times, and mtime alone)
         os.chmod(mnt / "etc/passwd", 0o600)

@@ -17,6 +17,9 @@ from ..errors import UsageError
 
 BACKENDS = ["dir", "kernel", "fuse-overlayfs", "layerstore", "layerstore-meta",
             "layerstore-overlay"]
+#: run only when named: ``layerstore-fusepy`` is the mount on fusepy/libfuse2 (the
+#: binding mfusepy/libfuse3 replaced; see layerstore/fuse/binding.py)
+EXTRA_BACKENDS = ["layerstore-fusepy"]
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
@@ -28,8 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="the issue's full sizes (1 GiB file, 5,000 creates, full random-write "
                    "passes, the whole root filesystem): over an hour with today's mount")
     p.add_argument("--runs", type=int, help="runs; medians over them (default 5, quick 1)")
-    p.add_argument("--backends", nargs="+", choices=BACKENDS, metavar="B",
-                   help=f"backends (default: all that can run here: {' '.join(BACKENDS)})")
+    p.add_argument("--backends", nargs="+", choices=BACKENDS + EXTRA_BACKENDS, metavar="B",
+                   help=f"backends (default: all that can run here: {' '.join(BACKENDS)}; "
+                        f"also: {' '.join(EXTRA_BACKENDS)})")
     p.add_argument("--scenarios", nargs="+", type=int, choices=range(1, 9), metavar="N",
                    help="scenarios 1-8 (default all)")
     p.add_argument("--out", type=Path, help="results directory (default benchmarks/results)")

@@ -220,17 +220,16 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
     (``OverlayFS`` over ``upper`` and ``work``, the upper locked against a second daemon)
     or, without ``upper``, the lowers alone, read-only. ``extra``: more libfuse options
     (they win)."""
-    import fuse as fusepy
-
     from ..overlay.fs import OverlayFS
-    from .operations import ENCODING, Operations, ReadOnlyOperations
+    from .binding import FUSE, FUSE_MAJOR
+    from .operations import ENCODING, MAX_READ, MAX_WRITE, Operations, ReadOnlyOperations
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     fs: OverlayFS | None = None
     options: dict[str, Any] = dict(
         foreground=True, use_ino=True, default_permissions=True,
-        fsname=fsname, subtype=subtype, max_read=1 << 20,
+        fsname=fsname, subtype=subtype, max_read=MAX_READ,
     )
     ops: Any
     if upper is None:
@@ -253,21 +252,30 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
             os.close(upper_lock)
             raise
         ops = Operations(fs, on_ready=on_ready)
-        # Writable (see docs): names change only through this mount, and the kernel
-        # updates its dentry cache on our own create/unlink/rename, so names may be
-        # cached; attributes may not (libfuse's high-level API gives each hard link its
-        # own kernel inode, so a write or truncate through one name would leave the
-        # other's size/nlink stale). auto_cache keeps page cache across opens while
-        # the file's mtime and size are unchanged. No hard_remove: an unlinked open file
-        # keeps a hidden name so fstat works (Operations translates it; nothing reaches
-        # the upper).
-        options.update(auto_cache=True, attr_timeout=0, entry_timeout=1, negative_timeout=0,
-                       big_writes=True, max_write=1 << 20)
+        # Writable. Names and attributes change only through this mount, and the kernel
+        # updates or drops what it caches on our own create/unlink/rename/setattr/write,
+        # so it may cache both for long, like the read-only mount, except for one case:
+        # libfuse's high-level API gives each name of a hard link its own kernel inode,
+        # so a change through one name would leave the others' attributes stale. On
+        # libfuse3, Operations tells the kernel to drop those (fuse_invalidate_path);
+        # libfuse2 has no way to, so there attributes are not cached and names for 1 s.
+        # auto_cache keeps a file's page cache across opens while its mtime and size
+        # are unchanged. No hard_remove: an unlinked open file keeps a hidden name so
+        # fstat works (Operations translates it; nothing reaches the upper).
+        if FUSE_MAJOR == 3:
+            options.update(auto_cache=True, attr_timeout=86400, entry_timeout=86400,
+                           negative_timeout=86400)
+        else:
+            options.update(auto_cache=True, attr_timeout=0, entry_timeout=1, negative_timeout=0,
+                           big_writes=True, max_write=MAX_WRITE)
     if allow_other:
         options["allow_other"] = True
     options.update(extra or {})
+    if FUSE_MAJOR == 3:  # always so on libfuse3, which refuses the options
+        for key in ("big_writes", "nonempty", "max_write"):  # max_write: set at init
+            options.pop(key, None)
     try:
-        fusepy.FUSE(ops, str(mp), encoding=ENCODING, **options)
+        FUSE(ops, str(mp), encoding=ENCODING, **options)
     except RuntimeError as exc:
         hint = f"; see {log}" if log else ""
         raise MountError(f"mounting {mp} failed ({exc}{hint})") from None

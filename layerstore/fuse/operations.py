@@ -18,16 +18,16 @@ import errno
 import functools
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import fuse as fusepy  # fusepy's module, not this package
-
 from ..overlay.fs import OverlayFS
 from ..overlay.lower import MergedLowers, node_stat
 from ..store.records import SYMLINK
+from .binding import FUSE_MAJOR, fusepy, invalidate_path
 
 log = logging.getLogger("layerstore.fuse")
 F = TypeVar("F", bound=Callable[..., Any])
@@ -68,18 +68,43 @@ def _s(name: bytes) -> str:
 
 
 
-class ReadOnlyOperations(fusepy.Operations):  # type: ignore[misc]
-    """The image of a container, read-only (``layerstore mount --read-only``)."""
+#: largest write request (libfuse3 takes it at init, libfuse2 as ``-o max_write``)
+MAX_WRITE = 1 << 20
+#: largest read request (``-o max_read``)
+MAX_READ = 1 << 20
+
+
+class _Base(fusepy.Operations):  # type: ignore[misc]
+    """What both mounts share: ns times, readiness at init, cached listings.
+
+    ``cache_readdir``: the kernel may keep directory listings (libfuse3). The read-only
+    view never changes; in the writable one every change goes through the mount, and
+    the kernel drops a cached listing when an entry is made, removed or renamed."""
 
     use_ns = True
-
-    def __init__(self, view: MergedLowers, on_ready: Callable[[], None] | None = None):
-        self.view = view
-        self.on_ready = on_ready
+    cache_readdir = True
+    on_ready: Callable[[], None] | None = None
 
     def init(self, path: str) -> None:
         if self.on_ready is not None:
             self.on_ready()
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if conn is not None and FUSE_MAJOR == 3:
+            conn.max_write = MAX_WRITE
+            conn.max_read = MAX_READ  # must equal -o max_read (libfuse checks)
+        self.init("/")
+
+    def opendir(self, path: str) -> int:
+        return 0
+
+
+class ReadOnlyOperations(_Base):
+    """The image of a container, read-only (``layerstore mount --read-only``)."""
+
+    def __init__(self, view: MergedLowers, on_ready: Callable[[], None] | None = None):
+        self.view = view
+        self.on_ready = on_ready
 
     @_errors
     def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
@@ -140,11 +165,13 @@ class ReadOnlyOperations(fusepy.Operations):  # type: ignore[misc]
 #: with ``tv_sec == 0`` for them when ``flag_utime_omit_ok`` is set)
 UTIME_NOW = (1 << 30) - 1
 UTIME_OMIT = (1 << 30) - 2
-#: libfuse2's names for open files that were unlinked (``hide_file`` in fuse.c)
+#: renameat2 flags
+RENAME_NOREPLACE = 1
+#: libfuse's names for open files that were unlinked (``hide_file`` in fuse.c)
 HIDDEN_PREFIX = ".fuse_hidden"
 
 
-class Operations(fusepy.Operations):  # type: ignore[misc]
+class Operations(_Base):
     """A container, writable: every callback converts its arguments and calls the
     ``OverlayFS`` method of the same meaning (``layerstore mount``).
 
@@ -159,9 +186,14 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
     - ``flag_utime_omit_ok``: without it libfuse2 silently drops a utimensat that sets
       only one of the two times; with it a time to keep comes as ``UTIME_OMIT``.
     - The caller's uid/gid (``fuse_get_context``) own what create/mkdir/mknod/symlink make.
+    - Hard links and the kernel's attribute cache: libfuse's high-level API gives each
+      name its own kernel inode, so a change through one name of a file with several
+      links would leave the others' cached attributes stale. The names seen of such
+      files are kept (``_names_of``) and, after a change through one of them, the kernel
+      is told to forget the others' (``invalidate_path``, libfuse3); that is what lets
+      the mount cache attributes (``daemon.serve_fuse``).
     """
 
-    use_ns = True
     flag_nullpath_ok = True
     flag_utime_omit_ok = True
 
@@ -171,6 +203,46 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
         self._lock = threading.Lock()
         self._paths: dict[int, str] = {}  #: open fh -> its current path
         self._hidden: dict[str, set[int]] = {}  #: libfuse's hidden name -> open fhs
+        self._names_of: dict[int, set[str]] = {}  #: st_ino of a linked file -> names seen
+        self._ino_at: dict[str, int] = {}  #: a name in _names_of -> its st_ino
+
+    def _note(self, path: str, st: dict[str, int]) -> dict[str, int]:
+        """Remember ``path`` if it names a file with several links (see the class doc)."""
+        if st.get("st_nlink", 1) > 1 and not stat.S_ISDIR(st["st_mode"]):
+            with self._lock:
+                ino = st["st_ino"]
+                old = self._ino_at.get(path)
+                if old != ino:
+                    if old is not None:
+                        self._names_of.get(old, set()).discard(path)
+                    self._ino_at[path] = ino
+                    self._names_of.setdefault(ino, set()).add(path)
+        return st
+
+    def _touched(self, path: str | None, fh: int | None = None, forget: bool = False,
+                 itself: bool = False) -> None:
+        """After a change through ``path`` (or ``fh``'s path): the other names of its
+        inode drop their cached attributes (``itself``: ``path`` too, whose kernel inode
+        the change did not go through); ``forget``: ``path`` is gone."""
+        with self._lock:
+            if path is None and fh is not None:
+                path = self._paths.get(fh)
+            ino = self._ino_at.get(path) if path is not None else None
+            if ino is None:
+                return
+            others = [p for p in self._names_of.get(ino, ()) if p != path or itself]
+            if forget:
+                self._forget(path)  # type: ignore[arg-type]
+        for p in others:
+            invalidate_path(p, ENCODING)
+
+    def _forget(self, path: str) -> None:
+        ino = self._ino_at.pop(path, None)
+        if ino is not None:
+            names = self._names_of.get(ino, set())
+            names.discard(path)
+            if not names:
+                self._names_of.pop(ino, None)
 
     def _opened(self, path: str, fh: int) -> int:
         with self._lock:
@@ -181,10 +253,6 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
         with self._lock:
             fhs = self._hidden.get(path) if path is not None else None
             return min(fhs) if fhs else None
-
-    def init(self, path: str) -> None:
-        if self.on_ready is not None:
-            self.on_ready()
 
     @staticmethod
     def _owner() -> tuple[int, int]:
@@ -199,14 +267,15 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
         if fh:
             return self.fs.fgetattr(fh)
         assert path is not None
-        return self.fs.getattr(_b(path))
+        return self._note(path, self.fs.getattr(_b(path)))
 
     @_errors
     def readdir(self, path: str, fh: int) -> list[Any]:
         vpath = _b(path)
         out: list[Any] = [(".", self.fs.getattr(vpath), 0), ("..", None, 0)]
+        prefix = path.rstrip("/") + "/"
         for name, st in self.fs.readdir(vpath):
-            out.append((_s(name), st, 0))
+            out.append((_s(name), self._note(prefix + _s(name), st), 0))
         return out
 
     @_errors
@@ -240,7 +309,10 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
 
     @_errors
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        return self.fs.write(fh, data, offset)
+        n = self.fs.write(fh, data, offset)
+        if self._names_of:
+            self._touched(path, fh)
+        return n
 
     @_errors
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
@@ -249,10 +321,7 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
         else:
             assert path is not None
             self.fs.truncate(_b(path), length)
-
-    @_errors
-    def flush(self, path: str | None, fh: int) -> None:
-        return None
+        self._touched(path, fh)
 
     @_errors
     def fsync(self, path: str | None, datasync: int, fh: int) -> None:
@@ -290,6 +359,8 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
     def link(self, target: str, source: str) -> None:
         # fusepy's order: ``target`` is the new name, ``source`` the existing file
         self.fs.link(_b(source), _b(target))
+        self._note(source, self.fs.getattr(_b(source)))
+        self._touched(source, itself=True)  # the link went to another kernel inode
 
     @_errors
     def unlink(self, path: str) -> None:
@@ -297,13 +368,19 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
             if self._hidden.pop(path, None) is not None:
                 return  # libfuse's hidden name of a file already unlinked in the overlay
         self.fs.unlink(_b(path))
+        self._touched(path, forget=True)
 
     @_errors
     def rmdir(self, path: str) -> None:
         self.fs.rmdir(_b(path))
 
     @_errors
-    def rename(self, old: str, new: str) -> None:
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        if flags & ~RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "rename flag not supported")
+        if flags & RENAME_NOREPLACE and self.fs.exists(_b(new)):
+            raise OSError(errno.EEXIST, "exists")
+        hidden = False
         with self._lock:
             if new.rpartition("/")[2].startswith(HIDDEN_PREFIX):
                 fhs = {fh for fh, p in self._paths.items() if p == old}
@@ -312,27 +389,41 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
                     self._hidden[new] = fhs
                     for fh in fhs:
                         self._paths[fh] = new
-                    return
-            self.fs.rename(_b(old), _b(new))
-            for fh, p in list(self._paths.items()):
-                if p == old or p.startswith(old + "/"):
-                    self._paths[fh] = new + p[len(old):]
+                    hidden = True
+            if not hidden:
+                self.fs.rename(_b(old), _b(new))
+                for fh, p in list(self._paths.items()):
+                    if p == old or p.startswith(old + "/"):
+                        self._paths[fh] = new + p[len(old):]
+        if hidden:
+            self._touched(old, forget=True)
+            return
+        self._touched(new, forget=True)  # a linked file it replaced
+        with self._lock:
+            for p in [p for p in self._ino_at if p == old or p.startswith(old + "/")]:
+                ino = self._ino_at[p]
+                self._forget(p)
+                self._ino_at[new + p[len(old):]] = ino
+                self._names_of.setdefault(ino, set()).add(new + p[len(old):])
 
     # --- metadata -----------------------------------------------------------------------
 
     @_errors
     def chmod(self, path: str, mode: int) -> None:
         self.fs.chmod(_b(path), mode)
+        self._touched(path)
 
     @_errors
     def chown(self, path: str, uid: int, gid: int) -> None:
         self.fs.chown(_b(path), uid, gid)
+        self._touched(path)
 
     @_errors
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
         vpath = _b(path)
         if times is None or times == (UTIME_NOW, UTIME_NOW):
             self.fs.utimens(vpath, None)
+            self._touched(path)
             return
         if UTIME_OMIT in times or UTIME_NOW in times:
             st = self.fs.getattr(vpath)
@@ -341,6 +432,7 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
             times = tuple(old[i] if t == UTIME_OMIT else now if t == UTIME_NOW else t
                           for i, t in enumerate(times))  # type: ignore[assignment]
         self.fs.utimens(vpath, times)
+        self._touched(path)
 
     @_errors
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
@@ -353,7 +445,9 @@ class Operations(fusepy.Operations):  # type: ignore[misc]
     @_errors
     def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> None:
         self.fs.setxattr(_b(path), _b(name), value, options)
+        self._touched(path)
 
     @_errors
     def removexattr(self, path: str, name: str) -> None:
         self.fs.removexattr(_b(path), _b(name))
+        self._touched(path)

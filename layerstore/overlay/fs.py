@@ -585,19 +585,50 @@ class OverlayFS:
         return st
 
     @_locked
+    def exists(self, vpath: bytes) -> bool:
+        return self._find(vpath) is not None
+
+    @_locked
     def getattr(self, vpath: bytes) -> dict[str, int]:
         return self._stat(self._lookup(vpath))
 
     @_locked
     def readdir(self, vpath: bytes) -> list[tuple[bytes, dict[str, int]]]:
-        """The visible entries of a directory, sorted by name, never whiteouts."""
+        """The visible entries of a directory with their attributes (what ``getattr``
+        gives), sorted by name, never whiteouts: one pass over the upper directory and
+        the merged lowers' listing, not one lookup per entry."""
         f = self._lookup_dir(vpath)
-        out = []
-        for name in self._names(f):
-            child = self._find(join_vpath(vpath, name))
-            if child is not None:
-                out.append((name, self._stat(child)))
-        return out
+        found: dict[bytes, Found] = {}
+        hidden: set[bytes] = set()
+        merges = f.lower is not None and f.lower.entry.type == DIR and not f.opaque
+        if f.ust is not None:
+            with self._dirfd(vpath, copy_up=False) as fd:
+                base = proc_path(fd) + "/"
+                for n in os.listdir(fd):
+                    name = os.fsencode(n)
+                    ust = lstat_at(fd, name)
+                    if ust is None:
+                        continue
+                    if is_whiteout(ust):
+                        hidden.add(name)
+                        continue
+                    path = join_vpath(vpath, name)
+                    if not stat.S_ISDIR(ust.st_mode):
+                        found[name] = self._upper_leaf(path, ust, fd, name, f)
+                        continue
+                    raw = self.lowers.resolve(path) if merges else None
+                    try:
+                        opaque = os.getxattr(base + n, OPAQUE_XATTR, follow_symlinks=False) == b"y"
+                    except OSError:
+                        opaque = False
+                    lower = raw if raw is not None and raw.entry.type == DIR and not opaque else None
+                    found[name] = Found(path, ust, lower, opaque, raw is not None)
+        out: dict[bytes, dict[str, int]] = {name: self._stat(c) for name, c in found.items()}
+        if merges:
+            for name, node in self.lowers.listdir(vpath):
+                if name not in hidden and name not in out:
+                    out[name] = node_stat(node)
+        return sorted(out.items())
 
     @_locked
     def readlink(self, vpath: bytes) -> bytes:

@@ -1,0 +1,123 @@
+"""Which Python FUSE binding the adapter runs on, chosen once at import.
+
+- ``mfusepy`` on libfuse3 (the default when both are installed): the maintained fork of
+  fusepy with the same API. On libfuse3 the kernel can cache directory listings
+  (``cache_readdir``), get every entry's attributes with the listing (readdirplus), and
+  be told to drop a file's cached attributes (``fuse_invalidate_path``), which is what
+  lets the writable mount cache attributes at all (see ``daemon.serve_fuse``).
+- ``fusepy`` on libfuse2: the fallback, or ``LAYERSTORE_FUSE=fusepy``.
+
+``LAYERSTORE_FUSE=mfusepy`` insists on libfuse3 (an ImportError otherwise). The numbers
+that made mfusepy the default are in ``benchmarks/README.md``.
+
+Everything else in ``layerstore/fuse/`` imports the binding from here, as ``fusepy``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from types import ModuleType
+from typing import Any
+
+CHOICE_ENV = "LAYERSTORE_FUSE"
+
+
+def _load() -> tuple[ModuleType, int]:
+    choice = os.environ.get(CHOICE_ENV, "auto")
+    if choice in ("auto", "mfusepy"):
+        # mfusepy looks for libfuse2 first unless told which library to load
+        old = os.environ.get("FUSE_LIBRARY_NAME")
+        os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
+        try:
+            import mfusepy
+
+            if mfusepy.fuse_version_major == 3:
+                return mfusepy, 3
+            if choice == "mfusepy":
+                raise ImportError("mfusepy did not load libfuse3")
+        except (ImportError, OSError):
+            if choice == "mfusepy":
+                raise
+        finally:
+            if old is None:
+                os.environ.pop("FUSE_LIBRARY_NAME", None)
+            else:
+                os.environ["FUSE_LIBRARY_NAME"] = old
+    import fuse as fusepy_module  # fusepy's module, not this package
+
+    return fusepy_module, 2
+
+
+fusepy, FUSE_MAJOR = _load()
+NAME = f"{fusepy.__name__} on libfuse{FUSE_MAJOR}"
+
+#: ``fuse_readdir_flags`` / ``fuse_fill_dir_flags`` of libfuse3
+READDIR_PLUS = 1
+FILL_DIR_PLUS = 2
+
+
+def invalidate_path(path: str, encoding: str) -> None:
+    """libfuse3's ``fuse_invalidate_path``: the kernel forgets the attributes and data it
+    caches for the node at ``path``. Only during a request (it needs the request's
+    ``struct fuse``); a no-op on libfuse2."""
+    if FUSE_MAJOR != 3:
+        return
+    lib = fusepy._libfuse
+    ctx = lib.fuse_get_context()
+    if not ctx:
+        return
+    f = ctypes.c_void_p(ctx.contents.fuse)
+    lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.fuse_invalidate_path(f, path.encode(encoding))
+
+
+class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
+    """The binding's ``FUSE`` with what libfuse3 offers and mfusepy does not pass on:
+
+    - readdirplus: a listing carries each entry's full attributes when the kernel asks
+      for them, so a tree walk needs no LOOKUP/GETATTR per entry;
+    - ``cache_readdir`` + ``keep_cache`` on directories when the operations say
+      ``cache_readdir = True``: the kernel keeps listings (it drops one itself when an
+      entry is created, removed or renamed through the mount);
+    - ``ftruncate`` with its fh, and ``rename`` flags (RENAME_NOREPLACE is honoured by
+      the operations' ``rename(old, new, flags)``; mfusepy drops both).
+    """
+
+    if FUSE_MAJOR == 3:
+
+        def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int,
+                           fip: Any, flags: int) -> int:
+            plus = bool(flags & READDIR_PLUS)
+            st = fusepy.c_stat()
+            decoded = None if path is None else path.decode(self.encoding, self.errors)
+            for name, attrs, _off in self.operations.readdir(decoded, fip.contents.fh):
+                ctypes.memset(ctypes.byref(st), 0, ctypes.sizeof(st))
+                has = attrs is not None
+                if has:
+                    fusepy.set_st_attrs(st, attrs, use_ns=True)
+                fill = FILL_DIR_PLUS if plus and has and name not in (".", "..") else 0
+                if filler(buf, name.encode(self.encoding, self.errors), st if has else None,
+                          0, fill) != 0:
+                    break
+            return 0
+
+        def opendir(self, path: bytes, fip: Any) -> int:
+            fip.contents.fh = self.operations.opendir(path.decode(self.encoding, self.errors))
+            if getattr(self.operations, "cache_readdir", False):
+                fip.contents.cache_readdir = 1
+                fip.contents.keep_cache = 1
+            return 0
+
+        def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+            fh = fip.contents.fh if fip else None
+            return self.operations.truncate(  # type: ignore[no-any-return]
+                None if path is None else path.decode(self.encoding, self.errors), length, fh)
+
+        def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+            return self.operations.rename(  # type: ignore[no-any-return]
+                old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors),
+                flags)
+
+
+__all__ = ["FUSE", "FUSE_MAJOR", "NAME", "fusepy", "invalidate_path"]
