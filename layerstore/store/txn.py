@@ -82,7 +82,8 @@ def _mapped_ranges(path: str) -> list[tuple[int, int]]:
 class Env:
     """An open LMDB environment with its named databases."""
 
-    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False):
+    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False,
+                 readahead: bool = False):
         self.path = path
         #: where data.mdb is mapped; found again after anything that remaps it
         self._map_ranges: list[tuple[int, int]] | None = None
@@ -96,7 +97,10 @@ class Env:
                 subdir=True,
                 readonly=readonly,
                 lock=True,
-                readahead=False,
+                # MDB_NORDAHEAD (MADV_RANDOM) unless asked: an import's pages are
+                # scattered; a mount reading whole files sequentially wants readahead
+                # (cold reads of a big lower file: 50 MB/s without it)
+                readahead=readahead,
                 # Commits do not fsync; ``sync()`` makes them durable at the end of each
                 # command. A killed process loses nothing (the page cache has it all); a
                 # power cut may lose the work of the command that was running.
