@@ -9,6 +9,8 @@ import json
 import os
 import shutil
 import tarfile
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -178,3 +180,41 @@ def test_commit_bad_input(demo, cli):
     cli("create", "demo:app", "--name", "c1")
     p = cli("commit", "c1", "Bad Name!", check=False)
     assert p.returncode != 0 and "Traceback" not in p.stderr
+
+
+def _daemon_states(root: Path, stop: threading.Event, seen: list[str]) -> None:
+    """Poll the state letter of every mounted container's daemon until ``stop``."""
+    pids = [json.loads(p.read_text())["pid"] for p in root.glob("containers/*/mount.json")]
+    while not stop.is_set():
+        for pid in pids:
+            try:
+                seen.append(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0])
+            except OSError:
+                pass
+        time.sleep(0.0005)
+
+
+def test_commit_pauses_a_mounted_container(demo, cli, root: Path, mnt: Path):
+    """docker commit's default: the daemon is stopped while the upper is read, and runs
+    again afterwards; ``--no-pause`` leaves it running."""
+    cli("create", "demo:app", "--name", "c1")
+    cli("mount", "c1", mnt)
+    try:
+        (mnt / "big").write_bytes(os.urandom(64 << 20))  # so that reading the upper takes a while
+        for args, paused in ((["--no-pause"], False), ([], True)):
+            seen: list[str] = []
+            stop = threading.Event()
+            t = threading.Thread(target=_daemon_states, args=(root, stop, seen))
+            t.start()
+            try:
+                cli("commit", "c1", f"p:{int(paused)}", *args)
+            finally:
+                stop.set()
+                t.join()
+            assert seen
+            assert ("T" in seen) == paused, sorted(set(seen))
+            (mnt / f"after-{int(paused)}").write_bytes(b"runs again\n")  # not left stopped
+            assert (mnt / f"after-{int(paused)}").read_bytes() == b"runs again\n"
+    finally:
+        cli("umount", mnt)
+    assert_clean(root)

@@ -62,6 +62,10 @@ def register(sub: Any) -> None:
     p = sub.add_parser("commit", help="make a new image of a container's image plus its upper")
     p.add_argument("container")
     p.add_argument("name", help="NAME:TAG of the new image")
+    p.add_argument("--pause", "-p", dest="pause", action="store_true", default=True,
+                   help="pause a mounted container while its upper is read (default)")
+    p.add_argument("--no-pause", dest="pause", action="store_false",
+                   help="read the upper while the container keeps running")
     p.set_defaults(func=cmd_commit)
 
 
@@ -167,7 +171,14 @@ def cmd_commit(args: argparse.Namespace) -> int:
     from ..oci.commit import commit
     from .output import progress_bars
 
+    pause = None
+    if args.pause:
+        from ..fuse import daemon
+
+        def pause(cid: str) -> Any:
+            return daemon.paused(store.root, cid)
+
     with open_store(args) as store, progress_bars(getattr(args, "quiet", False)) as progress:
-        image_id = commit(store, args.container, args.name, progress=progress)
+        image_id = commit(store, args.container, args.name, progress=progress, pause=pause)
     print(image_id)
     return 0

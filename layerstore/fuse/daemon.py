@@ -15,6 +15,7 @@ that ``umount`` uses to find and wait for the daemon.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
@@ -24,7 +25,7 @@ import signal
 import subprocess
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -335,6 +336,40 @@ def umount(root: Path, cid: str, mountpoint: Path | None, timeout: float = 30.0)
         (container_dir(root, cid) / STATE_FILE).unlink()
     except FileNotFoundError:
         pass
+
+
+def _proc_state(pid: int) -> bytes:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0]  # type: ignore[no-any-return]
+    except (OSError, IndexError):
+        return b""
+
+
+@contextlib.contextmanager
+def paused(root: Path, cid: str, timeout: float = 10.0) -> Iterator[bool]:
+    """While the block runs, the daemon serving container ``cid`` (if it is mounted) is
+    stopped (SIGSTOP, then SIGCONT, also on error): every call into the mount waits, as
+    ``docker commit`` pauses a container, so the upper does not change under a reader.
+    Each overlay operation leaves the upper consistent at every step (copy-ups are
+    renamed into place, a metacopy file keeps its mark until its data is complete), so
+    wherever the daemon stops, the upper is a state the container has seen. Yields
+    whether a daemon was paused."""
+    st = read_state(root, cid) or {}
+    pid = st.get("pid")
+    if not pid or _proc_state(pid) in (b"", b"Z"):
+        yield False
+        return
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + timeout
+        while _proc_state(pid) not in (b"T", b"t", b"", b"Z"):  # every thread stopped
+            if time.monotonic() > deadline:
+                raise MountError(f"the daemon of container {cid[:12]} did not pause")
+            time.sleep(0.001)
+        yield True
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def _is_zombie(pid: int) -> bool:

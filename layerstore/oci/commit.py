@@ -23,12 +23,15 @@ imported through the importer as one more layer on top of the image's, and a new
 is made whose config is the old one with the new diff_id, a history entry and a new
 ``created``.
 
-A mounted container is committed as its upper is at that moment (no pause): copy-ups
-are atomic, but a file being written meanwhile may be caught half-written.
+A mounted container is paused while its upper is read (the CLI stops its daemon, as
+``docker commit`` pauses; ``--no-pause`` does not): the upper is then a state the
+container has seen. Without the pause, a file being written meanwhile may be caught
+half-written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import hashlib
 import io
@@ -36,7 +39,8 @@ import json
 import os
 import stat
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -282,20 +286,30 @@ def commit_config(old: bytes, diff_ids: list[str], created: str) -> bytes:
     return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
 
+@contextlib.contextmanager
+def _no_pause(cid: str) -> Iterator[None]:
+    yield
+
+
 def _missing(what: str) -> BinaryIO:
     raise InvalidInputError(f"{what} is missing from the store")
 
 
-def commit(store: Store, ref: str, name: str, progress: Progress | None = None) -> str:
-    """Commit container ``ref`` as image ``name``; returns the new image id."""
+def commit(store: Store, ref: str, name: str, progress: Progress | None = None,
+           pause: Callable[[str], AbstractContextManager[Any]] | None = None) -> str:
+    """Commit container ``ref`` as image ``name``; returns the new image id.
+    ``pause(container_id)``: a context during which the container's upper does not
+    change (the CLI stops a mounted container's daemon); it covers reading the upper
+    only, not the import that follows."""
     progress = progress or no_progress
     names = [normalize_name(name)]
     with store.importing():
         rec, img = _container_image(store, ref)
         tmp = store.tmp_dir() / f"commit-{rec.id[:12]}-{os.getpid()}.tar"
         try:
-            with open(tmp, "wb") as f:
-                write_upper_tar(Path(rec.upper), f, MergedLowers(StoreLayers(store, img.diff_ids)))
+            lowers = MergedLowers(StoreLayers(store, img.diff_ids))
+            with open(tmp, "wb") as f, (pause or _no_pause)(rec.id):
+                write_upper_tar(Path(rec.upper), f, lowers)
             h = hashlib.sha256()
             with open(tmp, "rb") as f:
                 while block := f.read(1 << 20):
