@@ -305,6 +305,9 @@ def umount(root: Path, cid: str, mountpoint: Path | None, timeout: float = 30.0)
     mp = Path(mountpoint or (st or {}).get("mountpoint", "")).absolute() if (mountpoint or st) else None
     if mp is None:
         raise UsageError("the container is not mounted")
+    pid = (st or {}).get("pid")
+    if pid and _proc_state(pid) in (b"T", b"t"):  # left paused by a commit that was killed
+        os.kill(pid, signal.SIGCONT)
     if is_mounted(mp):
         try:
             _unmount(mp)
@@ -312,7 +315,6 @@ def umount(root: Path, cid: str, mountpoint: Path | None, timeout: float = 30.0)
             _unmount(mp, lazy=True)  # busy, or its daemon died (ENOTCONN)
     elif st is None:
         raise UsageError(f"{mp} is not mounted")
-    pid = (st or {}).get("pid")
     deadline = time.monotonic() + timeout
     while pid and time.monotonic() < deadline:
         try:
