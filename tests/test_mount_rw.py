@@ -157,6 +157,9 @@ def test_operations_through_the_mount(demo, cli, root: Path, mnt: Path):
         assert os.stat(mnt / "app-data/blob.bin").st_nlink == 3
         os.unlink(mnt / "tmp/third")
         assert os.stat(mnt / "app-data/blob.bin").st_nlink == os.stat(mnt / "tmp/blob-link").st_nlink == 2
+        os.close(os.open(mnt / "tmp/blob-link", os.O_WRONLY | os.O_TRUNC))  # truncated in open
+        assert os.stat(mnt / "app-data/blob.bin").st_size == 0
+        (mnt / "tmp/blob-link").write_bytes(b"x" * 105)
 
         # chmod / chown / utimensat with ns (both times, and mtime alone)
         os.chmod(mnt / "etc/passwd", 0o600)

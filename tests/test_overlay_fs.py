@@ -557,8 +557,12 @@ def test_lower_hard_links_stay_one_inode(overlays: Overlays, copy_up: str):
     ofs.write(fh, b"more\n", 7)
     ofs.release(fh)
     assert _read_all(ofs, b"/data/h2") == b"linked\nmore\n"
+    dirs = {d: ofs.getattr(b"/data" + d)["st_ino"] for d in (b"", b"/sub")}
     ofs.rename(b"/data", b"/moved")  # the directory rename keeps them linked too
     assert ofs.getattr(b"/moved/h1")["st_ino"] == ofs.getattr(b"/moved/h2")["st_ino"] == ino
+    # and the directories, copied up whole, keep their inode numbers
+    assert {d: ofs.getattr(b"/moved" + d)["st_ino"] for d in dirs} == dirs
+    assert {n: st["st_ino"] for n, st in ofs.readdir(b"/moved") if n == b"sub"} == {b"sub": dirs[b"/sub"]}
 
 
 @needs_root
@@ -575,6 +579,58 @@ def test_read_handle_follows_a_copy_up(overlays: Overlays, copy_up: str):
     assert ofs.read(r, 4, 0) == b"ROOT"
     assert ofs.fgetattr(r)["st_ino"] == ofs.getattr(b"/etc/passwd")["st_ino"]
     ofs.release(r)
+
+
+@needs_root
+@pytest.mark.parametrize("how", ["truncate", "o_trunc"])
+def test_read_handle_follows_truncation_of_a_metacopy_file(overlays: Overlays, how: str):
+    ofs = overlays.make("demo:app", copy_up=META)
+    ofs.chmod(b"/etc/passwd", 0o644)  # metacopy
+    r = ofs.open(b"/etc/passwd", os.O_RDONLY)
+    if how == "truncate":
+        ofs.truncate(b"/etc/passwd", 0)
+    else:
+        w = ofs.open(b"/etc/passwd", os.O_WRONLY | os.O_TRUNC)
+        ofs.write(w, b"NEW\n", 0)
+        ofs.release(w)
+    assert ofs.read(r, 100, 0) == (b"" if how == "truncate" else b"NEW\n")
+    assert ofs.fgetattr(r)["st_size"] == (0 if how == "truncate" else 4)
+    ofs.release(r)
+
+
+@needs_root
+def test_new_entries_keep_setuid_and_links_keep_their_owner(ofs: OverlayFS):
+    """A chown clears setuid/setgid: the owner goes first, then the mode; a hard link
+    into a setgid directory changes nothing of the inode it links."""
+    fh = ofs.create(b"/tmp/x", stat.S_IFREG | 0o6755, uid=1000, gid=4242)
+    ofs.release(fh)
+    ofs.mknod(b"/tmp/n", stat.S_IFREG | 0o4755, uid=1000, gid=1000)
+    assert stat.S_IMODE(ofs.getattr(b"/tmp/x")["st_mode"]) == 0o6755
+    assert stat.S_IMODE(ofs.getattr(b"/tmp/n")["st_mode"]) == 0o4755
+    ofs.mkdir(b"/sg", 0o2775, uid=0, gid=4242)
+    ofs.chown(b"/etc/passwd", 7, 8)
+    ofs.chmod(b"/etc/passwd", 0o4755)
+    ofs.link(b"/etc/passwd", b"/sg/pw")
+    st = ofs.getattr(b"/etc/passwd")
+    assert (st["st_uid"], st["st_gid"], stat.S_IMODE(st["st_mode"])) == (7, 8, 0o4755)
+
+
+@needs_root
+def test_commit_tar_keeps_the_containers_own_xattrs(ofs: OverlayFS):
+    import io
+
+    from layerstore.oci.commit import write_upper_tar
+
+    ofs.setxattr(b"/etc/passwd", b"trusted.layerstore.mine", b"v")
+    ofs.setxattr(b"/etc/passwd", b"trusted.overlay.mine", b"w")
+    buf = io.BytesIO()
+    write_upper_tar(Path(os.readlink(f"/proc/self/fd/{ofs.upper_fd}")), buf, ofs.lowers)
+    buf.seek(0)
+    with tarfile.open(fileobj=buf) as tf:
+        m = tf.getmember("etc/passwd")
+    assert m.pax_headers["SCHILY.xattr.trusted.layerstore.mine"] == "v"
+    assert m.pax_headers["SCHILY.xattr.trusted.overlay.mine"] == "w"
+    assert not any("origin" in k or "metacopy" in k for k in m.pax_headers)
 
 
 @needs_root

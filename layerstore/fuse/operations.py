@@ -296,7 +296,10 @@ class Operations(_Base):
 
     @_errors
     def open(self, path: str, flags: int) -> int:
-        return self._opened(path, self.fs.open(_b(path), flags))
+        fh = self._opened(path, self.fs.open(_b(path), flags))
+        if flags & os.O_TRUNC:  # libfuse3 truncates in open (atomic_o_trunc)
+            self._touched(path)
+        return fh
 
     @_errors
     def create(self, path: str, mode: int, fi: Any = None) -> int:

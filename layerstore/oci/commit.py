@@ -15,7 +15,7 @@ sorted by path, a directory before its contents; numeric owners, no user/group n
 a whiteout is an empty ``.wh.NAME`` file, an opaque directory is its own entry followed
 by ``DIR/.wh..wh..opq``; regular files, directories, symlinks, devices and FIFOs keep
 mode, owner, mtime (ns, PAX ``mtime``) and xattrs (``SCHILY.xattr.*``) as the container
-sees them: overlayfs' and layerstore's own are dropped, a container's own
+sees them: overlayfs' and layerstore's own (``trusted.overlay.*``) are dropped, a container's own
 ``trusted.overlay.X`` (stored escaped) is written as such; a metacopy file's data is read
 from the image's layers (``overlay/upper.py``: ``trusted.overlay.metacopy``); paths of one
 inode become tar hard links to the first of them. Sockets are skipped. The tar is
@@ -171,7 +171,7 @@ def _set_xattrs(ti: tarfile.TarInfo, xattrs: dict[bytes, bytes]) -> None:
     shown = {}
     for key, value in xattrs.items():
         name = visible_xattr(key)
-        if name is not None and not name.startswith(b"trusted.layerstore."):
+        if name is not None:
             shown[name] = value
     for key in sorted(shown):
         ti.pax_headers["SCHILY.xattr." + key.decode("utf-8", "surrogateescape")] = \

@@ -23,7 +23,7 @@ Two modes (``copy_up``):
   mark: a crash midway still reads the old data from the lowers. Uppers written in
   either mode are read in both.
 
-Copied-up non-directories carry their lower inode number (``ORIGIN_XATTR``), so
+Copied-up objects carry their lower inode number (``ORIGIN_XATTR``), so
 ``st_ino`` is the same before and after a copy-up and across remounts. Copying up one
 name of a lower hard link links every other name the view shows of it, so the links stay
 one inode (kernel overlayfs needs ``index=on`` for that). An fd opened for reading
@@ -160,6 +160,15 @@ class _Handle:
     ino: int | None = None  #: the inode number to report (the lower one after a copy-up)
 
 
+def _origin_of(fd: int) -> int | None:
+    """The lower inode number an upper object copied up from the lowers records."""
+    try:
+        value = os.getxattr(fd, ORIGIN_XATTR)
+    except OSError:
+        return None
+    return int.from_bytes(value, "big") if len(value) == 8 else None
+
+
 def _split(vpath: bytes) -> tuple[bytes, bytes]:
     """(parent vpath, name); the root is (b"/", b".") so ``*at`` calls reach it."""
     parts = split_parts(vpath)
@@ -231,17 +240,20 @@ class OverlayFS:
                 lower = raw if (ust is None or stat.S_ISDIR(ust.st_mode)) else None
                 opaque = False
                 newfd = None
+                origin = None
                 if ust is not None and stat.S_ISDIR(ust.st_mode):
                     newfd = open_dir_at(fd, name)  # type: ignore[arg-type]
                     opaque = is_opaque_fd(newfd)
                     if opaque or (lower is not None and lower.entry.type != DIR):
                         lower = None
+                    if lower is None:  # not merged: a copied-up one keeps its lower ino
+                        origin = _origin_of(newfd)
                 if fd is not None:
                     os.close(fd)
                 fd = newfd
                 if ust is None and lower is None:
                     return None
-                cur = Found(path, ust, lower, opaque, raw is not None)
+                cur = Found(path, ust, lower, opaque, raw is not None, origin=origin)
             return cur
         finally:
             if fd is not None:
@@ -356,9 +368,8 @@ class OverlayFS:
             else:
                 raise OverlayError(errno.EIO, node.vpath)
             self._apply_meta(wfd, tmp, node)
-            if e.type != DIR:
-                os.setxattr(proc_path(wfd) + "/" + os.fsdecode(tmp), ORIGIN_XATTR,
-                            node.ino.to_bytes(8, "big"), follow_symlinks=False)
+            os.setxattr(proc_path(wfd) + "/" + os.fsdecode(tmp), ORIGIN_XATTR,
+                        node.ino.to_bytes(8, "big"), follow_symlinks=False)
             renameat2(wfd, tmp, parent_fd, name, RENAME_NOREPLACE)
         except BaseException:
             remove_tree_at(wfd, tmp)
@@ -510,11 +521,15 @@ class OverlayFS:
                 os.unlink(name, dir_fd=pfd)
 
     def _make(self, vpath: bytes, make: Callable[[int, bytes], None], is_dir: bool = False,
-              uid: int | None = None, gid: int | None = None) -> None:
+              uid: int | None = None, gid: int | None = None, mode: int | None = None,
+              new_inode: bool = True) -> None:
         """Create a new entry with ``make(dir_fd, name)``: directly in the upper, or, over a
         whiteout, in the work directory and then swapped in. A new directory is opaque
         when made over a whiteout or in a directory that merges with a lower one, as the
-        kernel makes it. Requires ``_lock``."""
+        kernel makes it. A new inode gets its owner (``uid``/``gid``; the directory's group
+        in a setgid directory) and then ``mode`` again, since a chown clears setuid and
+        setgid; ``new_inode=False`` (a hard link) leaves the inode alone. Requires
+        ``_lock``."""
         parent, name = _split(vpath)
         if name == b".":
             raise OverlayError(errno.EEXIST, vpath)
@@ -526,12 +541,14 @@ class OverlayFS:
             if st is not None and not is_whiteout(st):
                 raise OverlayError(errno.EEXIST, vpath)
             pst = os.fstat(pfd)
-            setgid = bool(pst.st_mode & stat.S_ISGID)
+            setgid = new_inode and bool(pst.st_mode & stat.S_ISGID)
             if setgid:  # BSD group semantics, as the kernel gives them in a setgid dir
                 gid = pst.st_gid
+            if not new_inode:
+                uid = gid = mode = None
             if st is None:
                 make(pfd, name)
-                self._own(pfd, name, uid, gid, setgid and is_dir)
+                self._own(pfd, name, uid, gid, setgid and is_dir, mode)
                 if is_dir and merged_parent:  # as the kernel: no lower lookups below it
                     os.setxattr(proc_path(pfd) + "/" + os.fsdecode(name), OPAQUE_XATTR, b"y",
                                 follow_symlinks=False)
@@ -540,7 +557,7 @@ class OverlayFS:
             wfd = self.work_fd
             try:
                 make(wfd, tmp)
-                self._own(wfd, tmp, uid, gid, setgid and is_dir)
+                self._own(wfd, tmp, uid, gid, setgid and is_dir, mode)
                 if is_dir:
                     os.setxattr(proc_path(wfd) + "/" + os.fsdecode(tmp), OPAQUE_XATTR, b"y")
                     renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)  # the whiteout goes to work
@@ -550,11 +567,17 @@ class OverlayFS:
                 remove_tree_at(wfd, tmp)
 
     @staticmethod
-    def _own(dfd: int, name: bytes, uid: int | None, gid: int | None, setgid_dir: bool) -> None:
-        """Give a new entry its owner; a directory made in a setgid directory is setgid."""
+    def _own(dfd: int, name: bytes, uid: int | None, gid: int | None, setgid_dir: bool,
+             mode: int | None) -> None:
+        """Give a new entry its owner, then its mode again (the chown cleared setuid and
+        setgid); a directory made in a setgid directory is setgid."""
         if uid is not None or gid is not None:
             os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
                      dir_fd=dfd, follow_symlinks=False)
+            if mode is not None:
+                with path_fd(dfd, name) as fd:
+                    if not stat.S_ISLNK(os.fstat(fd).st_mode):
+                        os.chmod(proc_path(fd), mode & 0o7777)
         if setgid_dir:
             fd = open_dir_at(dfd, name)
             try:
@@ -622,7 +645,14 @@ class OverlayFS:
                     except OSError:
                         opaque = False
                     lower = raw if raw is not None and raw.entry.type == DIR and not opaque else None
-                    found[name] = Found(path, ust, lower, opaque, raw is not None)
+                    origin = None
+                    if lower is None:
+                        dfd = open_dir_at(fd, name)
+                        try:
+                            origin = _origin_of(dfd)
+                        finally:
+                            os.close(dfd)
+                    found[name] = Found(path, ust, lower, opaque, raw is not None, origin=origin)
         out: dict[bytes, dict[str, int]] = {name: self._stat(c) for name, c in found.items()}
         if merges:
             for name, node in self.lowers.listdir(vpath):
@@ -680,12 +710,13 @@ class OverlayFS:
             keep |= os.O_NONBLOCK  # never block the daemon on a FIFO
         with self._leaf(vpath) as (pfd, name):
             fd = os.open(name, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-        if f.data is not None:  # truncated: the data in the lowers is not needed any more
-            try:
-                self._drop_metacopy(fd)
-            except BaseException:
-                os.close(fd)
-                raise
+            if f.data is not None:  # truncated: the data in the lowers is not needed any more
+                try:
+                    self._drop_metacopy(fd)
+                    self._switch_handles(f.data.ino if f.origin is None else f.origin, pfd, name)
+                except BaseException:
+                    os.close(fd)
+                    raise
         return self._add_handle(_Handle(vpath, fd=fd, ino=f.origin))
 
     @_locked
@@ -702,7 +733,7 @@ class OverlayFS:
             os.fchmod(fd, mode & 0o7777)  # the daemon's umask is not the caller's
 
         try:
-            self._make(vpath, make, uid=uid, gid=gid)
+            self._make(vpath, make, uid=uid, gid=gid, mode=mode)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -781,6 +812,7 @@ class OverlayFS:
                 os.ftruncate(fd, length)
                 if f.data is not None:  # truncated to 0 before: the mark goes after
                     self._drop_metacopy(fd)
+                    self._switch_handles(f.data.ino if f.origin is None else f.origin, pfd, name)
             finally:
                 os.close(fd)
 
@@ -796,7 +828,7 @@ class OverlayFS:
             finally:
                 os.close(fd)
 
-        self._make(vpath, make, is_dir=True, uid=uid, gid=gid)
+        self._make(vpath, make, is_dir=True, uid=uid, gid=gid, mode=mode)
 
     @_locked
     def mknod(self, vpath: bytes, mode: int, rdev: int = 0,
@@ -810,7 +842,7 @@ class OverlayFS:
         if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
                                      stat.S_IFSOCK, 0):
             raise OverlayError(errno.EINVAL, vpath)
-        self._make(vpath, make, uid=uid, gid=gid)
+        self._make(vpath, make, uid=uid, gid=gid, mode=mode)
 
     @_locked
     def symlink(self, target: bytes, vpath: bytes, uid: int | None = None,
@@ -831,7 +863,7 @@ class OverlayFS:
         op, on = _split(old)
         with self._dirfd(op, copy_up=False) as ofd:
             self._make(new, lambda dfd, name: os.link(on, name, src_dir_fd=ofd, dst_dir_fd=dfd,
-                                                      follow_symlinks=False))
+                                                      follow_symlinks=False), new_inode=False)
 
     @_locked
     def unlink(self, vpath: bytes) -> None:
