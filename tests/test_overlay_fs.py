@@ -887,6 +887,27 @@ def upper_manifest(upper: Path, t0: int) -> tuple[dict[bytes, dict[str, Any]], s
     return m, redirects
 
 
+def upper_differences(kernel_upper: Path, ours_upper: Path, t0: int,
+                      drop_root: bool = False) -> tuple[list[str], set[bytes]]:
+    """Kernel overlayfs' upper against ours after the same script: they must be equal
+    except below directories the kernel renamed with a redirect, which it leaves merged
+    with their old lower path where ours holds a full copy (opaque instead of
+    redirected). Returns the differences and the directories the kernel redirected (with
+    metacopy it redirects files it renamed or linked too: so do we, and those are not
+    counted). ``drop_root``: the upper roots were made by different code."""
+    k_up, redirects = upper_manifest(kernel_upper, t0)
+    o_up, _ = upper_manifest(ours_upper, t0)
+    for m in (k_up, o_up):
+        if drop_root:
+            m.pop(b".", None)
+        for rel in list(m):
+            if any(rel.startswith(r + b"/") for r in redirects):
+                del m[rel]
+            elif rel in redirects:
+                m[rel]["xattrs"].pop(OPAQUE_XATTR, None)
+    return diff_manifests(k_up, o_up), {r for r in redirects if k_up[r]["type"] == "d"}
+
+
 def _norm_times(m: dict[bytes, dict[str, Any]], t0: int) -> dict[bytes, dict[str, Any]]:
     for d in m.values():
         if d.get("mtime_ns", 0) >= t0:
@@ -921,21 +942,9 @@ def test_same_as_kernel_overlayfs(overlays: Overlays, cli, tmp_path: Path, image
     d = diff_manifests(kernel_tree, ours_tree)
     assert not d, "merged trees differ (first: kernel, second: ours):\n" + "\n".join(d[:40])
 
-    # the uppers: equal except below directories the kernel renamed with a redirect,
-    # which it leaves merged with their old lower path, where ours holds a full copy
-    # (opaque instead of redirected)
-    k_up, redirects = upper_manifest(ku, t0)
-    o_up, _ = upper_manifest(tmp_path / "ours-upper", t0)
-    for m in (k_up, o_up):
-        for rel in list(m):
-            if any(rel.startswith(r + b"/") for r in redirects):
-                del m[rel]
-            elif rel in redirects:
-                m[rel]["xattrs"].pop(OPAQUE_XATTR, None)
-    d = diff_manifests(k_up, o_up)
+    d, redirected = upper_differences(ku, tmp_path / "ours-upper", t0)
     assert not d, "uppers differ (first: kernel, second: ours):\n" + "\n".join(d[:40])
-    # (with metacopy the kernel also redirects files it renamed or linked: so do we)
-    assert {r for r in redirects if k_up[r]["type"] == "d"} == {b"etc2", b"tmp/d1", b"var/cache/app"}
+    assert redirected == {b"etc2", b"tmp/d1", b"var/cache/app"}
 
     # 3. the store is untouched
     overlays.close()

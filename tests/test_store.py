@@ -15,6 +15,7 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+from typing import Any
 
 import blake3
 import pytest
@@ -493,13 +494,22 @@ def check_fails(cli, *expect: str) -> str:
     return p.stdout
 
 
+def _damage_chunk(s: Store, diff_id: str, vpath: bytes, index: int,
+                  value: bytes | None) -> tuple[Any, bytes]:
+    """Overwrite chunk ``index`` of a file with ``value`` (None: delete it); returns the
+    file's entry and the chunk's key."""
+    e = entries_of(s, diff_id)[vpath]
+    with s.env.read() as txn:
+        key = chunks.get_file(txn, s.env, e.digest).chunks[index][0]
+    db = s.env.db("chunks")
+    s.env.write(lambda txn: txn.put(key, value, db=db) if value is not None else txn.delete(key, db=db))
+    return e, key
+
+
 def test_check_finds_a_corrupt_chunk(imported, cli, root: Path) -> None:
     diff_ids, _ = imported
     with Store.open(root) as s:
-        e = entries_of(s, diff_ids[1])[b"/app/data"]
-        with s.env.read() as txn:
-            key = chunks.get_file(txn, s.env, e.digest).chunks[1][0]
-        s.env.write(lambda txn: txn.put(key, b"\x00garbage", db=s.env.db("chunks")))
+        e, key = _damage_chunk(s, diff_ids[1], b"/app/data", 1, b"\x00garbage")
         r = check(s.env)
         assert not r.clean
         assert any(key.hex()[:16] in d for d in r.damage), r.damage
@@ -514,10 +524,7 @@ def test_check_finds_a_corrupt_chunk(imported, cli, root: Path) -> None:
 def test_check_finds_an_undecodable_chunk(imported, cli, root: Path) -> None:
     diff_ids, _ = imported
     with Store.open(root) as s:
-        e = entries_of(s, diff_ids[0])[b"/bin/sh"]
-        with s.env.read() as txn:
-            key = chunks.get_file(txn, s.env, e.digest).chunks[0][0]
-        s.env.write(lambda txn: txn.put(key, b"\x01not zstd", db=s.env.db("chunks")))
+        _, key = _damage_chunk(s, diff_ids[0], b"/bin/sh", 0, b"\x01not zstd")
     check_fails(cli, f"chunk {key.hex()[:16]}")
 
 
@@ -534,10 +541,7 @@ def test_check_finds_a_missing_file_record(imported, cli, root: Path) -> None:
 def test_check_finds_a_missing_chunk(imported, cli, root: Path) -> None:
     diff_ids, _ = imported
     with Store.open(root) as s:
-        e = entries_of(s, diff_ids[1])[b"/app/data"]
-        with s.env.read() as txn:
-            key = chunks.get_file(txn, s.env, e.digest).chunks[0][0]
-        s.env.write(lambda txn: txn.delete(key, db=s.env.db("chunks")))
+        e, _ = _damage_chunk(s, diff_ids[1], b"/app/data", 0, None)
     check_fails(cli, f"file {e.digest.hex()[:16]}")
 
 

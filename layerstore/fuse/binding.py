@@ -52,6 +52,10 @@ def _load() -> tuple[ModuleType, int]:
 fusepy, FUSE_MAJOR = _load()
 NAME = f"{fusepy.__name__} on libfuse{FUSE_MAJOR}"
 
+if FUSE_MAJOR == 3:
+    _invalidate = fusepy._libfuse.fuse_invalidate_path
+    _invalidate.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+
 #: ``fuse_readdir_flags`` / ``fuse_fill_dir_flags`` of libfuse3
 READDIR_PLUS = 1
 FILL_DIR_PLUS = 2
@@ -63,13 +67,9 @@ def invalidate_path(path: str, encoding: str) -> None:
     ``struct fuse``); a no-op on libfuse2."""
     if FUSE_MAJOR != 3:
         return
-    lib = fusepy._libfuse
-    ctx = lib.fuse_get_context()
-    if not ctx:
-        return
-    f = ctypes.c_void_p(ctx.contents.fuse)
-    lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-    lib.fuse_invalidate_path(f, path.encode(encoding))
+    ctx = fusepy._libfuse.fuse_get_context()
+    if ctx:
+        _invalidate(ctypes.c_void_p(ctx.contents.fuse), path.encode(encoding))
 
 
 class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]

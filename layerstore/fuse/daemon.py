@@ -375,11 +375,7 @@ def paused(root: Path, cid: str, timeout: float = 10.0) -> Iterator[bool]:
 
 
 def _is_zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0] == b"Z"
-    except (OSError, IndexError):
-        return False
+    return _proc_state(pid) == b"Z"
 
 
 def mounted_containers(root: Path) -> dict[str, dict[str, Any]]:

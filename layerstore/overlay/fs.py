@@ -160,10 +160,12 @@ class _Handle:
     ino: int | None = None  #: the inode number to report (the lower one after a copy-up)
 
 
-def _origin_of(fd: int) -> int | None:
-    """The lower inode number an upper object copied up from the lowers records."""
+def _origin_of(target: int | str) -> int | None:
+    """The lower inode number an upper object copied up from the lowers records
+    (``target``: an fd, or a ``/proc`` path that is not followed)."""
     try:
-        value = os.getxattr(fd, ORIGIN_XATTR)
+        value = (os.getxattr(target, ORIGIN_XATTR) if isinstance(target, int)
+                 else os.getxattr(target, ORIGIN_XATTR, follow_symlinks=False))
     except OSError:
         return None
     return int.from_bytes(value, "big") if len(value) == 8 else None
@@ -246,8 +248,8 @@ class OverlayFS:
                     opaque = is_opaque_fd(newfd)
                     if opaque or (lower is not None and lower.entry.type != DIR):
                         lower = None
-                    if lower is None:  # not merged: a copied-up one keeps its lower ino
-                        origin = _origin_of(newfd)
+                    if lower is None and i == len(parts) - 1:  # only the leaf's is shown:
+                        origin = _origin_of(newfd)  # a copied-up dir keeps its lower ino
                 if fd is not None:
                     os.close(fd)
                 fd = newfd
@@ -335,10 +337,6 @@ class OverlayFS:
             os.chmod(name, e.mode & 0o7777, dir_fd=dir_fd)  # after chown, which clears setuid
         os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
 
-    def _write_data(self, fd: int, node: Node) -> None:
-        """Write a lower file's content to ``fd`` from offset 0."""
-        self.lowers.copy_to(node, fd, COPY_BLOCK)
-
     def _copy_up_at(self, parent_fd: int, name: bytes, node: Node, how: str = FULL) -> None:
         """Copy a lower entry to ``name`` in the upper directory ``parent_fd``: built in
         the work directory, then renamed into place (never replacing anything). ``how``
@@ -353,7 +351,7 @@ class OverlayFS:
                              0o600, dir_fd=wfd)
                 try:
                     if how == FULL:
-                        self._write_data(fd, node)
+                        self.lowers.copy_to(node, fd, COPY_BLOCK)
                     elif how == META:
                         os.ftruncate(fd, e.size)
                         os.setxattr(fd, METACOPY_XATTR, b"")
@@ -403,7 +401,7 @@ class OverlayFS:
         with self._leaf(f.vpath) as (pfd, name):
             fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:
-                self._write_data(fd, f.data)
+                self.lowers.copy_to(f.data, fd, COPY_BLOCK)
                 self._drop_metacopy(fd)
             finally:
                 os.close(fd)
@@ -645,13 +643,7 @@ class OverlayFS:
                     except OSError:
                         opaque = False
                     lower = raw if raw is not None and raw.entry.type == DIR and not opaque else None
-                    origin = None
-                    if lower is None:
-                        dfd = open_dir_at(fd, name)
-                        try:
-                            origin = _origin_of(dfd)
-                        finally:
-                            os.close(dfd)
+                    origin = _origin_of(base + n) if lower is None else None
                     found[name] = Found(path, ust, lower, opaque, raw is not None, origin=origin)
         out: dict[bytes, dict[str, int]] = {name: self._stat(c) for name, c in found.items()}
         if merges:
@@ -702,9 +694,9 @@ class OverlayFS:
         trunc = bool(flags & os.O_TRUNC) and f.type_mode == stat.S_IFREG
         if f.ust is None:
             self._copy_up(f, how="empty" if trunc else FULL)
+            f = self._lookup(vpath)
         elif not trunc:
             self._copy_up_data(f)
-        f = self._lookup(vpath)
         keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
         if f.type_mode != stat.S_IFREG:
             keep |= os.O_NONBLOCK  # never block the daemon on a FIFO
