@@ -23,9 +23,23 @@ from typing import Any
 CHOICE_ENV = "LAYERSTORE_FUSE"
 
 
+def _lowlevel() -> bool:
+    """Whether the mount runs on pyfuse3 (libfuse3's low-level API, ``lowlevel.py``)."""
+    choice = os.environ.get(CHOICE_ENV, "auto")
+    if choice != "pyfuse3":
+        return False
+    try:
+        import pyfuse3  # noqa: F401
+    except ImportError as exc:
+        raise ImportError(f"{CHOICE_ENV}=pyfuse3 but pyfuse3 cannot be imported ({exc}); "
+                          "install it with: pip install 'layerstore[pyfuse3]' "
+                          "(needs libfuse3-dev, pkg-config and a C compiler)") from exc
+    return True
+
+
 def _load() -> tuple[ModuleType, int]:
     choice = os.environ.get(CHOICE_ENV, "auto")
-    if choice in ("auto", "mfusepy"):
+    if choice in ("auto", "mfusepy", "pyfuse3"):
         # mfusepy looks for libfuse2 first unless told which library to load
         old = os.environ.get("FUSE_LIBRARY_NAME")
         os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
@@ -49,8 +63,10 @@ def _load() -> tuple[ModuleType, int]:
     return fusepy_module, 2
 
 
+LOWLEVEL = _lowlevel()
 fusepy, FUSE_MAJOR = _load()
-NAME = f"{fusepy.__name__} on libfuse{FUSE_MAJOR}"
+NAME = ("pyfuse3 on libfuse3 (low-level API)" if LOWLEVEL
+        else f"{fusepy.__name__} on libfuse{FUSE_MAJOR}")
 
 if FUSE_MAJOR == 3:
     _invalidate = fusepy._libfuse.fuse_invalidate_path
@@ -120,4 +136,4 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
                 flags)
 
 
-__all__ = ["FUSE", "FUSE_MAJOR", "NAME", "fusepy", "invalidate_path"]
+__all__ = ["FUSE", "FUSE_MAJOR", "LOWLEVEL", "NAME", "fusepy", "invalidate_path"]

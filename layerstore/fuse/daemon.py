@@ -222,7 +222,7 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
     or, without ``upper``, the lowers alone, read-only. ``extra``: more libfuse options
     (they win)."""
     from ..overlay.fs import OverlayFS
-    from .binding import FUSE, FUSE_MAJOR
+    from .binding import FUSE, FUSE_MAJOR, LOWLEVEL
     from .operations import ENCODING, MAX_READ, MAX_WRITE, Operations, ReadOnlyOperations
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
@@ -233,6 +233,10 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
         fsname=fsname, subtype=subtype, max_read=MAX_READ,
     )
     ops: Any
+    if LOWLEVEL:  # pyfuse3: the adapter itself sets caching per entry and per open file
+        return _serve_lowlevel(view, mp, upper=upper, work=work, on_ready=on_ready,
+                               options={**options, "allow_other": allow_other, **(extra or {})},
+                               debug=debug, log=log, copy_up=copy_up)
     if upper is None:
         ops = ReadOnlyOperations(view, on_ready=on_ready)
         # nothing ever changes: cache data, attributes and names for long
@@ -283,6 +287,52 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
     finally:
         if fs is not None:
             fs.close()
+            os.close(upper_lock)
+
+
+def _lock_upper(upper: Path) -> int:
+    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise MountError(f"upper directory {upper} is in use by another mount") from None
+    return fd
+
+
+def _serve_lowlevel(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path | None,
+                    on_ready: Callable[[], None], options: dict[str, Any], debug: bool,
+                    log: Path | None, copy_up: str) -> None:
+    """``serve_fuse`` on pyfuse3 (``lowlevel.py``). Entries, attributes and negative
+    lookups are cached for a day and open files keep their page cache: the kernel has
+    one inode per file (hard links share it) and every change goes through the mount."""
+    from ..overlay.fs import OverlayFS
+    from .lowlevel import LowLevelOperations, ReadOnlyLowLevelOperations, serve
+
+    # no max_read: libfuse3 wants it set again at init, which pyfuse3 does not do (reads
+    # are as large as the kernel makes them: up to 1 MiB, like writes)
+    options = dict(options)
+    options.pop("max_read", None)
+    fs: OverlayFS | None = None
+    upper_lock = -1
+    try:
+        if upper is None:
+            options["ro"] = True
+            ops: Any = ReadOnlyLowLevelOperations(view, on_ready=on_ready)
+        else:
+            assert work is not None
+            upper_lock = _lock_upper(upper)
+            # kills earlier daemons' half-done copy-ups left in work (see OverlayFS)
+            fs = OverlayFS(view, upper, work, copy_up)
+            ops = LowLevelOperations(fs, on_ready=on_ready)
+        serve(ops, str(mp), options, debug)
+    except RuntimeError as exc:
+        hint = f"; see {log}" if log else ""
+        raise MountError(f"mounting {mp} failed ({exc}{hint})") from None
+    finally:
+        if fs is not None:
+            fs.close()
+        if upper_lock >= 0:
             os.close(upper_lock)
 
 

@@ -1,0 +1,743 @@
+"""The FUSE adapter on libfuse's low-level (inode-based) API, through pyfuse3.
+
+Selected with ``LAYERSTORE_FUSE=pyfuse3`` (see ``binding.py``); ``daemon.serve_fuse``
+runs it for ``layerstore mount`` (writable and read-only) and ``layerstore-overlay``.
+It translates only: the semantics live in ``OverlayFS`` (path-based), and this module
+keeps the table that turns the kernel's inode numbers into paths.
+
+- **Inodes.** The kernel's node id of an object is the overlay's ``st_ino`` (stable
+  across copy-up and remount, shared by hard links; pyfuse3 reports the node id as
+  ``st_ino``, so they must be the same number), except the root, which FUSE numbers 1.
+  So the kernel has one inode per file, whatever the number of its names: a change
+  through one name is seen through the others without any invalidation.
+- **The table** (``_Inode``): each node id known to the kernel with its links
+  ``(parent node id, name)`` and its lookup count. A path is built from the links
+  upwards when a request needs one, so renaming a directory changes one link and
+  nothing below it. ``forget`` drops a node once the kernel forgets it and no handle
+  of ours is open on it. An unlinked file that is still open keeps its node (without
+  links); its attributes come from the open handle (``OverlayFS.fgetattr``).
+- **Caching.** Entries and attributes are cached by the kernel for a day (everything
+  changes through this mount, and the kernel updates or drops what it caches on our
+  own replies); negative entries too (a lookup that finds nothing answers node id 0
+  with a timeout). Open files keep their page cache across opens (``keep_cache``):
+  the kernel's inode is the only way to the data. Listings are readdirplus (pyfuse3
+  always asks for it), so a walk needs no LOOKUP per entry.
+- **Blocking.** pyfuse3 runs every request on one trio thread. Work that may take long
+  (reads of 32 KiB or more, which may decompress from the store or wait for the disk;
+  an open for writing, which may copy a whole file up; setattr, rename and link, which
+  may copy up; fsync) runs in a worker thread (``trio.to_thread``), so other requests
+  go on meanwhile; short calls run inline (a thread hop costs more than they do). The
+  overlay is thread-safe (its own lock); the table is touched on the trio thread only.
+- Errors are mapped in one place, ``_errors``: an ``OSError`` passes with its errno,
+  anything else is logged with its traceback and becomes EIO.
+"""
+
+from __future__ import annotations
+
+import bisect
+import errno
+import functools
+import logging
+import os
+import signal
+import stat
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from ..overlay.fs import OverlayFS
+from ..overlay.lower import MergedLowers, node_stat
+from ..store.records import SYMLINK
+
+log = logging.getLogger("layerstore.fuse")
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+ROOT = pyfuse3.ROOT_INODE
+#: how long the kernel may cache entries, attributes and negative lookups (seconds)
+TIMEOUT = 86400.0
+#: reads at least this big run in a worker thread
+THREAD_READ = 32 << 10
+#: renameat2 flags
+RENAME_NOREPLACE = 1
+#: the kernel's writeback cache on the writable mount (``LAYERSTORE_FUSE_WRITEBACK=0|1``)
+WRITEBACK = os.environ.get("LAYERSTORE_FUSE_WRITEBACK", "0") == "1"
+
+
+def _errors(fn: F) -> F:
+    """The one place where exceptions become errno values for the kernel."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as exc:
+            if exc.errno and exc.errno > 0:
+                if exc.errno != errno.ENOENT:
+                    log.debug("%s: %s", fn.__name__, exc)
+                raise pyfuse3.FUSEError(exc.errno) from None
+            log.error("%s: OSError without errno", fn.__name__, exc_info=True)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except Exception as exc:
+            log.error("%s failed", fn.__name__, exc_info=True)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+
+    return wrapper  # type: ignore[return-value]
+
+
+async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
+    return await trio.to_thread.run_sync(functools.partial(fn, *args))
+
+
+def _join(parent: bytes, name: bytes) -> bytes:
+    return b"/" + name if parent == b"/" else parent + b"/" + name
+
+
+class _Inode:
+    __slots__ = ("ino", "is_dir", "links", "lookups", "fhs")
+
+    def __init__(self, ino: int, is_dir: bool):
+        self.ino = ino
+        self.is_dir = is_dir
+        self.links: dict[tuple[int, bytes], None] = {}  #: (parent, name), in order seen
+        self.lookups = 0
+        self.fhs: set[int] = set()  #: overlay handles open on it
+
+
+class _Table:
+    """Node ids and their links (see the module docstring). Trio thread only."""
+
+    def __init__(self, root_st_ino: int):
+        self.root_st_ino = root_st_ino
+        self.nodes: dict[int, _Inode] = {ROOT: _Inode(ROOT, True)}
+        self.child: dict[tuple[int, bytes], int] = {}
+
+    def nodeid(self, st_ino: int) -> int:
+        return ROOT if st_ino == self.root_st_ino else st_ino
+
+    def path(self, ino: int) -> bytes:
+        """A current path of node ``ino`` (ENOENT if it has none)."""
+        parts: list[bytes] = []
+        cur = ino
+        seen = 0
+        while cur != ROOT:
+            node = self.nodes.get(cur)
+            link = None
+            if node is not None:
+                for lk in node.links:
+                    if lk[0] in self.nodes:
+                        link = lk
+                        break
+            if link is None:
+                raise pyfuse3.FUSEError(errno.ENOENT)
+            parts.append(link[1])
+            cur = link[0]
+            seen += 1
+            if seen > 4096:  # a loop: the table is wrong
+                log.error("inode table: loop at node %d", ino)
+                raise pyfuse3.FUSEError(errno.EIO)
+        return b"/" + b"/".join(reversed(parts))
+
+    def link(self, ino: int, parent: int, name: bytes, is_dir: bool) -> _Inode:
+        key = (parent, name)
+        old = self.child.get(key)
+        if old is not None and old != ino:
+            self.unlink(parent, name)
+        node = self.nodes.get(ino)
+        if node is None:
+            node = self.nodes[ino] = _Inode(ino, is_dir)
+        elif node.is_dir != is_dir:  # the number now names another kind of object
+            for lk in list(node.links):
+                self.child.pop(lk, None)
+            node.links.clear()
+            node.is_dir = is_dir
+        if is_dir and key not in node.links:  # a directory has one name
+            for lk in list(node.links):
+                self.child.pop(lk, None)
+            node.links.clear()
+        node.links[key] = None
+        self.child[key] = ino
+        return node
+
+    def unlink(self, parent: int, name: bytes) -> int | None:
+        """Forget the name; returns the node id it named, if known."""
+        ino = self.child.pop((parent, name), None)
+        if ino is not None:
+            node = self.nodes.get(ino)
+            if node is not None:
+                node.links.pop((parent, name), None)
+                self._maybe_drop(node)
+        return ino
+
+    def _maybe_drop(self, node: _Inode) -> None:
+        if node.ino != ROOT and node.lookups <= 0 and not node.fhs:
+            for lk in node.links:
+                if self.child.get(lk) == node.ino:
+                    del self.child[lk]
+            self.nodes.pop(node.ino, None)
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self.nodes.get(ino)
+        if node is not None:
+            node.lookups -= n
+            self._maybe_drop(node)
+
+    def close_fh(self, ino: int, fh: int) -> None:
+        node = self.nodes.get(ino)
+        if node is not None:
+            node.fhs.discard(fh)
+            self._maybe_drop(node)
+
+
+class _Base(pyfuse3.Operations):  # type: ignore[misc]
+    """What both mounts share: the table, entries, listings, readiness at init."""
+
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, root_st: dict[str, int], on_ready: Callable[[], None] | None):
+        super().__init__()
+        self.table = _Table(root_st["st_ino"])
+        self.on_ready = on_ready
+        #: open directory handle -> (node id, listing, generation of the listing)
+        self._dirs: dict[int, tuple[int, list[tuple[bytes, dict[str, int]]] | None, int]] = {}
+        #: directory node id -> count of changes of its entries through this mount
+        self._gen: dict[int, int] = {}
+        self._next_dh = 1
+        self._fh_ino: dict[int, int] = {}  #: open file handle -> node id
+
+    def init(self) -> None:
+        if self.on_ready is not None:
+            self.on_ready()
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **kwargs)
+
+    # --- to be provided -------------------------------------------------------------------
+    def _getattr_path(self, path: bytes) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _fgetattr(self, fh: int) -> dict[str, int]:
+        raise NotImplementedError
+
+    def _listdir(self, path: bytes) -> list[tuple[bytes, dict[str, int]]]:
+        raise NotImplementedError
+
+    # --- helpers ---------------------------------------------------------------------------
+    def _entry(self, st: dict[str, int]) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = self.table.nodeid(st["st_ino"])
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = TIMEOUT
+        e.st_mode = st["st_mode"]
+        e.st_nlink = st["st_nlink"]
+        e.st_uid = st["st_uid"]
+        e.st_gid = st["st_gid"]
+        e.st_rdev = st.get("st_rdev", 0)
+        e.st_size = st["st_size"]
+        e.st_blksize = 4096
+        e.st_blocks = st["st_blocks"]
+        e.st_atime_ns = st["st_atime"]
+        e.st_mtime_ns = st["st_mtime"]
+        e.st_ctime_ns = st["st_ctime"]
+        return e
+
+    def _negative(self) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = 0  # "no such entry", cached for entry_timeout
+        e.entry_timeout = TIMEOUT
+        e.attr_timeout = TIMEOUT
+        return e
+
+    def _found(self, parent: int, name: bytes, st: dict[str, int]) -> pyfuse3.EntryAttributes:
+        """A lookup result the kernel will count: link it and count it."""
+        ino = self.table.nodeid(st["st_ino"])
+        if ino != ROOT:
+            node = self.table.link(ino, parent, name, stat.S_ISDIR(st["st_mode"]))
+            node.lookups += 1
+        return self._entry(st)
+
+    def _child_path(self, parent: int, name: bytes) -> bytes:
+        return _join(self.table.path(parent), name)
+
+    async def _stat_of(self, ino: int) -> dict[str, int]:
+        """Attributes of node ``ino``: through one of its names, else an open handle."""
+        if ino == ROOT:
+            return await self._call(self._getattr_path, b"/")  # type: ignore[no-any-return]
+        node = self.table.nodes.get(ino)
+        if node is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        for lk in list(node.links):
+            if lk[0] not in self.table.nodes:
+                continue
+            try:
+                path = self.table.path(lk[0])
+                st = await self._call(self._getattr_path, _join(path, lk[1]))
+            except (OSError, pyfuse3.FUSEError):
+                st = None
+            if st is not None and self.table.nodeid(st["st_ino"]) == ino:
+                return st
+            self.table.unlink(*lk)  # the name is not this object any more
+        for fh in list(node.fhs):
+            return await self._call(self._fgetattr, fh)  # type: ignore[no-any-return]
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    # --- lookups and attributes -------------------------------------------------------------
+    @_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        path = self._child_path(parent_inode, name)
+        try:
+            st = await self._call(self._getattr_path, path)
+        except OSError as exc:
+            if exc.errno == errno.ENOENT:
+                return self._negative()
+            raise
+        return self._found(parent_inode, name, st)
+
+    async def forget(self, inode_list: Any) -> None:
+        for ino, n in inode_list:
+            self.table.forget(ino, n)
+
+    @_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return self._entry(await self._stat_of(inode))
+
+    # --- directories ------------------------------------------------------------------------
+    @_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        self.table.path(inode)  # ENOENT if it has no name any more
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = (inode, None, 0)
+        return dh
+
+    def _changed(self, *dirs: int) -> None:
+        """Entries of these directories were made, removed or renamed."""
+        for d in dirs:
+            self._gen[d] = self._gen.get(d, 0) + 1
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        ino, entries, gen = self._dirs[fh]
+        now = self._gen.get(ino, 0)
+        if entries is None or start_id == 0 or gen != now:
+            # a listing continued after the directory changed goes on from the name it
+            # had reached in a fresh one (sorted by name), so it never reports an entry
+            # that is gone (readdirplus would make the kernel cache it)
+            last = entries[start_id - 1][0] if entries and 2 < start_id <= len(entries) else None
+            entries = await self._listing(ino)
+            self._dirs[fh] = (ino, entries, now)
+            if last is not None:
+                start_id = 2 + bisect.bisect_right([n for n, _ in entries[2:]], last)
+        for i in range(start_id, len(entries)):
+            name, st = entries[i]
+            if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):
+                break
+            if i < 2:  # "." and "..": not counted
+                continue
+            # readdirplus: the kernel counts a lookup of every entry it took
+            cino = self.table.nodeid(st["st_ino"])
+            if cino != ROOT:
+                self.table.link(cino, ino, name, stat.S_ISDIR(st["st_mode"])).lookups += 1
+
+    async def _listing(self, ino: int) -> list[tuple[bytes, dict[str, int]]]:
+        """``.``, ``..`` (the directory's own attributes with its parent's number: the
+        kernel takes nothing but the number from those two) and the entries."""
+        path = self.table.path(ino)
+        own = await self._stat_of(ino)
+        parent = ROOT
+        if ino != ROOT:
+            node = self.table.nodes.get(ino)
+            if node is not None and node.links:
+                parent = next(iter(node.links))[0]
+        up = dict(own, st_ino=self.table.root_st_ino if parent == ROOT else parent)
+        return [(b".", own), (b"..", up), *await self._call(self._listdir, path)]
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    # no flush(): pyfuse3's answers ENOSYS, and the kernel then stops sending FLUSH
+    # (one round trip less per close); fsyncdir likewise
+
+
+class LowLevelOperations(_Base):
+    """A container, writable (``layerstore mount``, ``layerstore-overlay``).
+
+    With the writeback cache the kernel keeps written pages and sends them later (at
+    the latest on close or fsync), may read a page back through a handle opened for
+    writing only, and places appended data itself: so files are opened read-write and
+    without ``O_APPEND`` in the overlay."""
+
+    enable_writeback_cache = WRITEBACK
+
+    def __init__(self, fs: OverlayFS, on_ready: Callable[[], None] | None = None):
+        self.fs = fs
+        #: the overlay's re-entrant lock (see ``_call``)
+        self._lock: Any = getattr(fs, "_lock", None)
+        super().__init__(fs.getattr(b"/"), on_ready)
+
+    async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """``fn(*args)`` here if the overlay's lock is free (it stays held by this thread
+        for the call), else in a worker thread: a copy-up in another thread holds the
+        lock for as long as it copies, and the trio thread must not wait for it."""
+        lock = self._lock
+        if lock is not None and lock.acquire(blocking=False):
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                lock.release()
+        return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
+
+    def _getattr_path(self, path: bytes) -> dict[str, int]:
+        return self.fs.getattr(path)
+
+    def _fgetattr(self, fh: int) -> dict[str, int]:
+        return self.fs.fgetattr(fh)
+
+    def _listdir(self, path: bytes) -> list[tuple[bytes, dict[str, int]]]:
+        return self.fs.readdir(path)
+
+    async def _made(self, parent: int, name: bytes, path: bytes) -> pyfuse3.EntryAttributes:
+        return self._found(parent, name, await self._call(self.fs.getattr, path))
+
+    # --- attributes -------------------------------------------------------------------------
+    @_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        path = b"/" if inode == ROOT else self._path_or_none(inode)
+        await _thread(self._setattr, path, attr, fields, fh)
+        return self._entry(await self._stat_of(inode))
+
+    def _path_or_none(self, inode: int) -> bytes | None:
+        try:
+            return self.table.path(inode)
+        except pyfuse3.FUSEError:
+            return None
+
+    def _setattr(self, path: bytes | None, attr: Any, fields: Any, fh: int | None) -> None:
+        # libfuse's order: mode, owner, size, times. A file without a name (unlinked,
+        # still open) can only be truncated through its handle; the times the kernel
+        # writes back for it are dropped.
+        if path is None:
+            if fields.update_mode or fields.update_uid or fields.update_gid or (
+                    fields.update_size and fh is None):
+                raise OSError(errno.ENOENT, "no name")
+            if fields.update_size:
+                self.fs.ftruncate(fh, attr.st_size)  # type: ignore[arg-type]
+            return
+        if fields.update_mode:
+            self.fs.chmod(path, attr.st_mode)  # type: ignore[arg-type]
+        if fields.update_uid or fields.update_gid:
+            self.fs.chown(path, attr.st_uid if fields.update_uid else -1,  # type: ignore[arg-type]
+                          attr.st_gid if fields.update_gid else -1)
+        if fields.update_size:
+            if fh is not None:
+                self.fs.ftruncate(fh, attr.st_size)
+            else:
+                self.fs.truncate(path, attr.st_size)  # type: ignore[arg-type]
+        if fields.update_atime or fields.update_mtime:
+            assert path is not None
+            if fields.update_atime and fields.update_mtime:
+                times = (attr.st_atime_ns, attr.st_mtime_ns)
+            else:
+                st = self.fs.getattr(path)
+                times = (attr.st_atime_ns if fields.update_atime else st["st_atime"],
+                         attr.st_mtime_ns if fields.update_mtime else st["st_mtime"])
+            self.fs.utimens(path, times)
+
+    @_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self._call(self.fs.readlink, self.table.path(inode))  # type: ignore[no-any-return]
+
+    @_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        await self._stat_of(inode)  # permissions: the kernel checks (default_permissions)
+        return True
+
+    @_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = await self._call(self.fs.statfs, b"/")
+        out = pyfuse3.StatvfsData()
+        for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree", "f_bavail", "f_files",
+                  "f_ffree", "f_favail", "f_namemax"):
+            setattr(out, k, s[k])
+        return out
+
+    # --- xattrs -------------------------------------------------------------------------------
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return await self._call(self.fs.getxattr, self.table.path(inode), name)  # type: ignore[no-any-return]
+
+    @_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return await self._call(self.fs.listxattr, self.table.path(inode))  # type: ignore[no-any-return]
+
+    @_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        await _thread(self.fs.setxattr, self.table.path(inode), name, value, 0)
+
+    @_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        await _thread(self.fs.removexattr, self.table.path(inode), name)
+
+    # --- namespace ----------------------------------------------------------------------------
+    @_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        path = self._child_path(parent_inode, name)
+        await self._call(self.fs.mknod, path, mode, rdev, uid=ctx.uid, gid=ctx.gid)
+        self._changed(parent_inode)
+        return await self._made(parent_inode, name, path)
+
+    @_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int,
+                    ctx: Any) -> pyfuse3.EntryAttributes:
+        path = self._child_path(parent_inode, name)
+        await self._call(self.fs.mkdir, path, mode, uid=ctx.uid, gid=ctx.gid)
+        self._changed(parent_inode)
+        return await self._made(parent_inode, name, path)
+
+    @_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes,
+                      ctx: Any) -> pyfuse3.EntryAttributes:
+        path = self._child_path(parent_inode, name)
+        await self._call(self.fs.symlink, target, path, uid=ctx.uid, gid=ctx.gid)
+        self._changed(parent_inode)
+        return await self._made(parent_inode, name, path)
+
+    @_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
+                   ctx: Any) -> pyfuse3.EntryAttributes:
+        old = self.table.path(inode)
+        new = self._child_path(new_parent_inode, new_name)
+        await _thread(self.fs.link, old, new)
+        self._changed(new_parent_inode)
+        return await self._made(new_parent_inode, new_name, new)
+
+    @_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._call(self.fs.unlink, self._child_path(parent_inode, name))
+        self._changed(parent_inode)
+        self.table.unlink(parent_inode, name)
+
+    @_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self._call(self.fs.rmdir, self._child_path(parent_inode, name))
+        self._changed(parent_inode)
+        self.table.unlink(parent_inode, name)
+
+    @_errors
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int,
+                     name_new: bytes, flags: int, ctx: Any) -> None:
+        if flags & ~RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "rename flag not supported")
+        old = self._child_path(parent_inode_old, name_old)
+        new = self._child_path(parent_inode_new, name_new)
+
+        def run() -> bool:
+            if flags & RENAME_NOREPLACE and self.fs.exists(new):
+                raise OSError(errno.EEXIST, "exists")
+            self.fs.rename(old, new)
+            return self.fs.exists(old)  # two names of one file: rename(2) did nothing
+
+        if await _thread(run):
+            return
+        self._changed(parent_inode_old, parent_inode_new)
+        t = self.table
+        t.unlink(parent_inode_new, name_new)  # what the new name named before
+        moved = t.child.pop((parent_inode_old, name_old), None)
+        node = t.nodes.get(moved) if moved is not None else None
+        if node is not None:
+            node.links.pop((parent_inode_old, name_old), None)
+            t.link(node.ino, parent_inode_new, name_new, node.is_dir)
+
+    # --- open files ---------------------------------------------------------------------------
+    def _opened(self, inode: int, fh: int) -> pyfuse3.FileInfo:
+        node = self.table.nodes.get(inode)
+        if node is not None:
+            node.fhs.add(fh)
+        self._fh_ino[fh] = inode
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        path = self.table.path(inode)
+        if self.enable_writeback_cache and (flags & os.O_ACCMODE) != os.O_RDONLY:
+            flags = (flags & ~(os.O_ACCMODE | os.O_APPEND)) | os.O_RDWR
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            fh = await _thread(self.fs.open, path, flags)  # may copy a file up
+        else:
+            fh = await self._call(self.fs.open, path, flags)
+        return self._opened(inode, fh)
+
+    @_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
+                     ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        path = self._child_path(parent_inode, name)
+        fh = await self._call(self.fs.create, path, mode, os.O_RDWR, uid=ctx.uid, gid=ctx.gid)
+        self._changed(parent_inode)
+        try:
+            st = await self._call(self.fs.fgetattr, fh)
+        except BaseException:
+            await self._call(self.fs.release, fh)
+            raise
+        entry = self._found(parent_inode, name, st)
+        return self._opened(entry.st_ino, fh), entry
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        if size >= THREAD_READ:
+            return await _thread(self.fs.read, fh, size, off)  # type: ignore[no-any-return]
+        return self.fs.read(fh, size, off)
+
+    @_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return self.fs.write(fh, buf, off)
+
+    @_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await _thread(self.fs.fsync, fh, datasync)
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        ino = self._fh_ino.pop(fh, None)
+        try:
+            await self._call(self.fs.release, fh)
+        finally:
+            if ino is not None:
+                self.table.close_fh(ino, fh)
+
+
+class ReadOnlyLowLevelOperations(_Base):
+    """The image of a container, read-only (``layerstore mount --read-only``)."""
+
+    def __init__(self, view: MergedLowers, on_ready: Callable[[], None] | None = None):
+        self.view = view
+        self._files: dict[int, Any] = {}
+        self._next_fh = 1
+        super().__init__(node_stat(view.lookup(b"/")), on_ready)
+
+    def _getattr_path(self, path: bytes) -> dict[str, int]:
+        return node_stat(self.view.lookup(path))
+
+    def _fgetattr(self, fh: int) -> dict[str, int]:
+        return node_stat(self._files[fh])
+
+    def _listdir(self, path: bytes) -> list[tuple[bytes, dict[str, int]]]:
+        return [(name, node_stat(child)) for name, child in self.view.listdir(path)]
+
+    @_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        node = self.view.lookup(self.table.path(inode))
+        if node.entry.type != SYMLINK:
+            raise OSError(errno.EINVAL, "not a symlink")
+        return node.entry.target  # type: ignore[no-any-return]
+
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND):
+            raise OSError(errno.EROFS, "read-only")
+        fh = self._next_fh
+        self._next_fh += 1
+        self._files[fh] = self.view.lookup(self.table.path(inode))
+        self._fh_ino[fh] = inode
+        node = self.table.nodes.get(inode)
+        if node is not None:
+            node.fhs.add(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        node = self._files[fh]
+        if size >= THREAD_READ:
+            return await _thread(self.view.read, node, off, size)  # type: ignore[no-any-return]
+        return self.view.read(node, off, size)
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        self._files.pop(fh, None)
+        ino = self._fh_ino.pop(fh, None)
+        if ino is not None:
+            self.table.close_fh(ino, fh)
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        value = self.view.lookup(self.table.path(inode)).entry.xattrs.get(name)
+        if value is None:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return value  # type: ignore[no-any-return]
+
+    @_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return list(self.view.lookup(self.table.path(inode)).entry.xattrs)
+
+    @_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        await self._stat_of(inode)
+        if mode & os.W_OK:
+            raise OSError(errno.EROFS, "read-only")
+        return True
+
+    @_errors
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        out = pyfuse3.StatvfsData()
+        out.f_bsize = out.f_frsize = 4096
+        out.f_namemax = 255
+        return out
+
+
+#: high-level libfuse options that the low-level API has no use for (they are the
+#: adapter's business here) or that libfuse3 refuses
+_HIGH_LEVEL_ONLY = {"foreground", "use_ino", "kernel_cache", "auto_cache", "attr_timeout",
+                    "entry_timeout", "negative_timeout", "big_writes", "nonempty", "max_write",
+                    "hard_remove", "nothreads"}
+
+
+def mount_options(options: dict[str, Any]) -> set[str]:
+    """libfuse options from the adapter's option dict (``key=True`` -> ``key``)."""
+    out = set()
+    for key, value in options.items():
+        if key in _HIGH_LEVEL_ONLY or value is False or value is None:
+            continue
+        out.add(key if value is True else f"{key}={value}")
+    return out
+
+
+def serve(ops: _Base, mp: str, options: dict[str, Any], debug: bool = False) -> None:
+    """Mount ``ops`` at ``mp`` and serve until unmounted (or SIGTERM/SIGINT/SIGHUP,
+    which unmount)."""
+    opts = mount_options(options)
+    if debug:
+        opts.add("debug")
+    try:
+        pyfuse3.init(ops, mp, opts)
+    except RuntimeError:
+        raise RuntimeError(f"fuse_session_new/mount failed with options {sorted(opts)}") from None
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            async def on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async for _ in sigs:
+                        pyfuse3.terminate()
+                        return
+
+            nursery.start_soon(on_signal)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    unmount = True
+    try:
+        trio.run(main)
+    except BaseException:
+        raise
+    else:
+        unmount = os.path.ismount(mp)
+    finally:
+        pyfuse3.close(unmount=unmount)
+
+
+__all__ = ["LowLevelOperations", "ReadOnlyLowLevelOperations", "mount_options", "serve"]

@@ -1,0 +1,181 @@
+"""The mount on each FUSE binding (``LAYERSTORE_FUSE``, ``layerstore/fuse/binding.py``):
+mfusepy on libfuse's high-level API and pyfuse3 on the low-level one
+(``layerstore/fuse/lowlevel.py``, which keeps its own inode table), through the CLI and
+``layerstore-overlay``, always unmounted. What the inode table must get right: hard links
+are one inode (a write or chmod through one name shows through the other), a renamed
+directory's children are reached under the new name, an unlinked open file stays usable,
+and the daemon is the binding asked for. The other mount tests run on whichever binding
+``LAYERSTORE_FUSE`` names (CI runs them on the default)."""
+
+from __future__ import annotations
+
+import errno
+import importlib.util
+import json
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import assert_clean
+from test_mount_rw import MOUNT_TIMEOUT, errno_of, pytestmark  # noqa: F401  (fuse; root)
+from test_overlay_compat import SCRIPT_PATH, wait_gone
+
+BINDINGS = ["mfusepy", "pyfuse3"]
+#: a file the daemon of each binding has mapped (``/proc/PID/maps``)
+LIBRARY_OF = {"mfusepy": "libfuse3.so", "pyfuse3": "pyfuse3/__init__"}
+
+
+@pytest.fixture(params=BINDINGS)
+def binding(request) -> str:
+    if request.param == "pyfuse3" and importlib.util.find_spec("pyfuse3") is None:
+        pytest.skip("pyfuse3 is not installed (pip install 'layerstore[pyfuse3]')")
+    return request.param  # type: ignore[no-any-return]
+
+
+def _cli(cli, binding: str):
+    def run(*args, **kw):
+        return cli(*args, env={"LAYERSTORE_FUSE": binding}, **kw)
+    return run
+
+
+def _state(root: Path, name: str, cli) -> dict:
+    cid = next(c for c in json.loads(cli("ps", "--json").stdout) if c["name"] == name)["id"]
+    return json.loads((root / "containers" / cid / "mount.json").read_text())
+
+
+def _mount(cli, binding: str, root: Path, name: str, mp: Path, *args: str) -> None:
+    _cli(cli, binding)("mount", name, mp, *args, timeout=MOUNT_TIMEOUT)
+    assert os.path.ismount(mp)
+    maps = Path(f"/proc/{_state(root, name, cli)['pid']}/maps").read_text()
+    assert LIBRARY_OF[binding] in maps, f"the daemon does not run on {binding}"
+    if binding == "mfusepy":
+        assert "pyfuse3" not in maps
+
+
+def test_links_renames_and_open_unlinked(demo, cli, root: Path, mnt: Path, binding: str):
+    cli("create", "demo:app", "--name", "c1")
+    _mount(cli, binding, root, "c1", mnt)
+    try:
+        # hard links of a lower file: one inode; data and attributes through either name
+        os.link(mnt / "etc/passwd", mnt / "tmp/pw")
+        a, b = os.stat(mnt / "etc/passwd"), os.stat(mnt / "tmp/pw")
+        assert a.st_ino == b.st_ino and a.st_nlink == b.st_nlink == 2
+        before = (mnt / "etc/passwd").read_bytes()  # cached by the kernel under one name
+        with open(mnt / "tmp/pw", "ab") as f:
+            f.write(b"via-link\n")
+        assert (mnt / "etc/passwd").read_bytes() == before + b"via-link\n"
+        os.chmod(mnt / "etc/passwd", 0o600)
+        assert stat.S_IMODE(os.stat(mnt / "tmp/pw").st_mode) == 0o600
+        os.truncate(mnt / "tmp/pw", 4)
+        assert os.stat(mnt / "etc/passwd").st_size == 4
+        assert (mnt / "etc/passwd").read_bytes() == before[:4]
+        # hard link of a new file, then unlink of the first name
+        (mnt / "tmp/n1").write_bytes(b"one")
+        os.link(mnt / "tmp/n1", mnt / "tmp/n2")
+        (mnt / "tmp/n2").write_bytes(b"two")
+        assert (mnt / "tmp/n1").read_bytes() == b"two"
+        os.unlink(mnt / "tmp/n1")
+        assert os.stat(mnt / "tmp/n2").st_nlink == 1
+        assert (mnt / "tmp/n2").read_bytes() == b"two"
+
+        # rename of a lower directory, then its children under the new name
+        files = sorted(os.listdir(mnt / "app"))
+        hello = (mnt / "app/hello.sh").read_bytes()
+        ino = os.stat(mnt / "app/hello.sh").st_ino
+        os.rename(mnt / "app", mnt / "app2")
+        assert errno_of(os.stat, mnt / "app/hello.sh") == errno.ENOENT
+        assert sorted(os.listdir(mnt / "app2")) == files
+        assert (mnt / "app2/hello.sh").read_bytes() == hello
+        assert os.stat(mnt / "app2/hello.sh").st_ino == ino
+        (mnt / "app2/new").write_bytes(b"new")
+        # a new directory tree, renamed twice, and moved into another directory
+        os.makedirs(mnt / "d1/sub/deep")
+        (mnt / "d1/sub/deep/f").write_bytes(b"deep")
+        os.rename(mnt / "d1", mnt / "d2")
+        os.rename(mnt / "d2/sub", mnt / "app2/sub")
+        assert (mnt / "app2/sub/deep/f").read_bytes() == b"deep"
+        assert os.listdir(mnt / "d2") == []
+        # a directory renamed over an empty one
+        os.mkdir(mnt / "d3")
+        os.rename(mnt / "app2/sub", mnt / "d3")
+        assert (mnt / "d3/deep/f").read_bytes() == b"deep"
+        assert not (mnt / "app2/sub").exists()
+
+        # unlink of an open file: fstat, read and write go on through the fd
+        fd = os.open(mnt / "tmp/n2", os.O_RDWR)
+        try:
+            os.unlink(mnt / "tmp/n2")
+            assert not (mnt / "tmp/n2").exists()
+            assert os.fstat(fd).st_nlink == 0
+            assert os.pread(fd, 3, 0) == b"two"
+            os.pwrite(fd, b"more", 3)
+            assert os.pread(fd, 10, 0) == b"twomore"
+            assert os.fstat(fd).st_size == 7
+        finally:
+            os.close(fd)
+        # and a lower file opened for reading, then unlinked
+        fd = os.open(mnt / "etc/group", os.O_RDONLY)
+        try:
+            data = (mnt / "etc/group").read_bytes()
+            os.unlink(mnt / "etc/group")
+            assert os.pread(fd, len(data) + 1, 0) == data
+            assert os.fstat(fd).st_size == len(data)
+        finally:
+            os.close(fd)
+        # the same name made again is a new file
+        (mnt / "etc/group").write_bytes(b"new group\n")
+        assert (mnt / "etc/group").read_bytes() == b"new group\n"
+    finally:
+        _cli(cli, binding)("umount", "c1")
+    # what the mount wrote is in the upper after the daemon exits
+    _mount(cli, binding, root, "c1", mnt)
+    try:
+        assert (mnt / "d3/deep/f").read_bytes() == b"deep"
+        assert (mnt / "app2/new").read_bytes() == b"new"
+        assert os.stat(mnt / "etc/passwd").st_nlink == 2
+    finally:
+        _cli(cli, binding)("umount", "c1")
+    assert_clean(root)
+
+
+def test_read_only_mount(demo, cli, root: Path, mnt: Path, binding: str):
+    cli("create", "demo:app", "--name", "c1")
+    _mount(cli, binding, root, "c1", mnt, "--read-only")
+    try:
+        names = sorted(os.listdir(mnt))
+        assert "etc" in names and "app" in names
+        assert (mnt / "etc/passwd").read_bytes().startswith(b"root:")
+        assert errno_of(os.open, mnt / "etc/passwd", os.O_WRONLY) == errno.EROFS
+        assert errno_of(os.mkdir, mnt / "x") == errno.EROFS
+        for dirpath, dirnames, filenames in os.walk(mnt):
+            for n in filenames:
+                os.lstat(os.path.join(dirpath, n))
+    finally:
+        _cli(cli, binding)("umount", "c1")
+
+
+def test_overlay_command(tmp_path: Path, binding: str):
+    lower, upper, work, mp = (tmp_path / n for n in ("lower", "upper", "work", "mnt"))
+    for d in (lower, upper, work, mp):
+        d.mkdir()
+    (lower / "a").write_bytes(b"lower a")
+    os.mkdir(lower / "dir")
+    (lower / "dir/b").write_bytes(b"lower b")
+    env = dict(os.environ, LAYERSTORE_FUSE=binding)
+    p = subprocess.run([str(SCRIPT_PATH), "-o", f"lowerdir={lower},upperdir={upper},workdir={work}",
+                        str(mp)], capture_output=True, text=True, env=env, timeout=MOUNT_TIMEOUT)
+    assert p.returncode == 0, p.stderr
+    try:
+        os.rename(mp / "dir", mp / "dir2")
+        assert (mp / "dir2/b").read_bytes() == b"lower b"
+        os.link(mp / "a", mp / "a2")
+        (mp / "a2").write_bytes(b"upper")
+        assert (mp / "a").read_bytes() == b"upper"
+    finally:
+        subprocess.run(["umount", str(mp)], capture_output=True, check=False)
+        if os.path.ismount(mp):
+            subprocess.run(["umount", "-l", str(mp)], capture_output=True, check=False)
+    assert wait_gone(mp)
+    assert (upper / "a").read_bytes() == b"upper" and os.stat(upper / "a").st_nlink == 2
