@@ -351,21 +351,40 @@ class LayerstoreMeta(Layerstore):
     description = "`layerstore mount --copy-up meta` (metadata-only copy-up)"
 
 
-class LayerstoreFusepy(Layerstore):
-    """The mount on fusepy/libfuse2 (``LAYERSTORE_FUSE=fusepy``), to compare bindings:
-    the mount command runs in a subprocess, as the binding is chosen at import."""
+class LayerstoreBinding(Layerstore):
+    """``layerstore mount --copy-up meta`` on a chosen FUSE binding (``LAYERSTORE_FUSE``),
+    to compare bindings: the mount command runs in a subprocess, as the binding is chosen
+    at import."""
 
-    name = "layerstore-fusepy"
     mode = "meta"
-    description = "`layerstore mount` on fusepy/libfuse2 instead of mfusepy/libfuse3"
+    binding = ""
 
     def _mount_cmd(self, root: Path, extra: list[str]) -> None:
         assert self.cid is not None
-        env = dict(common.ls_env(), LAYERSTORE_FUSE="fusepy")
+        env = dict(common.ls_env(), LAYERSTORE_FUSE=self.binding)
         proc = subprocess.run(common.ls_cmd(root, "mount", self.cid, self.mp, *extra), env=env,
                               capture_output=True, text=True, check=False)
         if proc.returncode:
-            raise RuntimeError(f"layerstore mount (fusepy): {proc.stderr.strip()}")
+            raise RuntimeError(f"layerstore mount ({self.binding}): {proc.stderr.strip()}")
+
+
+class LayerstoreFusepy(LayerstoreBinding):
+    name = "layerstore-fusepy"
+    binding = "fusepy"
+    description = "`layerstore mount --copy-up meta` on fusepy/libfuse2 (high-level API)"
+
+
+class LayerstoreMfusepy(LayerstoreBinding):
+    name = "layerstore-mfusepy"
+    binding = "mfusepy"
+    description = "`layerstore mount --copy-up meta` on mfusepy/libfuse3 (high-level API)"
+
+
+class LayerstorePyfuse3(LayerstoreBinding):
+    name = "layerstore-pyfuse3"
+    binding = "pyfuse3"
+    description = ("`layerstore mount --copy-up meta` on pyfuse3/libfuse3 (low-level API, "
+                   "`layerstore/fuse/lowlevel.py`)")
 
 
 ALL = BACKENDS
@@ -382,6 +401,8 @@ def make_backends(data: Data, wanted: list[str]) -> tuple[list[Backend], dict[st
         "layerstore-meta": lambda: LayerstoreMeta(data, True),
         "layerstore-overlay": lambda: LayerstoreOverlay(data),
         "layerstore-fusepy": lambda: LayerstoreFusepy(data, True),
+        "layerstore-mfusepy": lambda: LayerstoreMfusepy(data, True),
+        "layerstore-pyfuse3": lambda: LayerstorePyfuse3(data, True),
     }
     ok, skipped = [], {}
     for name in wanted:

@@ -17,9 +17,10 @@ from ..errors import UsageError
 
 BACKENDS = ["dir", "kernel", "fuse-overlayfs", "layerstore", "layerstore-meta",
             "layerstore-overlay"]
-#: run only when named: ``layerstore-fusepy`` is the mount on fusepy/libfuse2 (the
-#: binding mfusepy/libfuse3 replaced; see layerstore/fuse/binding.py)
-EXTRA_BACKENDS = ["layerstore-fusepy"]
+#: run only when named: ``layerstore-meta`` on one chosen FUSE binding each
+#: (``LAYERSTORE_FUSE``; see layerstore/fuse/binding.py): fusepy/libfuse2, mfusepy/libfuse3
+#: (libfuse's high-level API) and pyfuse3/libfuse3 (the low-level API)
+EXTRA_BACKENDS = ["layerstore-fusepy", "layerstore-mfusepy", "layerstore-pyfuse3"]
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
