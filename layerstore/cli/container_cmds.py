@@ -38,10 +38,13 @@ def register(sub: Any) -> None:
                    help="stay in the terminal until unmounted")
     p.add_argument("--allow-other", action="store_true",
                    help="let other users see the mount (default: only the mounting user)")
-    p.add_argument("--copy-up", choices=("meta", "full"), default="meta",
+    p.add_argument("--copy-up", choices=("meta", "full", "lazy"), default="meta",
                    help="meta (default): chmod/chown/utime/xattrs, rename and link of a lower "
                         "file copy no data until the first write (kernel metacopy format); "
-                        "full: copy the data too, like overlayfs without metacopy=on")
+                        "full: copy the data too, like overlayfs without metacopy=on; "
+                        "lazy: as meta, and the first write to a file of 1 MiB or more copies "
+                        "only the 256 KiB blocks it touches (an upper kernel overlayfs cannot "
+                        "read until committed)")
     p.add_argument("--debug", action="store_true", help="log every failing call (daemon.log)")
     p.set_defaults(func=cmd_mount)
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from ..errors import InvalidInputError
+from ..overlay.lazy import LAZY_XATTR, LazyFile
 from ..overlay.lower import MergedLowers, Node, StoreLayers
 from ..overlay.upper import (
     DIR_FLAGS,
@@ -194,6 +195,42 @@ class _LowerReader(io.RawIOBase):
         return len(data)
 
 
+class _LazyReader(io.RawIOBase):
+    """The content of a lazily copied-up upper file (``overlay/lazy.py``): its filled
+    blocks from the upper file, the rest from the lowers."""
+
+    def __init__(self, lowers: MergedLowers, lazy: LazyFile, fd: int):
+        self.lowers, self.lazy, self.fd, self.pos = lowers, lazy, fd, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf: Any) -> int:
+        data = self.lazy.read(self.lowers, self.fd, self.pos, len(buf))
+        buf[:len(data)] = data
+        self.pos += len(data)
+        return len(data)
+
+
+def _lazy_file(lowers: MergedLowers | None, vpath: bytes, xattrs: dict[bytes, bytes],
+               size: int) -> LazyFile | None:
+    """The state of a lazily copied-up upper file, None for other files."""
+    value = xattrs.get(LAZY_XATTR)
+    if value is None:
+        return None
+    try:
+        source = LazyFile.decode_head(value)[0]
+        node = lowers.resolve(source) if lowers else None
+        if node is None or node.entry.type != REG:
+            raise ValueError("not in the image")
+        lazy = LazyFile.decode(value, node)
+    except ValueError:
+        raise InvalidInputError(f"the data of lazily copied-up file {os.fsdecode(vpath)} "
+                                "is not in the image") from None
+    lazy.limit = min(lazy.limit, size)
+    return lazy
+
+
 def _metacopy_node(lowers: MergedLowers | None, vpath: bytes, xattrs: dict[bytes, bytes]) -> Node | None:
     """The lower file with the data of an upper metacopy file, None for other files."""
     if METACOPY_XATTR not in xattrs:
@@ -235,8 +272,18 @@ def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = No
                 continue
             if not stat.S_ISDIR(mode) and st.st_nlink > 1:
                 links[key] = rel
-            data = _metacopy_node(lowers, e.vpath, xattrs) if stat.S_ISREG(mode) else None
-            if data is not None:
+            lazy = _lazy_file(lowers, e.vpath, xattrs, st.st_size) if stat.S_ISREG(mode) else None
+            data = (_metacopy_node(lowers, e.vpath, xattrs)
+                    if stat.S_ISREG(mode) and lazy is None else None)
+            if lazy is not None:
+                assert lowers is not None
+                ti.size = st.st_size
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    tf.addfile(ti, io.BufferedReader(_LazyReader(lowers, lazy, fd), 1 << 20))  # type: ignore[arg-type]
+                finally:
+                    os.close(fd)
+            elif data is not None:
                 ti.size = st.st_size
                 tf.addfile(ti, io.BufferedReader(_LowerReader(lowers, data), 1 << 20))  # type: ignore[arg-type]
             elif stat.S_ISREG(mode):

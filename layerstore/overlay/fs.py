@@ -66,6 +66,7 @@ import lmdb
 
 from ..errors import LayerstoreError, NoEntryError, NotEmptyError, OverlayError
 from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, join_vpath
+from .lazy import LAZY_MIN, LAZY_XATTR, LazyFile
 from .lower import IFMT, MergedLowers, Node, node_stat
 from .upper import (
     DIR_FLAGS,
@@ -103,8 +104,8 @@ COPY_BLOCK = 1 << 20
 
 #: copy-up modes: the data with the metadata, or the metadata alone (the data stays in
 #: the lowers until the first write)
-FULL, META = "full", "meta"
-COPY_UP_MODES = (FULL, META)
+FULL, META, LAZY = "full", "meta", "lazy"
+COPY_UP_MODES = (FULL, META, LAZY)
 
 
 def _locked(fn: F) -> F:
@@ -136,6 +137,7 @@ class Found:
     lower_below: bool  #: a lower entry exists here that an upper whiteout must hide
     data: Node | None = None  #: an upper metacopy file: the lower file that has its data
     origin: int | None = None  #: an upper non-directory copied up: its lower inode number
+    lazy: LazyFile | None = None  #: an upper file copied up lazily (``lazy.py``), not whole yet
 
     @property
     def is_dir(self) -> bool:
@@ -158,6 +160,7 @@ class _Handle:
     fd: int = -1  #: an upper fd, or -1
     node: Node | None = None  #: a lower file read in place (also the data of a metacopy file)
     ino: int | None = None  #: the inode number to report (the lower one after a copy-up)
+    lazy: LazyFile | None = None  #: ``fd`` is a lazily copied-up file: read and write through it
 
 
 def _origin_of(target: int | str) -> int | None:
@@ -198,6 +201,9 @@ class OverlayFS:
             raise OverlayError(errno.EXDEV, os.fsencode(work))
         self._lock = threading.RLock()
         self._handles: dict[int, _Handle] = {}
+        #: (st_dev, st_ino) of an upper file copied up lazily -> its state, shared by
+        #: every handle and name of it
+        self._lazy: dict[tuple[int, int], LazyFile] = {}
         self._fh = itertools.count(1)
         self._tmp = itertools.count()
         for name in os.listdir(self.work_fd):  # copy-ups a crash left half done
@@ -271,9 +277,34 @@ class OverlayFS:
         origin = priv.get(ORIGIN_XATTR)
         f = Found(path, ust, None, False, below,
                   origin=int.from_bytes(origin, "big") if origin and len(origin) == 8 else None)
-        if METACOPY_XATTR in priv and stat.S_ISREG(ust.st_mode):
+        if LAZY_XATTR in priv and stat.S_ISREG(ust.st_mode):  # before a metacopy mark
+            f.lazy = self._lazy_state(ust, priv[LAZY_XATTR], path)  # a crash left behind
+        elif METACOPY_XATTR in priv and stat.S_ISREG(ust.st_mode):
             f.data = self._metacopy_data(path, priv.get(REDIRECT_XATTR))
         return f
+
+    def _lazy_state(self, ust: os.stat_result, value: bytes, path: bytes) -> LazyFile:
+        """The state of the lazily copied-up upper file ``ust`` (marked ``value``): the
+        one its handles share, else read from the mark."""
+        key = (ust.st_dev, ust.st_ino)
+        state = self._lazy.get(key)
+        if state is not None and not state.done:
+            return state
+        try:
+            source = LazyFile.decode_head(value)[0]
+            node = self.lowers.resolve(source)
+            if node is None or node.entry.type != REG:
+                raise ValueError("the lowers do not have its data")
+            state = LazyFile.decode(value, node)
+        except ValueError as exc:
+            raise OverlayError(errno.EIO, path) from exc
+        state.limit = min(state.limit, ust.st_size)  # a crash between truncate and mark
+        self._lazy[key] = state
+        return state
+
+    def _lazy_ok(self, node: Node) -> bool:
+        """Copy-up of ``node``'s data for a write: lazily (not the whole file)?"""
+        return self.copy_up_mode == LAZY and node.entry.size >= LAZY_MIN
 
     def _metacopy_data(self, path: bytes, redirect: bytes | None) -> Node:
         """The lower file with the data of the metacopy file at ``path`` (EIO if the
@@ -345,6 +376,7 @@ class OverlayFS:
         e = node.entry
         tmp = self._tmp_name()
         wfd = self.work_fd
+        lazy: LazyFile | None = None
         try:
             if e.type == REG:
                 fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -355,6 +387,12 @@ class OverlayFS:
                     elif how == META:
                         os.ftruncate(fd, e.size)
                         os.setxattr(fd, METACOPY_XATTR, b"")
+                    elif how == LAZY:
+                        os.ftruncate(fd, e.size)
+                        lazy = LazyFile.new(node)
+                        os.setxattr(fd, LAZY_XATTR, lazy.encode())
+                        ust = os.fstat(fd)
+                        self._lazy[(ust.st_dev, ust.st_ino)] = lazy
                 finally:
                     os.close(fd)
             elif e.type == DIR:
@@ -373,7 +411,7 @@ class OverlayFS:
             remove_tree_at(wfd, tmp)
             raise
         if e.type == REG and how != META:
-            self._switch_handles(node.ino, parent_fd, name)
+            self._switch_handles(node.ino, parent_fd, name, lazy)
 
     def _copy_up(self, f: Found, how: str = FULL) -> None:
         """Make ``f`` an upper entry (no-op if it is one; see ``_copy_up_at`` for
@@ -408,6 +446,35 @@ class OverlayFS:
             self._switch_handles(f.data.ino if f.origin is None else f.origin, pfd, name)
         f.data = None
 
+    def _make_lazy(self, f: Found) -> None:
+        """Turn an upper metacopy file into a lazily copied-up one (no data copied): the
+        lazy mark first, then the metacopy mark goes (a crash between leaves both, and
+        the lazy one wins). Requires ``_lock``."""
+        assert f.data is not None
+        with self._leaf(f.vpath) as (pfd, name):
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+            try:
+                lazy = LazyFile.new(f.data)
+                ust = os.fstat(fd)
+                lazy.limit = min(lazy.limit, ust.st_size)
+                lazy._count()
+                os.setxattr(fd, LAZY_XATTR, lazy.encode())
+                self._lazy[(ust.st_dev, ust.st_ino)] = lazy
+                self._drop_metacopy(fd)
+            finally:
+                os.close(fd)
+            self._switch_handles(f.data.ino if f.origin is None else f.origin, pfd, name, lazy)
+        f.data, f.lazy = None, lazy
+
+    def _data_for_write(self, f: Found) -> None:
+        """Before a write to the upper file ``f``: a metacopy file gets its data, or
+        becomes a lazy one in LAZY mode. Requires ``_lock``."""
+        if f.data is not None:
+            if self._lazy_ok(f.data):
+                self._make_lazy(f)
+            else:
+                self._copy_up_data(f)
+
     @staticmethod
     def _drop_metacopy(fd: int) -> None:
         for key in (METACOPY_XATTR, REDIRECT_XATTR):
@@ -417,17 +484,20 @@ class OverlayFS:
                 if exc.errno != errno.ENODATA:
                     raise
 
-    def _switch_handles(self, ino: int, pfd: int, name: bytes) -> None:
+    def _switch_handles(self, ino: int, pfd: int, name: bytes,
+                        lazy: LazyFile | None = None) -> None:
         """Open handles reading a lower file (``ino``) read the upper copy from now on,
-        as kernel overlayfs switches an fd opened before a copy-up."""
+        as kernel overlayfs switches an fd opened before a copy-up (through ``lazy``
+        when it was copied up lazily)."""
         for h in self._handles.values():
             if h.fd < 0 and h.node is not None and h.node.ino == ino:
                 h.fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
                 h.ino = ino
+                h.lazy = lazy
 
     def _meta_copy_up(self, f: Found) -> None:
-        """Copy-up before a metadata change: metadata only in META mode."""
-        self._copy_up(f, self.copy_up_mode)
+        """Copy-up before a metadata change: metadata only in META and LAZY modes."""
+        self._copy_up(f, FULL if self.copy_up_mode == FULL else META)
 
     def _set_redirect(self, vpath: bytes, data: Node) -> None:
         """Record in the upper metacopy file at ``vpath`` where its data is in the lowers,
@@ -603,6 +673,8 @@ class OverlayFS:
         st = stat_dict(f.ust, ino=f.origin)
         if f.data is not None:  # a metacopy file's blocks are those of its data
             st["st_blocks"] = node_stat(f.data)["st_blocks"]
+        elif f.lazy is not None and not f.lazy.done:
+            st["st_blocks"] = max(st["st_blocks"], node_stat(f.lazy.node)["st_blocks"])
         return st
 
     @_locked
@@ -693,23 +765,27 @@ class OverlayFS:
             return self._add_handle(_Handle(vpath, node=node, ino=f.origin))
         trunc = bool(flags & os.O_TRUNC) and f.type_mode == stat.S_IFREG
         if f.ust is None:
-            self._copy_up(f, how="empty" if trunc else FULL)
+            assert f.lower is not None
+            self._copy_up(f, how="empty" if trunc else LAZY if self._lazy_ok(f.lower) else FULL)
             f = self._lookup(vpath)
-        elif not trunc:
-            self._copy_up_data(f)
+        elif not trunc and writing:
+            self._data_for_write(f)
         keep = flags & ~(os.O_CREAT | os.O_EXCL | os.O_NOCTTY)
         if f.type_mode != stat.S_IFREG:
             keep |= os.O_NONBLOCK  # never block the daemon on a FIFO
         with self._leaf(vpath) as (pfd, name):
             fd = os.open(name, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
-            if f.data is not None:  # truncated: the data in the lowers is not needed any more
-                try:
+            try:
+                if f.data is not None:  # truncated: the data in the lowers is not needed any more
                     self._drop_metacopy(fd)
                     self._switch_handles(f.data.ino if f.origin is None else f.origin, pfd, name)
-                except BaseException:
-                    os.close(fd)
-                    raise
-        return self._add_handle(_Handle(vpath, fd=fd, ino=f.origin))
+                if f.lazy is not None and trunc:
+                    f.lazy.truncate(fd, 0)  # drops the mark
+            except BaseException:
+                os.close(fd)
+                raise
+        lazy = f.lazy if f.lazy is not None and not f.lazy.done else None
+        return self._add_handle(_Handle(vpath, fd=fd, ino=f.origin, lazy=lazy))
 
     @_locked
     def create(self, vpath: bytes, mode: int, flags: int = os.O_RDWR,
@@ -740,6 +816,8 @@ class OverlayFS:
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         h = self._handle(fh)
+        if h.lazy is not None and not h.lazy.done:
+            return self._lazy_read(h, size, offset)
         if h.fd >= 0:
             return os.pread(h.fd, size, offset)
         if h.node is None:
@@ -753,13 +831,33 @@ class OverlayFS:
         h = self._handle(fh)
         if h.fd < 0:
             raise OverlayError(errno.EBADF, h.vpath)
+        if h.lazy is not None and not h.lazy.done:
+            return self._lazy_write(h, data, offset)
         return os.pwrite(h.fd, data, offset)
+
+    @_locked
+    def _lazy_read(self, h: _Handle, size: int, offset: int) -> bytes:
+        assert h.lazy is not None
+        return h.lazy.read(self.lowers, h.fd, offset, size)
+
+    @_locked
+    def _lazy_write(self, h: _Handle, data: bytes, offset: int) -> int:
+        assert h.lazy is not None
+        return h.lazy.write(self.lowers, h.fd, data, offset)
 
     def ftruncate(self, fh: int, length: int) -> None:
         h = self._handle(fh)
         if h.fd < 0:
             raise OverlayError(errno.EBADF, h.vpath)
-        os.ftruncate(h.fd, length)
+        if h.lazy is not None and not h.lazy.done:
+            self._lazy_truncate(h.lazy, h.fd, length)
+        else:
+            os.ftruncate(h.fd, length)
+
+    @_locked
+    def _lazy_truncate(self, lazy: LazyFile, fd: int, length: int) -> None:
+        os.ftruncate(fd, length)  # then the mark: see _lazy_state for a crash between
+        lazy.truncate(fd, length)
 
     def fgetattr(self, fh: int) -> dict[str, int]:
         """Attributes through an open handle (works after the path is unlinked)."""
@@ -794,14 +892,19 @@ class OverlayFS:
         if f.type_mode != stat.S_IFREG:
             raise OverlayError(errno.EINVAL, vpath)
         if f.ust is None:
-            self._copy_up(f, how=FULL if length > 0 else "empty")
+            assert f.lower is not None
+            self._copy_up(f, how="empty" if length == 0 else LAZY if self._lazy_ok(f.lower)
+                          else FULL)
             f = self._lookup(vpath)
         elif length > 0:
-            self._copy_up_data(f)
+            self._data_for_write(f)
         with self._leaf(vpath) as (pfd, name):
             fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:
-                os.ftruncate(fd, length)
+                if f.lazy is not None and not f.lazy.done:
+                    self._lazy_truncate(f.lazy, fd, length)
+                else:
+                    os.ftruncate(fd, length)
                 if f.data is not None:  # truncated to 0 before: the mark goes after
                     self._drop_metacopy(fd)
                     self._switch_handles(f.data.ino if f.origin is None else f.origin, pfd, name)
