@@ -16,6 +16,7 @@ import os
 import random
 import signal
 import stat
+import subprocess
 import tarfile
 import threading
 import time
@@ -370,4 +371,51 @@ def test_kill_during_lazy_writes(big_image: Path, cli, mnt: Path):
         written += model != original
         cli("rm", name)
     assert written >= 10  # the kills landed while writes went on
+    assert_clean(big_image)
+
+
+def test_materialize_then_kernel_overlayfs_reads_the_upper(big_image: Path, cli, mnt: Path,
+                                                           tmp_path: Path):
+    """``layerstore materialize``: lazy and metacopy files get their whole data; kernel
+    overlayfs (without metacopy=on) over the image's layers then shows the same files."""
+    from helpers_mount import extract_as_overlay_lower
+
+    cli("create", "lazy:1", "--name", "mat")
+    want = bytearray(_content(1, BIG))
+    with mounted(cli, "mat", mnt, "--copy-up", "lazy"):
+        with open(mnt / "data/big", "r+b") as f:
+            f.seek(MiB)
+            f.write(b"lazy write")
+        want[MiB:MiB + 10] = b"lazy write"
+        os.chmod(mnt / "data/small", 0o600)  # metacopy
+        p = cli("materialize", "mat", check=False)
+        assert p.returncode != 0 and "mounted" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    ps = {c["name"]: c for c in json.loads(cli("ps", "--json").stdout)}
+    upper = Path(ps["mat"]["upper"])
+    assert LAZY_XATTR in {os.fsencode(n) for n in os.listxattr(upper / "data/big")}
+    assert cli("materialize", "mat").stdout.strip() == "2 files filled"
+    for rel in ("data/big", "data/small"):
+        xs = {os.fsencode(n) for n in os.listxattr(upper / rel)}
+        assert LAZY_XATTR not in xs and METACOPY_XATTR not in xs
+    assert (upper / "data/big").read_bytes() == want
+    assert cli("materialize", "mat").stdout.strip() == "0 files filled"
+    # kernel overlayfs over the image's layer and this upper
+    exported = tmp_path / "exp"
+    cli("export", "lazy:1", exported)
+    idx = json.loads((exported / "index.json").read_text())
+    man = json.loads((exported / "blobs/sha256" / idx["manifests"][0]["digest"].split(":")[1]).read_text())
+    lower = tmp_path / "klower"
+    extract_as_overlay_lower(exported / "blobs/sha256" / man["layers"][0]["digest"].split(":")[1], lower)
+    kmnt, kwork = tmp_path / "kmnt", tmp_path / "kwork"
+    kmnt.mkdir()
+    kwork.mkdir()
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o",
+                    f"lowerdir={lower},upperdir={upper},workdir={kwork}", str(kmnt)], check=True)
+    try:
+        assert (kmnt / "data/big").read_bytes() == want
+        assert (kmnt / "data/big2").read_bytes() == want
+        assert (kmnt / "data/small").read_bytes() == b"small file\n"
+        assert stat.S_IMODE(os.stat(kmnt / "data/small").st_mode) == 0o600
+    finally:
+        subprocess.run(["umount", str(kmnt)], check=True)
     assert_clean(big_image)

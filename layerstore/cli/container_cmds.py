@@ -71,6 +71,12 @@ def register(sub: Any) -> None:
                    help="read the upper while the container keeps running")
     p.set_defaults(func=cmd_commit)
 
+    p = sub.add_parser("materialize", help="copy into a container's upper the image data its "
+                       "lazily or metadata-only copied-up files still read from the store "
+                       "(so kernel overlayfs can mount the upper)")
+    p.add_argument("container")
+    p.set_defaults(func=cmd_materialize)
+
 
 
 def cmd_create(args: argparse.Namespace) -> int:
@@ -167,6 +173,15 @@ def cmd_diff(args: argparse.Namespace) -> int:
         return 0
     for k, p in rows:
         print(f"{k} {p}")
+    return 0
+
+
+def cmd_materialize(args: argparse.Namespace) -> int:
+    from ..oci.commit import materialize
+
+    with open_store(args) as store:
+        n = materialize(store, args.container)
+    print(f"{n} file{'s' if n != 1 else ''} filled")
     return 0
 
 

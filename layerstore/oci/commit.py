@@ -107,6 +107,39 @@ def _walk(dir_fd: int, prefix: bytes) -> Iterator[tuple[UpperEntry, int, bytes]]
         yield UpperEntry(vpath, st), dir_fd, name
 
 
+# --- materialize ----------------------------------------------------------------------------
+
+
+def materialize(store: Store, ref: str) -> int:
+    """Fill every file of a container's upper whose data is still (in part) in the image
+    (``--copy-up lazy`` and ``meta`` leave such files), so kernel overlayfs can mount the
+    upper without ``metacopy=on``. Refuses while the container is mounted. Returns how
+    many files were filled."""
+    import fcntl
+
+    from ..errors import InUseError
+    from ..fuse.daemon import LOCK_FILE, container_dir
+    from ..overlay.fs import FULL, OverlayFS
+
+    rec, img = _container_image(store, ref)
+    cdir = container_dir(store.root, rec.id)
+    lock_fd = os.open(cdir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InUseError(f"container {rec.name} is mounted (umount it first)") from None
+        upper = Path(rec.upper)
+        fs = OverlayFS(MergedLowers(StoreLayers(store, img.diff_ids)), upper,
+                       upper.parent / "work", FULL)
+        try:
+            return fs.materialize()
+        finally:
+            fs.close()
+    finally:
+        os.close(lock_fd)
+
+
 # --- diff ---------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ merges with the lower directory at the same path unless it is opaque.
 Copy-up: before the first data write or metadata change of a lower object, it is
 written to a temporary name in ``work`` and renamed into place, so a copy-up is visible
 whole or not at all. Missing parent directories are copied up first (metadata only).
-Two modes (``copy_up``):
+Three modes (``copy_up``):
 
 - ``FULL``: data and metadata (owner, mode, xattrs, mtime in ns) before the first write
   or metadata change; ``open`` with ``O_TRUNC`` and ``truncate(0)`` copy no data.
@@ -22,6 +22,8 @@ Two modes (``copy_up``):
   upper. The first write puts the data into that same upper inode and then drops the
   mark: a crash midway still reads the old data from the lowers. Uppers written in
   either mode are read in both.
+- ``LAZY``: as ``META``, and the first write to a lower file of ``LAZY_MIN`` or more
+  copies only the blocks it touches (``lazy.py``); ``materialize`` fills the rest.
 
 Copied-up objects carry their lower inode number (``ORIGIN_XATTR``), so
 ``st_ino`` is the same before and after a copy-up and across remounts. Copying up one
@@ -910,6 +912,44 @@ class OverlayFS:
                     self._switch_handles(f.data.ino if f.origin is None else f.origin, pfd, name)
             finally:
                 os.close(fd)
+
+    @_locked
+    def materialize(self) -> int:
+        """Give every upper file whose data is still (in part) in the lowers its whole
+        data: lazily copied-up files (``lazy.py``) and metacopy files. The upper is then
+        one that kernel overlayfs reads without ``metacopy=on``. Returns how many files
+        were filled."""
+        count = 0
+        todo = [b"/"]
+        while todo:
+            d = todo.pop()
+            with self._dirfd(d, copy_up=False) as fd:
+                names = sorted(os.fsencode(n) for n in os.listdir(fd))
+                kinds = {n: lstat_at(fd, n) for n in names}
+            for name, ust in kinds.items():
+                if ust is None:
+                    continue
+                vpath = join_vpath(d, name)
+                if stat.S_ISDIR(ust.st_mode):
+                    todo.append(vpath)
+                    continue
+                if not stat.S_ISREG(ust.st_mode):
+                    continue
+                f = self._find(vpath)
+                if f is None:
+                    continue
+                if f.data is not None:
+                    self._copy_up_data(f)
+                    count += 1
+                elif f.lazy is not None and not f.lazy.done:
+                    with self._leaf(vpath) as (pfd, leaf):
+                        wfd = os.open(leaf, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                        try:
+                            f.lazy.materialize(self.lowers, wfd)
+                        finally:
+                            os.close(wfd)
+                    count += 1
+        return count
 
     # --- namespace ----------------------------------------------------------------------
 
