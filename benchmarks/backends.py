@@ -11,6 +11,8 @@ the root filesystem, then the benchmark files) over a writable upper.
   copy-up; ``--copy-up full`` when the CLI has the option).
 - ``layerstore-meta``: the same with ``--copy-up meta`` (metadata-only copy-up), present
   when ``layerstore mount --help`` lists it.
+- ``layerstore-lazy``: the same with ``--copy-up lazy`` (metadata-only copy-up, and the
+  first write to a big lower file copies only the blocks it touches).
 - ``layerstore-overlay``: the fuse-overlayfs-compatible console script over the same layer
   directories, present when it is on PATH.
 
@@ -351,6 +353,12 @@ class LayerstoreMeta(Layerstore):
     description = "`layerstore mount --copy-up meta` (metadata-only copy-up)"
 
 
+class LayerstoreLazy(Layerstore):
+    name = "layerstore-lazy"
+    mode = "lazy"
+    description = "`layerstore mount --copy-up lazy` (block-level copy-up on the first write)"
+
+
 class LayerstoreBinding(Layerstore):
     """``layerstore mount --copy-up meta`` on a chosen FUSE binding (``LAYERSTORE_FUSE``),
     to compare bindings: the mount command runs in a subprocess, as the binding is chosen
@@ -399,6 +407,7 @@ def make_backends(data: Data, wanted: list[str]) -> tuple[list[Backend], dict[st
         "fuse-overlayfs": lambda: FuseOverlayfs(data),
         "layerstore": lambda: Layerstore(data, "full" in modes),
         "layerstore-meta": lambda: LayerstoreMeta(data, True),
+        "layerstore-lazy": lambda: LayerstoreLazy(data, True),
         "layerstore-overlay": lambda: LayerstoreOverlay(data),
         "layerstore-fusepy": lambda: LayerstoreFusepy(data, True),
         "layerstore-mfusepy": lambda: LayerstoreMfusepy(data, True),
@@ -406,8 +415,8 @@ def make_backends(data: Data, wanted: list[str]) -> tuple[list[Backend], dict[st
     }
     ok, skipped = [], {}
     for name in wanted:
-        if name == "layerstore-meta" and "meta" not in modes:
-            skipped[name] = ("`layerstore mount` has no `--copy-up meta` option yet"
+        if name in ("layerstore-meta", "layerstore-lazy") and name[11:] not in modes:
+            skipped[name] = (f"`layerstore mount` has no `--copy-up {name[11:]}` option yet"
                              if not modes else f"`--copy-up` offers only {', '.join(modes)}")
             continue
         b = makers[name]()

@@ -4,7 +4,7 @@
         [--out DIR] [--work DIR]
     layerstore bench ...            (the same, through the CLI)
 
-Backends (``backends.py``): dir, kernel, fuse-overlayfs, layerstore, layerstore-meta,
+Backends (``backends.py``): dir, kernel, fuse-overlayfs, layerstore, layerstore-meta, layerstore-lazy,
 layerstore-overlay; one that cannot run here is skipped with the reason. Scenarios 1-7
 (``scenarios.py``) run for every backend: in each run, every measurement goes through
 the backends in turn (A B C, then B C A in the next run, ...), each on a fresh mount with
@@ -444,7 +444,8 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 COLORS = {"dir": "#9e9e9e", "kernel": "#1f77b4", "fuse-overlayfs": "#ff7f0e",
-          "layerstore": "#2ca02c", "layerstore-meta": "#17becf", "layerstore-overlay": "#9467bd"}
+          "layerstore": "#2ca02c", "layerstore-meta": "#17becf", "layerstore-lazy": "#d62728",
+          "layerstore-overlay": "#9467bd"}
 
 
 def chart(result: dict[str, Any], path: Path) -> bool:

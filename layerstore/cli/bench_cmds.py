@@ -16,7 +16,7 @@ from typing import Any
 from ..errors import UsageError
 
 BACKENDS = ["dir", "kernel", "fuse-overlayfs", "layerstore", "layerstore-meta",
-            "layerstore-overlay"]
+            "layerstore-lazy", "layerstore-overlay"]
 #: run only when named: ``layerstore-meta`` on one chosen FUSE binding each
 #: (``LAYERSTORE_FUSE``; see layerstore/fuse/binding.py): fusepy/libfuse2, mfusepy/libfuse3
 #: (libfuse's high-level API) and pyfuse3/libfuse3 (the low-level API)
