@@ -68,6 +68,11 @@ def test_read_only_mount_equals_applied_layers(demo, cli, root: Path, mnt: Path,
     cli("mount", "c1", mnt, "--read-only")
     try:
         assert os.path.ismount(mnt)
+        # the mount's readahead is raised to 1 MiB (the kernel's default is 128 KiB)
+        dev = next(line.split()[2] for line in open("/proc/self/mountinfo")
+                   if line.split()[4] == str(mnt))
+        if os.geteuid() == 0:
+            assert Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text().strip() == "1024"
         expected = _expected_tree(tmp_path, cli, "demo:app")
         got = tree_manifest(mnt)
         want = tree_manifest(expected)

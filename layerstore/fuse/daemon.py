@@ -83,8 +83,8 @@ def mount(root: Path, cid: str, diff_ids: list[str], mountpoint: Path, *, read_o
           foreground: bool = False, allow_other: bool = False, debug: bool = False,
           copy_up: str = "meta") -> int:
     """Mount container ``cid`` at ``mountpoint``; returns the daemon's pid (0 when
-    ``foreground``, after the mount ends). ``copy_up``: ``meta`` or ``full`` (see
-    ``overlay/fs.py``)."""
+    ``foreground``, after the mount ends). ``copy_up``: ``meta``, ``full`` or ``lazy``
+    (see ``overlay/fs.py``)."""
     mp = check_mountpoint(mountpoint)
     cdir = container_dir(root, cid)
     if not cdir.is_dir():
@@ -93,7 +93,10 @@ def mount(root: Path, cid: str, diff_ids: list[str], mountpoint: Path, *, read_o
     def serve(ready: Callable[[], None]) -> None:
         _serve_container(root, cid, diff_ids, mp, read_only, allow_other, debug, copy_up, ready)
 
-    return spawn(serve, mp, foreground=foreground, log=cdir / "daemon.log")
+    pid = spawn(serve, mp, foreground=foreground, log=cdir / "daemon.log")
+    if pid:
+        _raise_readahead(mp)
+    return pid
 
 
 def spawn(serve: Callable[[Callable[[], None]], None], mp: Path, *, foreground: bool,
@@ -166,6 +169,28 @@ def spawn(serve: Callable[[Callable[[], None]], None], mp: Path, *, foreground: 
     if text.startswith("error: "):
         raise MountError(text[len("error: "):])
     raise MountError("the mount daemon did not start" + (f" (see {log})" if log else ""))
+
+
+#: the kernel's readahead for a container mount (KiB): the default, 128 KiB, makes a
+#: sequential read one 128 KiB FUSE request at a time; 1 MiB (the mount's max_read) read
+#: a cold 256 MiB file at 450-580 MB/s against 340-370 (benchmarks/README.md)
+READ_AHEAD_KB = 1024
+
+
+def _raise_readahead(mp: Path) -> None:
+    """Set the FUSE connection's readahead (``/sys/class/bdi/MAJOR:MINOR/read_ahead_kb``,
+    the device of ``mp`` from /proc/self/mountinfo). Only once the mount is initialised:
+    the kernel lowers it to what the daemon's INIT reply says (libfuse answers with the
+    kernel's offer, 128 KiB), so the stat waits for that first. Root only; best effort."""
+    try:
+        os.stat(mp)
+        with open("/proc/self/mountinfo") as f:
+            devs = [line.split()[2] for line in f if line.split()[4] == str(mp)]
+        if devs:
+            with open(f"/sys/class/bdi/{devs[-1]}/read_ahead_kb", "w") as f:
+                f.write(str(READ_AHEAD_KB))
+    except (OSError, IndexError):
+        pass
 
 
 def _read_with_timeout(fd: int, timeout: float) -> bytes:
