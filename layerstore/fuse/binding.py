@@ -1,22 +1,37 @@
-"""Which Python FUSE binding the adapter runs on, chosen once at import.
+"""Which Python FUSE binding the adapter runs on, chosen once at import
+(``LAYERSTORE_FUSE``).
 
-- ``mfusepy`` on libfuse3 (the default when both are installed): the maintained fork of
-  fusepy with the same API. On libfuse3 the kernel can cache directory listings
-  (``cache_readdir``), get every entry's attributes with the listing (readdirplus), and
-  be told to drop a file's cached attributes (``fuse_invalidate_path``), which is what
-  lets the writable mount cache attributes at all (see ``daemon.serve_fuse``).
-- ``fusepy`` on libfuse2: the fallback, or ``LAYERSTORE_FUSE=fusepy``.
+- ``mfusepy`` on libfuse3 (the default): the maintained fork of fusepy with the same API,
+  on libfuse's high-level (path-based) API. On libfuse3 the kernel gets every entry's
+  attributes with the listing (readdirplus) and can be told to drop a file's cached
+  attributes (``fuse_invalidate_path``), which is what lets the writable mount cache
+  attributes at all although libfuse gives each name of a hard link its own kernel
+  inode (see ``daemon.serve_fuse``). libfuse 3.14's high-level API drops
+  ``cache_readdir``, so every listing reaches the daemon.
+- ``pyfuse3`` on libfuse3's low-level (inode-based) API (``LAYERSTORE_FUSE=pyfuse3``,
+  ``lowlevel.py``): one kernel inode per file (hard links share it), an inode table of
+  our own, per-entry timeouts, negative entries cached. Optional (the ``pyfuse3``
+  extra; it compiles against libfuse3-dev): it is not the default because it did not
+  win clearly. A request costs the same ~60-100 us as on mfusepy (pyfuse3 runs on
+  trio); in two runs of the suite ``du -s`` on a fresh mount took 0.4-0.5x the time,
+  the other walks 0.7-1.5x, cold sequential reads of a lower file were 1.15-1.4x as
+  fast, and small-file creates and deletes 0.7-0.75x as fast (``benchmarks/README.md``,
+  "The low-level FUSE API").
+- ``fusepy`` on libfuse2: the fallback when libfuse3 is missing, or
+  ``LAYERSTORE_FUSE=fusepy``.
 
-``LAYERSTORE_FUSE=mfusepy`` insists on libfuse3 (an ImportError otherwise). The numbers
-that made mfusepy the default are in ``benchmarks/README.md``.
+``LAYERSTORE_FUSE=mfusepy`` insists on libfuse3 and ``LAYERSTORE_FUSE=pyfuse3`` on
+pyfuse3 (an ImportError otherwise, saying how to install it).
 
-Everything else in ``layerstore/fuse/`` imports the binding from here, as ``fusepy``.
+Everything else in ``layerstore/fuse/`` imports the high-level binding from here, as
+``fusepy``; ``LOWLEVEL`` says whether the daemon serves through ``lowlevel.py`` instead.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -88,6 +103,27 @@ def invalidate_path(path: str, encoding: str) -> None:
         _invalidate(ctypes.c_void_p(ctx.contents.fuse), path.encode(encoding))
 
 
+_pinned: set[int] = set()
+
+
+def _pin_thread_state() -> None:
+    """Keep a Python thread state for the calling libfuse worker thread.
+
+    libfuse calls the binding from its own threads, and ctypes makes a new Python thread
+    state for every such call and deletes it afterwards (an mmap, a munmap and the state
+    built and torn down, per FUSE request; thread-local data such as the zstd
+    decompressor of ``store/chunks.py`` went with it). One ``PyGILState_Ensure`` that is
+    never released keeps the thread's state alive, so later calls reuse it: a trivial
+    file system answered ``stat`` in 30-41 us instead of 47-55 us (best of 5 x 3,000).
+    A first walk of 2,907 files (``os.walk`` + ``lstat``) took 595-677 ms instead of
+    1,079-1,172 ms. A state per worker thread is kept (libfuse keeps a few idle
+    threads)."""
+    tid = threading.get_native_id()
+    if tid not in _pinned:
+        _pinned.add(tid)
+        ctypes.pythonapi.PyGILState_Ensure()
+
+
 class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
     """The binding's ``FUSE`` with what libfuse3 offers and mfusepy does not pass on:
 
@@ -97,8 +133,22 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
       ``cache_readdir = True``: the kernel keeps listings (it drops one itself when an
       entry is created, removed or renamed through the mount);
     - ``ftruncate`` with its fh, and ``rename`` flags (RENAME_NOREPLACE is honoured by
-      the operations' ``rename(old, new, flags)``; mfusepy drops both).
+      the operations' ``rename(old, new, flags)``; mfusepy drops both);
+    - a Python thread state kept per libfuse thread (``_pin_thread_state``), and
+      ``create`` without mfusepy's ``inspect.signature`` on every call.
     """
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
+        _pin_thread_state()
+        return super()._wrapper(func, *args, **kwargs)
+
+    if fusepy.__name__ == "mfusepy":
+
+        def create(self, path: bytes, mode: int, fip: Any) -> int:
+            fi = fip.contents
+            fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode,
+                                           fi.flags)
+            return 0
 
     if FUSE_MAJOR == 3:
 
