@@ -13,9 +13,9 @@
   our own, per-entry timeouts, negative entries cached. Optional (the ``pyfuse3``
   extra; it compiles against libfuse3-dev): it is not the default because it did not
   win clearly. A request costs the same ~60-100 us as on mfusepy (pyfuse3 runs on
-  trio); in two runs of the suite ``du -s`` on a fresh mount took 0.4-0.5x the time,
-  the other walks 0.7-1.5x, cold sequential reads of a lower file were 1.15-1.4x as
-  fast, and small-file creates and deletes 0.7-0.75x as fast (``benchmarks/README.md``,
+  trio); in three runs of the suite ``du -s`` on a fresh mount took 0.4-0.55x the
+  time, the other walks 0.75-1.5x, cold sequential reads of a lower file were 1.1-1.4x
+  as fast, and small-file creates and deletes 0.7-0.85x as fast (``benchmarks/README.md``,
   "The low-level FUSE API").
 - ``fusepy`` on libfuse2: the fallback when libfuse3 is missing, or
   ``LAYERSTORE_FUSE=fusepy``.
