@@ -13,14 +13,18 @@ import errno
 import importlib.util
 import json
 import os
+import signal
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from conftest import assert_clean
 from test_mount_rw import MOUNT_TIMEOUT, errno_of, pytestmark  # noqa: F401  (fuse; root)
 from test_overlay_compat import SCRIPT_PATH, wait_gone
+
+from layerstore.fuse.daemon import is_mounted
 
 BINDINGS = ["mfusepy", "pyfuse3"]
 #: a file the daemon of each binding has mapped (``/proc/PID/maps``)
@@ -179,3 +183,33 @@ def test_overlay_command(tmp_path: Path, binding: str):
             subprocess.run(["umount", "-l", str(mp)], capture_output=True, check=False)
     assert wait_gone(mp)
     assert (upper / "a").read_bytes() == b"upper" and os.stat(upper / "a").st_nlink == 2
+
+
+def test_sigterm_unmounts(demo, cli, root: Path, mnt: Path, binding: str):
+    """SIGTERM to the daemon unmounts and ends it (the daemon must not stat its own
+    mountpoint on the way out: that request would wait for itself). Watched through the
+    mount table and /proc only: a stat of a hung mount would hang the test."""
+    cli("create", "demo:app", "--name", "c1")
+    _mount(cli, binding, root, "c1", mnt)
+    pid = _state(root, "c1", cli)["pid"]
+    assert "etc" in os.listdir(mnt)
+    assert (mnt / "etc/passwd").read_bytes().startswith(b"root:")
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and (is_mounted(mnt) or _alive(pid)):
+        time.sleep(0.05)
+    hung = _alive(pid)
+    if hung:
+        os.kill(pid, signal.SIGKILL)
+        subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True, check=False)
+    assert not hung, "the daemon did not exit on SIGTERM"
+    assert not is_mounted(mnt)
+    _cli(cli, binding)("umount", "c1", check=False)  # nothing left to do but the state
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0] != b"Z"
+    except OSError:
+        return False

@@ -742,12 +742,20 @@ def serve(ops: _Base, mp: str, options: dict[str, Any], debug: bool = False) -> 
     unmount = True
     try:
         trio.run(main)
-    except BaseException:
-        raise
-    else:
-        unmount = os.path.ismount(mp)
+        # still mounted after a signal; not after an unmount. Never ask by stat(mp):
+        # the request would come to this process, which no longer answers it
+        unmount = _in_mount_table(mp)
     finally:
         pyfuse3.close(unmount=unmount)
+
+
+def _in_mount_table(mp: str) -> bool:
+    target = os.path.abspath(mp).encode().replace(b" ", b"\\040")
+    try:
+        with open("/proc/self/mounts", "rb") as f:
+            return any(len(p) > 1 and p[1] == target for p in (line.split() for line in f))
+    except OSError:
+        return True
 
 
 __all__ = ["LowLevelOperations", "ReadOnlyLowLevelOperations", "mount_options", "serve"]
