@@ -603,7 +603,7 @@ def run(a: argparse.Namespace, command: str) -> int:
     skipped: dict[str, str] = {}
     interrupted = False
     cmd = command
-    with interrupts_raise():
+    with interrupts_raise(), common.hold_free_page_reporting() as page_reporting:
         try:
             specs = [s for s in sc.specs(cfg) if s.scenario in scen]
             if specs:
@@ -637,6 +637,7 @@ def run(a: argparse.Namespace, command: str) -> int:
     machine["tool_versions"] = tool_versions()
     machine["git_at_start"] = git
     machine["page_cache"] = "warm, except the cold measurements (drop_caches after mounting)"
+    machine["free_page_reporting"] = page_reporting
     result = {"suite": "layerstore bench", "command": cmd, "quick": a.quick, "runs": runs,
               "interrupted": interrupted, "seconds": time.monotonic() - t0,
               "machine": machine, "config": {**cfg.__dict__, "runs": runs},
