@@ -25,6 +25,8 @@ from pathlib import Path
 import pytest
 from conftest import assert_clean
 from helpers_images import OciLayout, tar_bytes
+from helpers_overlay import count_lower_reads as _count_lower_reads
+from helpers_overlay import read_all as _read_all
 
 from layerstore.overlay.fs import LAZY, OverlayFS
 from layerstore.overlay.lazy import LAZY_MIN, LAZY_XATTR
@@ -106,32 +108,10 @@ def _xattrs(ofs: OverlayFS, rel: str) -> set[bytes]:
     return {os.fsencode(n) for n in os.listxattr(_upper(ofs, rel))}
 
 
-def _read_all(ofs: OverlayFS, vpath: bytes) -> bytes:
-    fh = ofs.open(vpath, os.O_RDONLY)
-    try:
-        out, off = [], 0
-        while True:
-            b = ofs.read(fh, 1 << 20, off)
-            if not b:
-                return b"".join(out)
-            out.append(b)
-            off += len(b)
-    finally:
-        ofs.release(fh)
-
-
-def _lower_reads(ofs: OverlayFS, monkeypatch) -> list[tuple]:
-    reads: list[tuple] = []
-    read, copy = ofs.lowers.read, ofs.lowers.copy_to
-    monkeypatch.setattr(ofs.lowers, "read", lambda n, o, s: reads.append((n.vpath, o, s)) or read(n, o, s))
-    monkeypatch.setattr(ofs.lowers, "copy_to", lambda n, fd, *a: reads.append((n.vpath, "copy")) or copy(n, fd, *a))
-    return reads
-
-
 def test_first_write_copies_only_the_unit_it_touches(opener: Opener, monkeypatch):
     ofs = opener.make()
     ino = ofs.getattr(b"/data/big")["st_ino"]
-    reads = _lower_reads(ofs, monkeypatch)
+    reads = _count_lower_reads(ofs, monkeypatch)
     fh = ofs.open(b"/data/big", os.O_WRONLY)
     assert reads == []  # the open copies nothing
     off = 3 * MiB + 7

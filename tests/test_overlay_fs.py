@@ -26,6 +26,8 @@ import pytest
 from conftest import assert_clean
 from helpers_images import OciLayout, diff_manifests, tar_bytes, tree_manifest
 from helpers_mount import extract_as_overlay_lower
+from helpers_overlay import count_lower_reads as _count_lower_reads
+from helpers_overlay import read_all as _read_all
 
 from layerstore.oci.sample import write_demo_layout
 from layerstore.overlay.fs import FULL, META, OverlayFS
@@ -127,20 +129,6 @@ def upper_of(ofs: OverlayFS, rel: str) -> Path:
 
 
 # --- one executor per side, one step language ------------------------------------------
-
-
-def _read_all(ofs: OverlayFS, vpath: bytes) -> bytes:
-    fh = ofs.open(vpath, os.O_RDONLY)
-    try:
-        out, off = [], 0
-        while True:
-            b = ofs.read(fh, 1 << 20, off)
-            if not b:
-                return b"".join(out)
-            out.append(b)
-            off += len(b)
-    finally:
-        ofs.release(fh)
 
 
 def ours(ofs: OverlayFS, op: str, *a: Any) -> Any:
@@ -420,15 +408,6 @@ def test_copy_up_keeps_metadata(overlays: Overlays):
     ofs.utimens(b"/data/sub/deep", (1, 1_234_567_891_234_567_891))
     assert ofs.getattr(b"/data/sub/deep")["st_mtime"] == 1_234_567_891_234_567_891
     assert ofs.getattr(b"/data/sub/deep")["st_uid"] == 5
-
-
-def _count_lower_reads(ofs: OverlayFS, monkeypatch) -> list[tuple]:
-    """Record every read of lower file data (reads, and whole-file copies)."""
-    reads: list[tuple] = []
-    read, copy = ofs.lowers.read, ofs.lowers.copy_to
-    monkeypatch.setattr(ofs.lowers, "read", lambda n, o, s: reads.append((n.vpath, o, s)) or read(n, o, s))
-    monkeypatch.setattr(ofs.lowers, "copy_to", lambda n, fd, *a: reads.append((n.vpath, "copy")) or copy(n, fd, *a))
-    return reads
 
 
 @needs_root

@@ -269,12 +269,7 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
                        negative_timeout=86400)
     else:
         assert work is not None
-        upper_lock = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(upper_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(upper_lock)
-            raise MountError(f"upper directory {upper} is in use by another mount") from None
+        upper_lock = _lock_upper(upper)
         try:
             # kills earlier daemons' half-done copy-ups left in work (see OverlayFS)
             fs = OverlayFS(view, upper, work, copy_up)
@@ -316,6 +311,7 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
 
 
 def _lock_upper(upper: Path) -> int:
+    """An fd of ``upper`` holding its lock: one daemon per upper."""
     fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
