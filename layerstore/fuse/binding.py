@@ -104,6 +104,8 @@ def invalidate_path(path: str, encoding: str) -> None:
 
 
 _pinned: set[int] = set()
+#: how many libfuse threads keep a Python thread state (~20 KiB each)
+MAX_PINNED = 64
 
 
 def _pin_thread_state() -> None:
@@ -116,10 +118,11 @@ def _pin_thread_state() -> None:
     never released keeps the thread's state alive, so later calls reuse it: a trivial
     file system answered ``stat`` in 30-41 us instead of 47-55 us (best of 5 x 3,000).
     A first walk of 2,907 files (``os.walk`` + ``lstat``) took 595-677 ms instead of
-    1,079-1,172 ms. A state per worker thread is kept (libfuse keeps a few idle
-    threads)."""
+    1,079-1,172 ms. A state per worker thread is kept; a thread that libfuse ends
+    leaves its state behind, so at most ``MAX_PINNED`` are kept (libfuse 3 keeps its
+    few worker threads; beyond that bound a thread gets a state per call again)."""
     tid = threading.get_native_id()
-    if tid not in _pinned:
+    if tid not in _pinned and len(_pinned) < MAX_PINNED:
         _pinned.add(tid)
         ctypes.pythonapi.PyGILState_Ensure()
 
