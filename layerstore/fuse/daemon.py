@@ -246,36 +246,37 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
     (``OverlayFS`` over ``upper`` and ``work``, the upper locked against a second daemon)
     or, without ``upper``, the lowers alone, read-only. ``extra``: more libfuse options
     (they win)."""
-    from ..overlay.fs import OverlayFS
-    from .binding import FUSE, FUSE_MAJOR, LOWLEVEL
-    from .operations import ENCODING, MAX_READ, MAX_WRITE, Operations, ReadOnlyOperations
+    from .binding import LOWLEVEL
+    from .operations import MAX_READ
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    fs: OverlayFS | None = None
     options: dict[str, Any] = dict(
         foreground=True, use_ino=True, default_permissions=True,
         fsname=fsname, subtype=subtype, max_read=MAX_READ,
     )
+    with _serving(view, mp, upper, work, copy_up, log) as fs:
+        if LOWLEVEL:  # pyfuse3: the adapter itself sets caching per entry and per open file
+            _serve_lowlevel(view, fs, mp, on_ready=on_ready, debug=debug,
+                            options={**options, "allow_other": allow_other, **(extra or {})})
+        else:
+            _serve_highlevel(view, fs, mp, on_ready, options, allow_other, extra)
+
+
+def _serve_highlevel(view: MergedLowers, fs: Any, mp: Path, on_ready: Callable[[], None],
+                     options: dict[str, Any], allow_other: bool,
+                     extra: dict[str, Any] | None) -> None:
+    """``serve_fuse`` on the high-level binding (``binding.FUSE``, ``operations.py``)."""
+    from .binding import FUSE, FUSE_MAJOR
+    from .operations import ENCODING, MAX_WRITE, Operations, ReadOnlyOperations
+
     ops: Any
-    if LOWLEVEL:  # pyfuse3: the adapter itself sets caching per entry and per open file
-        return _serve_lowlevel(view, mp, upper=upper, work=work, on_ready=on_ready,
-                               options={**options, "allow_other": allow_other, **(extra or {})},
-                               debug=debug, log=log, copy_up=copy_up)
-    if upper is None:
+    if fs is None:
         ops = ReadOnlyOperations(view, on_ready=on_ready)
         # nothing ever changes: cache data, attributes and names for long
         options.update(ro=True, kernel_cache=True, attr_timeout=86400, entry_timeout=86400,
                        negative_timeout=86400)
     else:
-        assert work is not None
-        upper_lock = _lock_upper(upper)
-        try:
-            # kills earlier daemons' half-done copy-ups left in work (see OverlayFS)
-            fs = OverlayFS(view, upper, work, copy_up)
-        except BaseException:
-            os.close(upper_lock)
-            raise
         ops = Operations(fs, on_ready=on_ready)
         # Writable. Names and attributes change only through this mount, and the kernel
         # updates or drops what it caches on our own create/unlink/rename/setattr/write,
@@ -299,62 +300,63 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
     if FUSE_MAJOR == 3:  # always so on libfuse3, which refuses the options
         for key in ("big_writes", "nonempty", "max_write"):  # max_write: set at init
             options.pop(key, None)
+    FUSE(ops, str(mp), encoding=ENCODING, **options)
+
+
+@contextlib.contextmanager
+def _serving(view: MergedLowers, mp: Path, upper: Path | None, work: Path | None,
+             copy_up: str, log: Path | None) -> Iterator[Any]:
+    """While a mount is served: the writable overlay (``OverlayFS`` over ``upper``, which
+    stays locked against a second daemon), or None for a read-only mount; a binding's
+    RuntimeError becomes a MountError naming the log."""
+    from ..overlay.fs import OverlayFS
+
+    if upper is None:
+        fs = None
+        lock = -1
+    else:
+        assert work is not None
+        lock = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # kills earlier daemons' half-done copy-ups left in work (see OverlayFS)
+            fs = OverlayFS(view, upper, work, copy_up)
+        except BlockingIOError:
+            os.close(lock)
+            raise MountError(f"upper directory {upper} is in use by another mount") from None
+        except BaseException:
+            os.close(lock)
+            raise
     try:
-        FUSE(ops, str(mp), encoding=ENCODING, **options)
+        yield fs
     except RuntimeError as exc:
         hint = f"; see {log}" if log else ""
         raise MountError(f"mounting {mp} failed ({exc}{hint})") from None
     finally:
         if fs is not None:
             fs.close()
-            os.close(upper_lock)
+        if lock >= 0:
+            os.close(lock)
 
 
-def _lock_upper(upper: Path) -> int:
-    """An fd of ``upper`` holding its lock: one daemon per upper."""
-    fd = os.open(upper, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise MountError(f"upper directory {upper} is in use by another mount") from None
-    return fd
-
-
-def _serve_lowlevel(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path | None,
-                    on_ready: Callable[[], None], options: dict[str, Any], debug: bool,
-                    log: Path | None, copy_up: str) -> None:
+def _serve_lowlevel(view: MergedLowers, fs: Any, mp: Path, *, on_ready: Callable[[], None],
+                    options: dict[str, Any], debug: bool) -> None:
     """``serve_fuse`` on pyfuse3 (``lowlevel.py``). Entries, attributes and negative
     lookups are cached for a day and open files keep their page cache: the kernel has
     one inode per file (hard links share it) and every change goes through the mount."""
-    from ..overlay.fs import OverlayFS
     from .lowlevel import LowLevelOperations, ReadOnlyLowLevelOperations, serve
 
     # no max_read: libfuse3 wants it set again at init, which pyfuse3 does not do (reads
     # are as large as the kernel makes them: up to 1 MiB, like writes)
     options = dict(options)
     options.pop("max_read", None)
-    fs: OverlayFS | None = None
-    upper_lock = -1
-    try:
-        if upper is None:
-            options["ro"] = True
-            ops: Any = ReadOnlyLowLevelOperations(view, on_ready=on_ready)
-        else:
-            assert work is not None
-            upper_lock = _lock_upper(upper)
-            # kills earlier daemons' half-done copy-ups left in work (see OverlayFS)
-            fs = OverlayFS(view, upper, work, copy_up)
-            ops = LowLevelOperations(fs, on_ready=on_ready)
-        serve(ops, str(mp), options, debug)
-    except RuntimeError as exc:
-        hint = f"; see {log}" if log else ""
-        raise MountError(f"mounting {mp} failed ({exc}{hint})") from None
-    finally:
-        if fs is not None:
-            fs.close()
-        if upper_lock >= 0:
-            os.close(upper_lock)
+    ops: Any
+    if fs is None:
+        options["ro"] = True
+        ops = ReadOnlyLowLevelOperations(view, on_ready=on_ready)
+    else:
+        ops = LowLevelOperations(fs, on_ready=on_ready)
+    serve(ops, str(mp), options, debug)
 
 
 def _unmount(mp: Path, lazy: bool = False) -> None:
