@@ -252,16 +252,12 @@ def _lazy_file(lowers: MergedLowers | None, vpath: bytes, xattrs: dict[bytes, by
     if value is None:
         return None
     try:
-        source = LazyFile.decode_head(value)[0]
-        node = lowers.resolve(source) if lowers else None
-        if node is None or node.entry.type != REG:
-            raise ValueError("not in the image")
-        lazy = LazyFile.decode(value, node)
+        if lowers is None:
+            raise ValueError("no lowers")
+        return LazyFile.load(value, lowers, size)
     except ValueError:
         raise InvalidInputError(f"the data of lazily copied-up file {os.fsdecode(vpath)} "
                                 "is not in the image") from None
-    lazy.limit = min(lazy.limit, size)
-    return lazy
 
 
 def _metacopy_node(lowers: MergedLowers | None, vpath: bytes, xattrs: dict[bytes, bytes]) -> Node | None:

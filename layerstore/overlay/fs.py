@@ -293,14 +293,9 @@ class OverlayFS:
         if state is not None and not state.done:
             return state
         try:
-            source = LazyFile.decode_head(value)[0]
-            node = self.lowers.resolve(source)
-            if node is None or node.entry.type != REG:
-                raise ValueError("the lowers do not have its data")
-            state = LazyFile.decode(value, node)
+            state = LazyFile.load(value, self.lowers, ust.st_size)
         except ValueError as exc:
             raise OverlayError(errno.EIO, path) from exc
-        state.limit = min(state.limit, ust.st_size)  # a crash between truncate and mark
         self._lazy[key] = state
         return state
 
@@ -456,10 +451,8 @@ class OverlayFS:
         with self._leaf(f.vpath) as (pfd, name):
             fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
             try:
-                lazy = LazyFile.new(f.data)
                 ust = os.fstat(fd)
-                lazy.limit = min(lazy.limit, ust.st_size)
-                lazy._count()
+                lazy = LazyFile.new(f.data, ust.st_size)
                 os.setxattr(fd, LAZY_XATTR, lazy.encode())
                 self._lazy[(ust.st_dev, ust.st_ino)] = lazy
                 self._drop_metacopy(fd)

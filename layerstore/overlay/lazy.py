@@ -27,6 +27,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 
+from ..store.records import REG
 from .lower import MergedLowers, Node
 
 #: ours, under ``trusted.overlay.`` like the origin, so containers neither see nor forge it
@@ -72,11 +73,13 @@ class LazyFile:
         self.missing = sum(1 for u in range(units) if not self.filled(u))
 
     @classmethod
-    def new(cls, node: Node) -> LazyFile:
+    def new(cls, node: Node, limit: int | None = None) -> LazyFile:
+        """Nothing filled yet; lower data up to ``limit`` (default: all of it)."""
         size = node.entry.size
         log2 = unit_log2(size)
         units = (size + (1 << log2) - 1) >> log2
-        return cls(node.vpath, node, size, log2, bytearray((units + 7) // 8))
+        return cls(node.vpath, node, size if limit is None else min(limit, size), log2,
+                   bytearray((units + 7) // 8))
 
     @property
     def unit(self) -> int:
@@ -100,12 +103,19 @@ class LazyFile:
         return source, limit, log2, value[_HEAD.size + n:]
 
     @classmethod
-    def decode(cls, value: bytes, node: Node) -> LazyFile:
+    def load(cls, value: bytes, lowers: MergedLowers, upper_size: int) -> LazyFile:
+        """The state a mark ``value`` records, for an upper file of ``upper_size``
+        bytes; ValueError if it is not a mark or the lowers do not have its data. The
+        limit never exceeds the upper file's size (a crash between a truncate and its
+        mark leaves it larger)."""
         source, limit, log2, bits = cls.decode_head(value)
+        node = lowers.resolve(source)
+        if node is None or node.entry.type != REG:
+            raise ValueError("the lowers do not have its data")
         units = (node.entry.size + (1 << log2) - 1) >> log2
         if len(bits) != (units + 7) // 8 or limit > node.entry.size:
             raise ValueError("lazy mark does not fit its lower file")
-        return cls(source, node, limit, log2, bytearray(bits))
+        return cls(source, node, min(limit, upper_size), log2, bytearray(bits))
 
     def filled(self, u: int) -> bool:
         return bool(self.bits[u >> 3] & (1 << (u & 7)))
@@ -121,10 +131,10 @@ class LazyFile:
     def read(self, lowers: MergedLowers, fd: int, offset: int, size: int) -> bytes:
         """``size`` bytes from ``offset``: filled units and what lies past ``limit``
         from the upper file ``fd``, the rest from the lowers. Short at the upper
-        file's end."""
-        end = min(offset + size, os.fstat(fd).st_size)
+        file's end (``limit`` never exceeds it: a truncate lowers it)."""
+        end = offset + size
         if self.done or offset >= self.limit:
-            return os.pread(fd, max(0, end - offset), offset)
+            return os.pread(fd, size, offset)
         out = []
         pos = offset
         while pos < end:
@@ -138,8 +148,11 @@ class LazyFile:
                 stop = min(stop + self.unit, end)
             if not filled:
                 stop = min(stop, self.limit)
-            out.append(os.pread(fd, stop - pos, pos) if filled
-                       else lowers.read(self.node, pos, stop - pos))
+            part = (os.pread(fd, stop - pos, pos) if filled
+                    else lowers.read(self.node, pos, stop - pos))
+            out.append(part)
+            if len(part) < stop - pos:  # the upper file ends here
+                break
             pos = stop
         return b"".join(out)
 
