@@ -851,7 +851,7 @@ class OverlayFS:
 
     @_locked
     def _lazy_truncate(self, lazy: LazyFile, fd: int, length: int) -> None:
-        os.ftruncate(fd, length)  # then the mark: see _lazy_state for a crash between
+        os.ftruncate(fd, length)  # then the mark: LazyFile.load clamps it after a crash between
         lazy.truncate(fd, length)
 
     def fgetattr(self, fh: int) -> dict[str, int]:
