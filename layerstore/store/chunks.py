@@ -39,6 +39,14 @@ MIN_SAVING = 0.10
 #: How much of a file is buffered before it is cut (a multiple of the max chunk size).
 CUT_WINDOW = 4 << 20
 
+#: Threads of the batch compressor. Two even while the caller cuts and hashes on the
+#: other core: zstd releases the GIL, so its second thread works whenever the caller
+#: waits (for the GIL, for the disk, or for this batch).
+ZSTD_THREADS = 2
+
+#: Chunks a batch writer looks up before it looks up all of them (``_any_stored``).
+PROBE = 8
+
 #: The batch writer drops the LMDB map pages it has touched every this many gets or puts
 #: (``Env.release_map``): each one can map ~64 KiB, so this bounds them to a few MiB.
 RELEASE_EVERY = 64
@@ -131,6 +139,18 @@ def iter_file_data(env: Env, digest: bytes, batch: int = 64) -> Iterator[bytes]:
         yield from parts
 
 
+def _any_stored(txn: lmdb.Transaction, db: Any, keys: list[bytes]) -> bool:
+    """Whether any of ``PROBE`` keys spread over ``keys`` is stored already.
+
+    A batch of a new image holds new chunks only; a batch of an image that shares its
+    content with one stored holds mostly old ones. So the writer looks up a sample
+    first and, when none of it is stored, compresses and puts the whole batch without
+    a lookup per chunk (those lookups cost a third of an import's writing thread).
+    A stored chunk the sample missed is compressed for nothing and kept as it was."""
+    step = max(1, len(keys) // PROBE)
+    return any(txn.get(d, db=db) is not None for d in keys[::step])
+
+
 class ChunkBatch:
     """New chunks and file records, written to the store in batches.
 
@@ -155,13 +175,8 @@ class ChunkBatch:
         #: one-chunk file has the same digest as its chunk.
         self.seen: set[bytes] = set()
         self.seen_files: set[bytes] = set()
-        self.new_chunk_bytes = 0  #: payload bytes of chunks this import really added
-        self.stored_bytes = 0  #: bytes of values written for those chunks
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: Future[None] | None = None
-        #: zstd threads: 1 while the caller cuts and hashes on the other core, 2 for the
-        #: last batch, which the caller only waits for
-        self._threads = 1
 
     def add_chunk(self, digest: bytes, data: bytes | memoryview) -> None:
         if digest in self.seen:
@@ -196,7 +211,6 @@ class ChunkBatch:
         """Write everything pending and wait for it (also stops the writer thread)."""
         try:
             self._wait()
-            self._threads = 2
             self._hand_off()
             self._wait()
         finally:
@@ -217,29 +231,37 @@ class ChunkBatch:
     def _write(self, chunks: dict[bytes, bytes], files: dict[bytes, bytes]) -> None:
         env = self.env
         chunks_db, files_db = env.db("chunks"), env.db("files")
-        missing = []
+        keys = list(chunks)
         with env.read() as txn:
-            for i, d in enumerate(chunks):
-                if txn.get(d, db=chunks_db) is None:
-                    missing.append(d)
-                if i % RELEASE_EVERY == RELEASE_EVERY - 1:
-                    env.release_map()
+            if _any_stored(txn, chunks_db, keys):
+                missing = []
+                for i, d in enumerate(keys):
+                    if txn.get(d, db=chunks_db) is None:
+                        missing.append(d)
+                    if i % RELEASE_EVERY == RELEASE_EVERY - 1:
+                        env.release_map()
+            else:
+                missing = keys
         values = self._encode([chunks[d] for d in missing])
+        # Sorted, so that LMDB walks its leaves in order; one ``putmulti`` per
+        # database instead of a Python loop of ``put``s, whose bytecode needs the GIL
+        # that the reading thread holds most of the time (measured: the loop took
+        # 0.34-0.36 s of a 270 MiB import, putmulti 0.25-0.28 s).
+        chunk_items = sorted(zip(missing, values))
+        file_items = sorted(files.items())
 
         def put(txn: lmdb.Transaction) -> None:
-            n = 0
-            for db, items in ((chunks_db, zip(missing, values)), (files_db, files.items())):
-                for d, v in items:
-                    txn.put(d, v, db=db, overwrite=False)
-                    n += 1
-                    if n % RELEASE_EVERY == 0:
-                        env.release_map()
+            # overwrite=False: a chunk or file already stored (by another import, or
+            # one the probe did not see) is kept as it is
+            for db, items in ((chunks_db, chunk_items), (files_db, file_items)):
+                cur = txn.cursor(db=db)
+                for i in range(0, len(items), RELEASE_EVERY):
+                    cur.putmulti(items[i:i + RELEASE_EVERY], overwrite=False)
+                    env.release_map()
 
         env.write(put)
         env.release_map()
         env.start_writeback()
-        self.new_chunk_bytes += sum(len(chunks[d]) for d in missing)
-        self.stored_bytes += sum(len(v) for v in values)
 
     def _encode(self, payloads: list[bytes]) -> list[bytes]:
         if self._compressor is None or not payloads:
@@ -248,7 +270,7 @@ class ChunkBatch:
         if len(payloads) > 8:
             # segments of one buffer: each is copied once, into its value below
             compressed = self._compressor.multi_compress_to_buffer(payloads,
-                                                                   threads=self._threads)
+                                                                   threads=ZSTD_THREADS)
         else:
             compressed = [self._compressor.compress(p) for p in payloads]
         out = []
