@@ -354,7 +354,8 @@ class OverlayFS:
 
     def _apply_meta(self, dir_fd: int, name: bytes, node: Node) -> None:
         """Owner, xattrs, mode and times of a lower entry onto a new entry in the work
-        directory (ours, not the container's: path calls through it are safe)."""
+        directory (ours, not the container's: path calls through it are safe). For
+        entries without an fd of their own (symlinks, devices, FIFOs)."""
         e = node.entry
         os.chown(name, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
         path = proc_path(dir_fd) + "/" + os.fsdecode(name)
@@ -364,45 +365,58 @@ class OverlayFS:
         if e.type != SYMLINK:
             os.chmod(name, e.mode & 0o7777, dir_fd=dir_fd)  # after chown, which clears setuid
         os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
+        os.setxattr(path, ORIGIN_XATTR, node.ino.to_bytes(8, "big"), follow_symlinks=False)
 
-    def _copy_up_at(self, parent_fd: int, name: bytes, node: Node, how: str = FULL) -> None:
+    @staticmethod
+    def _apply_meta_fd(fd: int, node: Node) -> None:
+        """``_apply_meta`` through an fd of the new file or directory: the same calls in
+        the same order, without a path lookup each."""
+        e = node.entry
+        os.chown(fd, e.uid, e.gid)
+        for key, value in e.xattrs.items():
+            if visible_xattr(key) is not None:
+                os.setxattr(fd, key, value)
+        os.chmod(fd, e.mode & 0o7777)  # after chown, which clears setuid
+        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
+        os.setxattr(fd, ORIGIN_XATTR, node.ino.to_bytes(8, "big"))
+
+    def _copy_up_at(self, parent_fd: int, name: bytes, node: Node, how: str = FULL,
+                    change: Callable[[int], None] | None = None) -> None:
         """Copy a lower entry to ``name`` in the upper directory ``parent_fd``: built in
         the work directory, then renamed into place (never replacing anything). ``how``
         for a regular file: FULL copies the data, META records where it is (a sparse file
-        of the right size with ``METACOPY_XATTR``), anything else leaves it empty."""
+        of the right size with ``METACOPY_XATTR``), anything else leaves it empty.
+        ``change(fd)``, for a regular file or a directory: a metadata change (chmod,
+        chown, utimens) made on the copy before it is renamed into place, so it shows
+        whole with the copy-up, and no second lookup of the new upper entry is needed."""
         e = node.entry
         tmp = self._tmp_name()
         wfd = self.work_fd
         lazy: LazyFile | None = None
         try:
-            if e.type == REG:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                             0o600, dir_fd=wfd)
+            if e.type in (REG, DIR):
+                if e.type == REG:
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                 | os.O_CLOEXEC, 0o600, dir_fd=wfd)
+                else:
+                    os.mkdir(tmp, 0o700, dir_fd=wfd)
+                    fd = open_dir_at(wfd, tmp)
                 try:
-                    if how == FULL:
-                        self.lowers.copy_to(node, fd, COPY_BLOCK)
-                    elif how == META:
-                        os.ftruncate(fd, e.size)
-                        os.setxattr(fd, METACOPY_XATTR, b"")
-                    elif how == LAZY:
-                        os.ftruncate(fd, e.size)
-                        lazy = LazyFile.new(node)
-                        os.setxattr(fd, LAZY_XATTR, lazy.encode())
-                        ust = os.fstat(fd)
-                        self._lazy[(ust.st_dev, ust.st_ino)] = lazy
+                    if e.type == REG:
+                        lazy = self._copy_data(fd, node, how)
+                    self._apply_meta_fd(fd, node)
+                    if change is not None:
+                        change(fd)
                 finally:
                     os.close(fd)
-            elif e.type == DIR:
-                os.mkdir(tmp, 0o700, dir_fd=wfd)
-            elif e.type == SYMLINK:
-                os.symlink(e.target, tmp, dir_fd=wfd)
-            elif e.type in (CHR, BLK, FIFO):
-                os.mknod(tmp, IFMT[e.type] | 0o600, os.makedev(*e.rdev), dir_fd=wfd)
             else:
-                raise OverlayError(errno.EIO, node.vpath)
-            self._apply_meta(wfd, tmp, node)
-            os.setxattr(proc_path(wfd) + "/" + os.fsdecode(tmp), ORIGIN_XATTR,
-                        node.ino.to_bytes(8, "big"), follow_symlinks=False)
+                if e.type == SYMLINK:
+                    os.symlink(e.target, tmp, dir_fd=wfd)
+                elif e.type in (CHR, BLK, FIFO):
+                    os.mknod(tmp, IFMT[e.type] | 0o600, os.makedev(*e.rdev), dir_fd=wfd)
+                else:
+                    raise OverlayError(errno.EIO, node.vpath)
+                self._apply_meta(wfd, tmp, node)
             renameat2(wfd, tmp, parent_fd, name, RENAME_NOREPLACE)
         except BaseException:
             remove_tree_at(wfd, tmp)
@@ -410,16 +424,34 @@ class OverlayFS:
         if e.type == REG and how != META:
             self._switch_handles(node.ino, parent_fd, name, lazy)
 
-    def _copy_up(self, f: Found, how: str = FULL) -> None:
+    def _copy_data(self, fd: int, node: Node, how: str) -> LazyFile | None:
+        """The data of a regular file's copy-up, into the new file ``fd`` (see
+        ``_copy_up_at``); the lazy state in LAZY mode."""
+        if how == FULL:
+            self.lowers.copy_to(node, fd, COPY_BLOCK)
+        elif how == META:
+            os.ftruncate(fd, node.entry.size)
+            os.setxattr(fd, METACOPY_XATTR, b"")
+        elif how == LAZY:
+            os.ftruncate(fd, node.entry.size)
+            lazy = LazyFile.new(node)
+            os.setxattr(fd, LAZY_XATTR, lazy.encode())
+            ust = os.fstat(fd)
+            self._lazy[(ust.st_dev, ust.st_ino)] = lazy
+            return lazy
+        return None
+
+    def _copy_up(self, f: Found, how: str = FULL,
+                 change: Callable[[int], None] | None = None) -> None:
         """Make ``f`` an upper entry (no-op if it is one; see ``_copy_up_at`` for
-        ``how``). The other names a lower hard link has in the view are linked to the
-        new upper file, so the links stay one inode. Requires ``_lock``."""
+        ``how`` and ``change``). The other names a lower hard link has in the view are
+        linked to the new upper file, so the links stay one inode. Requires ``_lock``."""
         if f.ust is not None:
             return
         assert f.lower is not None
         parent, name = _split(f.vpath)
         with self._dirfd(parent) as pfd:
-            self._copy_up_at(pfd, name, f.lower, how)
+            self._copy_up_at(pfd, name, f.lower, how, change)
         for other in self.lowers.links(f.lower):
             of = self._find(other)
             if of is not None and of.ust is None and of.lower is not None \
@@ -493,6 +525,15 @@ class OverlayFS:
     def _meta_copy_up(self, f: Found) -> None:
         """Copy-up before a metadata change: metadata only in META and LAZY modes."""
         self._copy_up(f, FULL if self.copy_up_mode == FULL else META)
+
+    def _change(self, f: Found, change: Callable[[int], None]) -> bool:
+        """Make a metadata change to a lower-only regular file or directory as part of
+        its copy-up (one step, through the new inode's fd). False if ``f`` is not such
+        an entry: the caller copies up and changes the upper entry itself."""
+        if f.ust is not None or f.lower is None or f.lower.entry.type not in (REG, DIR):
+            return False
+        self._copy_up(f, FULL if self.copy_up_mode == FULL else META, change)
+        return True
 
     def _set_redirect(self, vpath: bytes, data: Node) -> None:
         """Record in the upper metacopy file at ``vpath`` where its data is in the lowers,
@@ -1085,6 +1126,8 @@ class OverlayFS:
     @_locked
     def chmod(self, vpath: bytes, mode: int) -> None:
         f = self._lookup(vpath)
+        if self._change(f, lambda fd: os.chmod(fd, mode & 0o7777)):
+            return
         self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name), path_fd(pfd, name) as fd:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
@@ -1094,6 +1137,8 @@ class OverlayFS:
     @_locked
     def chown(self, vpath: bytes, uid: int, gid: int) -> None:
         f = self._lookup(vpath)
+        if self._change(f, lambda fd: os.chown(fd, uid, gid)):
+            return
         self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name):
             os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
@@ -1102,6 +1147,8 @@ class OverlayFS:
     def utimens(self, vpath: bytes, times: tuple[int, int] | None = None) -> None:
         """Set (atime_ns, mtime_ns); None sets both to now."""
         f = self._lookup(vpath)
+        if self._change(f, lambda fd: os.utime(fd) if times is None else os.utime(fd, ns=times)):
+            return
         self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name):
             if times is None:
