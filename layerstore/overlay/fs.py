@@ -624,25 +624,28 @@ class OverlayFS:
             else:
                 os.unlink(name, dir_fd=pfd)
 
-    def _make(self, vpath: bytes, make: Callable[[int, bytes], None], is_dir: bool = False,
-              uid: int | None = None, gid: int | None = None, mode: int | None = None,
-              new_inode: bool = True) -> None:
+    def _make(self, vpath: bytes, make: Callable[[int, bytes], int | None],
+              is_dir: bool = False, uid: int | None = None, gid: int | None = None,
+              mode: int | None = None, new_inode: bool = True) -> None:
         """Create a new entry with ``make(dir_fd, name)``: directly in the upper, or, over a
         whiteout, in the work directory and then swapped in. A new directory is opaque
         when made over a whiteout or in a directory that merges with a lower one, as the
         kernel makes it. A new inode gets its owner (``uid``/``gid``; the directory's group
         in a setgid directory) and then ``mode`` again, since a chown clears setuid and
-        setgid; ``new_inode=False`` (a hard link) leaves the inode alone. Requires
-        ``_lock``."""
+        setgid; ``new_inode=False`` (a hard link) leaves the inode alone. ``make`` may
+        return an fd of the new regular file (which stays the caller's): its owner and
+        mode are then set through it, mode always. Requires ``_lock``."""
         parent, name = _split(vpath)
         if name == b".":
             raise OverlayError(errno.EEXIST, vpath)
-        merged_parent = self._lookup_dir(parent).lower is not None
-        if self._find(vpath) is not None:
-            raise OverlayError(errno.EEXIST, vpath)
+        pf = self._lookup_dir(parent)
+        merged_parent = pf.lower is not None  # None under an opaque upper directory too
+        # the name in the lowers (looked up before any copy-up of the parent); in the
+        # upper it is looked at below, where a whiteout may hide the lower one
+        below = self.lowers.resolve(vpath) if merged_parent else None
         with self._dirfd(parent) as pfd:
             st = lstat_at(pfd, name)
-            if st is not None and not is_whiteout(st):
+            if st is not None and not is_whiteout(st) or st is None and below is not None:
                 raise OverlayError(errno.EEXIST, vpath)
             pst = os.fstat(pfd)
             setgid = new_inode and bool(pst.st_mode & stat.S_ISGID)
@@ -651,8 +654,7 @@ class OverlayFS:
             if not new_inode:
                 uid = gid = mode = None
             if st is None:
-                make(pfd, name)
-                self._own(pfd, name, uid, gid, setgid and is_dir, mode)
+                self._own(pfd, name, uid, gid, setgid and is_dir, mode, make(pfd, name))
                 if is_dir and merged_parent:  # as the kernel: no lower lookups below it
                     os.setxattr(proc_path(pfd) + "/" + os.fsdecode(name), OPAQUE_XATTR, b"y",
                                 follow_symlinks=False)
@@ -660,8 +662,7 @@ class OverlayFS:
             tmp = self._tmp_name()
             wfd = self.work_fd
             try:
-                make(wfd, tmp)
-                self._own(wfd, tmp, uid, gid, setgid and is_dir, mode)
+                self._own(wfd, tmp, uid, gid, setgid and is_dir, mode, make(wfd, tmp))
                 if is_dir:
                     os.setxattr(proc_path(wfd) + "/" + os.fsdecode(tmp), OPAQUE_XATTR, b"y")
                     renameat2(wfd, tmp, pfd, name, RENAME_EXCHANGE)  # the whiteout goes to work
@@ -672,9 +673,16 @@ class OverlayFS:
 
     @staticmethod
     def _own(dfd: int, name: bytes, uid: int | None, gid: int | None, setgid_dir: bool,
-             mode: int | None) -> None:
+             mode: int | None, fd: int | None = None) -> None:
         """Give a new entry its owner, then its mode again (the chown cleared setuid and
-        setgid); a directory made in a setgid directory is setgid."""
+        setgid); a directory made in a setgid directory is setgid. ``fd``: of the new
+        regular file, to do it through (then the mode is set even without a chown)."""
+        if fd is not None:
+            if uid is not None or gid is not None:
+                os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            if mode is not None:
+                os.chmod(fd, mode & 0o7777)
+            return
         if uid is not None or gid is not None:
             os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
                      dir_fd=dfd, follow_symlinks=False)
@@ -829,12 +837,12 @@ class OverlayFS:
         """Create a new regular file (EEXIST if the path exists: O_EXCL) and open it."""
         fds: list[int] = []
 
-        def make(dfd: int, name: bytes) -> None:
+        def make(dfd: int, name: bytes) -> int:
             acc = flags & os.O_ACCMODE
             fd = os.open(name, acc | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
                          | (flags & os.O_APPEND), mode & 0o7777, dir_fd=dfd)
             fds.append(fd)
-            os.fchmod(fd, mode & 0o7777)  # the daemon's umask is not the caller's
+            return fd  # _make sets the mode through it (the daemon's umask is not the caller's)
 
         try:
             self._make(vpath, make, uid=uid, gid=gid, mode=mode)
