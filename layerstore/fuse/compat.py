@@ -276,7 +276,7 @@ def _serve(args: Args, mp: Path, ready: Callable[[], None]) -> None:
     sources: list[Any] = []
     try:
         if any(low.path is None for low in args.lowers):
-            store = Store.open(args.root, create=False, readahead=True)  # after the fork
+            store = Store.open(args.root, create=False)  # after the fork
         # runs of directories become one DirLayers, runs of store layers one StoreLayers
         runs: list[list[Lower]] = []
         for low in args.lowers:

@@ -213,7 +213,7 @@ def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_o
     except BlockingIOError:
         st = read_state(root, cid) or {}
         raise MountError(f"container is already mounted at {st.get('mountpoint', '?')}") from None
-    store = Store.open(root, readahead=True)  # opened here, after the fork
+    store = Store.open(root)  # opened here, after the fork
     state = cdir / STATE_FILE
 
     def on_ready() -> None:

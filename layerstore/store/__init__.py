@@ -63,14 +63,11 @@ class Store:
         map_size: int = DEFAULT_MAP_SIZE,
         params: ChunkParams | None = None,
         create: bool = True,
-        readahead: bool = False,
     ) -> Store:
         """Open (and create if needed) the store at ``root``.
 
         ``params`` only matters when the store is created: after that the chunking
         parameters and codec in ``meta`` win, so one store always cuts the same way.
-        ``readahead``: let the kernel read ahead in the map (a mount daemon reading file
-        data wants it; imports and B-tree lookups do not: see ``txn.Env``).
         """
         root = Path(root) if root is not None else default_root()
         root = root.absolute()
@@ -84,7 +81,7 @@ class Store:
         except OSError as exc:
             raise StoreAccessError(
                 f"store root {root} is not writable: {exc.strerror or exc}") from None
-        env = Env(root / "db", map_size=map_size, readahead=readahead)
+        env = Env(root / "db", map_size=map_size)
         meta = env.db("meta")
         with env.read() as txn:
             stored = txn.get(b"chunking", db=meta)

@@ -39,7 +39,10 @@ MAX_MAP_SIZE = 1 << 44
 
 _MADV_DONTNEED = 4
 _SYNC_FILE_RANGE_WRITE = 2
+#: ``Env.read_ahead`` asks the kernel for at most this much at a time
+READ_AHEAD_PIECE = 1 << 20
 _libc: Any = None
+_buffer_address: Any = None
 
 
 def _c() -> Any:
@@ -54,6 +57,38 @@ def _c() -> Any:
                                         ctypes.c_uint)
         _libc = lib
     return _libc
+
+
+def buffer_address(buf: Any) -> int:
+    """The address of the memory behind a buffer (a memoryview into the map), through
+    the buffer protocol: read-only buffers cannot be given to ``ctypes.from_buffer``."""
+    global _buffer_address
+    if _buffer_address is None:
+        import ctypes
+
+        class _PyBuffer(ctypes.Structure):
+            _fields_ = [("buf", ctypes.c_void_p), ("obj", ctypes.c_void_p),
+                        ("len", ctypes.c_ssize_t), ("itemsize", ctypes.c_ssize_t),
+                        ("readonly", ctypes.c_int), ("ndim", ctypes.c_int),
+                        ("format", ctypes.c_char_p), ("shape", ctypes.c_void_p),
+                        ("strides", ctypes.c_void_p), ("suboffsets", ctypes.c_void_p),
+                        ("internal", ctypes.c_void_p)]
+
+        get = ctypes.pythonapi.PyObject_GetBuffer
+        get.argtypes = (ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)
+        release = ctypes.pythonapi.PyBuffer_Release
+        release.argtypes = (ctypes.POINTER(_PyBuffer),)
+
+        def address(b: Any) -> int:
+            view = _PyBuffer()
+            get(b, ctypes.byref(view), 0)  # PyBUF_SIMPLE; raises if b is no buffer
+            try:
+                return int(view.buf or 0)
+            finally:
+                release(ctypes.byref(view))
+
+        _buffer_address = address
+    return int(_buffer_address(buf))
 
 
 def _madvise(ranges: list[tuple[int, int]], advice: int) -> None:
@@ -82,11 +117,11 @@ def _mapped_ranges(path: str) -> list[tuple[int, int]]:
 class Env:
     """An open LMDB environment with its named databases."""
 
-    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False,
-                 readahead: bool = False):
+    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE, readonly: bool = False):
         self.path = path
         #: where data.mdb is mapped; found again after anything that remaps it
         self._map_ranges: list[tuple[int, int]] | None = None
+        self._ra_fd = -1  #: data.mdb, for ``read_ahead``
         try:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True)
@@ -97,10 +132,12 @@ class Env:
                 subdir=True,
                 readonly=readonly,
                 lock=True,
-                # MDB_NORDAHEAD (MADV_RANDOM) unless asked: an import's pages are
-                # scattered; a mount reading whole files sequentially wants readahead
-                # (cold reads of a big lower file: 50 MB/s without it)
-                readahead=readahead,
+                # MDB_NORDAHEAD (MADV_RANDOM): B-tree lookups touch scattered pages, and
+                # with readahead every fault read 128 KiB around its page (a small
+                # file's first copy-up through a mount: 24-31 ms cold, ~4 ms without).
+                # Readers of whole files ask for what follows themselves (``read_ahead``;
+                # without: cold sequential reads at 50-60 MB/s).
+                readahead=False,
                 # Commits do not fsync; ``sync()`` makes them durable at the end of each
                 # command. A killed process loses nothing (the page cache has it all); a
                 # power cut may lose the work of the command that was running.
@@ -206,6 +243,35 @@ class Env:
             self._map_ranges = _mapped_ranges(str(self.path / "data.mdb"))
         _madvise(self._map_ranges, _MADV_DONTNEED)
 
+    def map_offset(self, value: Any) -> int | None:
+        """Where ``value`` (a memoryview from a ``buffers`` read transaction that is
+        still open) starts in data.mdb, which LMDB maps from offset 0; None if unknown."""
+        try:
+            addr = buffer_address(value)
+        except (TypeError, ValueError, AttributeError, OSError):
+            return None
+        if self._map_ranges is None:
+            self._map_ranges = _mapped_ranges(str(self.path / "data.mdb"))
+        for lo, hi in self._map_ranges:
+            if lo <= addr < hi:
+                return addr - lo
+        return None
+
+    def read_ahead(self, offset: int, length: int) -> None:
+        """Start reading data.mdb[offset, offset + length) into the page cache, without
+        waiting (posix_fadvise WILLNEED on an fd of our own: the map is opened without
+        readahead, see ``__init__``). An optimisation only: errors are ignored."""
+        try:
+            if self._ra_fd < 0:
+                self._ra_fd = os.open(self.path / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
+            # in pieces: the kernel reads at most the device's readahead size (4 MiB
+            # here) for one WILLNEED and drops the rest of the request
+            for start in range(offset, offset + length, READ_AHEAD_PIECE):
+                os.posix_fadvise(self._ra_fd, start, min(READ_AHEAD_PIECE, offset + length - start),
+                                 os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass
+
     def start_writeback(self) -> None:
         """Start writing the data file's dirty pages to disk, without waiting
         (sync_file_range(SYNC_FILE_RANGE_WRITE)). Commits do not fsync (``sync=False``);
@@ -228,6 +294,9 @@ class Env:
     def close(self) -> None:
         """Make every commit durable, then close."""
         self._map_ranges = []  # never madvise an address range that is not ours any more
+        if self._ra_fd >= 0:
+            os.close(self._ra_fd)
+            self._ra_fd = -1
         try:
             self.env.sync(True)
         except lmdb.Error:
