@@ -236,9 +236,12 @@ class StoreLayers:
                 return
             if asked - READ_AHEAD // 2 >= at >= asked - 2 * READ_AHEAD:
                 return  # asked for already (and not jumped elsewhere in the store)
-            ask = min(READ_AHEAD, size - end)  # the rest of the file, at most
-            self._ahead[digest] = (end, at + ask)
-        self.store.env.read_ahead(at, ask)
+            start = asked if at <= asked else at  # on from the last request
+            stop = at + min(READ_AHEAD, size - end)  # the rest of the file, at most
+            if stop <= start:
+                return
+            self._ahead[digest] = (end, stop)
+        self.store.env.read_ahead(start, stop - start)
 
     def read(self, layer: int, vpath: bytes, entry: Entry, offset: int, size: int) -> bytes:
         """``size`` bytes of a regular file's content from ``offset`` (short at EOF); the
@@ -282,11 +285,14 @@ class StoreLayers:
                     raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
                 left -= n
                 at = env.map_offset(value)
-                if at is not None and left > 0 \
-                        and not asked - COPY_BATCH >= at + len(value) >= asked - 4 * COPY_BATCH:
-                    ask = min(2 * COPY_BATCH, left)
-                    asked = at + len(value) + ask
-                    env.read_ahead(at + len(value), ask)
+                end = None if at is None else at + len(value)
+                if end is not None and left > 0 \
+                        and not asked - COPY_BATCH >= end >= asked - 4 * COPY_BATCH:
+                    start = asked if end <= asked else end
+                    stop = end + min(2 * COPY_BATCH, left)
+                    if stop > start:
+                        env.read_ahead(start, stop - start)
+                        asked = stop
                 batch.append(decode_chunk(value))
                 size += len(batch[-1])
                 if size >= COPY_BATCH or i == len(rec.chunks) - 1:
