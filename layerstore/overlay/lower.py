@@ -61,6 +61,23 @@ CHUNK_CACHE_BYTES = 64 << 20
 #: how much of the store's file a sequential reader of a lower file asks for ahead of
 #: the chunk it has just read (see ``StoreLayers._read_ahead``)
 READ_AHEAD = 4 << 20
+#: a read this close to the furthest one so far of a file still counts as sequential
+FRONTIER_SLACK = 2 << 20
+#: ``StoreLayers._guess`` asks for this much more on each side of where it guesses a
+#: chunk is (plus 2% of how far it is from the chunk the guess starts from)
+GUESS_SLACK = 64 << 10
+#: files whose reading ``StoreLayers`` follows at once (the table starts again beyond)
+MAX_READING = 4096
+
+
+@dataclass
+class _Reading:
+    """What the readers of one lower file taught ``StoreLayers`` so far."""
+
+    frontier: int = 0  #: the furthest end of a read (file bytes)
+    asked: int = -1  #: the store's file is asked for up to here
+    first: tuple[int, int] | None = None  #: (file offset, offset in data.mdb) of a chunk
+    anchor: tuple[int, int] | None = None  #: the same for the last chunk fetched
 #: bytes handed to one pwritev when a file is copied out of the store
 COPY_BATCH = 8 << 20
 ROOT_ENTRY = Entry(DIR, mode=0o755)
@@ -128,8 +145,8 @@ class StoreLayers:
         self._chunks: OrderedDict[bytes, bytes] = OrderedDict()
         self._chunk_bytes = 0
         self._groups: dict[int, dict[int, list[bytes]]] = {}
-        #: file digest -> (where its last read ended, how far data.mdb was asked for)
-        self._ahead: dict[bytes, tuple[int, int]] = {}
+        #: file digest -> how it is being read (see ``_read_ahead``)
+        self._ahead: dict[bytes, _Reading] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -191,56 +208,86 @@ class StoreLayers:
             self._files[digest] = (rec, starts)
         return rec, starts
 
-    def _chunk(self, digest: bytes) -> tuple[bytes, int | None]:
-        """A chunk's content, and where its value ends in the store's file when it was
-        read from there (None: from the cache)."""
+    def _cached(self, digest: bytes) -> bytes | None:
         with self._lock:
             data = self._chunks.get(digest)
             if data is not None:
                 self._chunks.move_to_end(digest)
-                return data, None
+            return data
+
+    def _fetch(self, digest: bytes) -> tuple[bytes, int | None, int]:
+        """A chunk's content from the store (kept in the cache), where its value starts
+        in the store's file (None if unknown) and the value's length."""
         env = self.store.env
         with env.read(buffers=True) as txn:
             value = txn.get(digest, db=env.db("chunks"))
             if value is None:
                 raise IntegrityError(f"chunk {digest.hex()[:16]} is missing")
-            off = env.map_offset(value)
+            at = env.map_offset(value)
             data = bytes(decode_chunk(value))  # a raw chunk is a view into the map
-        end = None if off is None else off + len(value)
+            n = len(value)
         with self._lock:
             self._chunks[digest] = data
             self._chunk_bytes += len(data)
             while self._chunk_bytes > CHUNK_CACHE_BYTES and len(self._chunks) > 1:
                 _, old = self._chunks.popitem(last=False)
                 self._chunk_bytes -= len(old)
-        return data, end
+        return data, at, n
 
-    def _read_ahead(self, digest: bytes, offset: int, end: int, at: int | None,
+    def _reading(self, digest: bytes) -> _Reading:
+        with self._lock:
+            r = self._ahead.get(digest)
+            if r is None:
+                if len(self._ahead) >= MAX_READING:
+                    self._ahead.clear()
+                r = self._ahead[digest] = _Reading()
+            return r
+
+    def _guess(self, r: _Reading, pos: int, n: int) -> None:
+        """Before fetching the chunk at file offset ``pos`` (``n`` bytes) from the store:
+        ask for where it probably is, from where an earlier chunk of the same file was
+        (a file's chunks lie in order in the store's file, see ``_read_ahead``), so
+        that the fetch reads it in one request instead of a page at a time."""
+        with self._lock:
+            if r.anchor is None:
+                return
+            (l0, s0), (l1, s1) = r.first or r.anchor, r.anchor
+            ratio = (s1 - s0) / (l1 - l0) if l1 != l0 else 1.0
+            ratio = min(max(ratio, 0.02), 1.1)
+            guess = s1 + int((pos - l1) * ratio)
+            if r.asked - 2 * READ_AHEAD <= guess and guess + n <= r.asked:
+                return  # asked for already
+            slack = GUESS_SLACK + abs(pos - l1) // 50
+        start = max(0, guess - slack)
+        self.store.env.read_ahead(start, min(n, 1 << 20) + 2 * slack)
+
+    def _read_ahead(self, r: _Reading, offset: int, end: int, at: int | None,
                     size: int) -> None:
         """After a read of [offset, end) of a file of ``size`` bytes whose last chunk
         came from the store and ends at ``at`` in its file: if the reads of this file go
-        forward (from 0, or on from where the last one ended), ask the kernel for the
-        next ``READ_AHEAD`` bytes of the store's file (no more than the file has left),
-        unless they were asked for already.
+        forward (from 0, or near the furthest one so far: the kernel sends a
+        sequential reader's requests from several threads, not quite in order), ask
+        the kernel for the next ``READ_AHEAD`` bytes of the store's file (no more than
+        the file has left), unless they were asked for already.
 
         The store's map has no readahead (see ``txn.Env``): with it, every B-tree page
-        a lookup touched read 128 KiB around it (a small file's first copy-up took
-        24-31 ms cold, ~4 ms without). The chunks of a file are written one after the
-        other by the import, so what follows a chunk in the store's file is most
-        likely the file's next chunks; where it is not, the guess costs one read of
-        ``READ_AHEAD`` bytes."""
+        a lookup touched read 4 MiB around it here (the device's readahead; a small
+        file's first copy-up took 24-44 ms cold, ~4-5 ms without). The chunks of a file
+        are written one after the other by the import, so what follows a chunk in the
+        store's file is most likely the file's next chunks; where it is not, the guess
+        costs one read of ``READ_AHEAD`` bytes."""
         with self._lock:
-            last_end, asked = self._ahead.get(digest, (0, -1))
-            self._ahead[digest] = (end, asked)
-            if at is None or offset not in (0, last_end) or end >= size:
+            forward = offset == 0 or abs(offset - r.frontier) <= FRONTIER_SLACK
+            r.frontier = max(r.frontier, end)
+            if at is None or not forward or end >= size:
                 return
-            if asked - READ_AHEAD // 2 >= at >= asked - 2 * READ_AHEAD:
+            if r.asked - READ_AHEAD // 2 >= at >= r.asked - 2 * READ_AHEAD:
                 return  # asked for already (and not jumped elsewhere in the store)
-            start = asked if at <= asked else at  # on from the last request
+            start = r.asked if at <= r.asked else at  # on from the last request
             stop = at + min(READ_AHEAD, size - end)  # the rest of the file, at most
             if stop <= start:
                 return
-            self._ahead[digest] = (end, stop)
+            r.asked = stop
         self.store.env.read_ahead(start, stop - start)
 
     def read(self, layer: int, vpath: bytes, entry: Entry, offset: int, size: int) -> bytes:
@@ -249,20 +296,29 @@ class StoreLayers:
         if not entry.digest or offset >= entry.size or size <= 0:
             return b""
         rec, starts = self._file(entry.digest)
+        r = self._reading(entry.digest)
         end = min(offset + size, rec.size)
         i = bisect_right(starts, offset) - 1
         out = []
-        at = None
+        at_end = None
         while i < len(starts) and starts[i] < end:
             d, n = rec.chunks[i]
-            data, at = self._chunk(d)
+            data = self._cached(d)
+            if data is None:
+                self._guess(r, starts[i], n)
+                data, at, vlen = self._fetch(d)
+                if at is not None:
+                    at_end = at + vlen
+                    with self._lock:
+                        if r.first is None:
+                            r.first = (starts[i], at)
+                        r.anchor = (starts[i], at)
             lo = max(offset - starts[i], 0)
             hi = min(end - starts[i], n)
             out.append(data[lo:hi] if (lo, hi) != (0, n) else data)
             i += 1
-        self._read_ahead(entry.digest, offset, end, at, rec.size)
+        self._read_ahead(r, offset, end, at_end, rec.size)
         return b"".join(out)
-
 
     def copy_to(self, layer: int, vpath: bytes, entry: Entry, fd: int) -> None:
         """Write a regular file's whole content to ``fd`` from offset 0, straight from
