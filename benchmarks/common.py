@@ -188,7 +188,11 @@ def _busy_processes() -> list[str]:
 PAGE_REPORTING = Path("/sys/module/page_reporting/parameters")
 #: while a benchmark runs: freed memory waits this long (ms) and up to this much (MiB)
 #: before the guest hands it back to the host
-HOLD_FREE_MS, HOLD_WAITING_MIB = 60_000, 16384  # min_free_ms accepts at most ~10 min
+HOLD_FREE_MS, HOLD_WAITING_MIB = 60_000, 16384  # min_free_ms accepts at most ~5 min
+#: ... and only free blocks of this order are handed back: 11 is above x86-64's largest
+#: (10), so none are. With the first two alone, 256 MiB copy-ups still ranged 110-630 ms
+#: in some runs of the suite (blocks were reported between runs), 83-153 ms with this.
+HOLD_ORDER = 11
 
 
 @contextlib.contextmanager
@@ -201,7 +205,8 @@ def hold_free_page_reporting() -> Iterator[dict[str, Any]]:
     80-150 ms for whichever backend (or ``tar``) first allocated page cache after a
     pause, which decided medians. Root only; the old values come back afterwards.
     Yields what was done (recorded with the results)."""
-    params = {"min_free_ms": HOLD_FREE_MS, "max_waiting_mib": HOLD_WAITING_MIB}
+    params = {"min_free_ms": HOLD_FREE_MS, "max_waiting_mib": HOLD_WAITING_MIB,
+              "page_reporting_order": HOLD_ORDER}
     old: dict[str, str] = {}
     info: dict[str, Any] = {"held": False}
     for name, value in params.items():
