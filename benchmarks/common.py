@@ -213,9 +213,18 @@ def hold_free_page_reporting() -> Iterator[dict[str, Any]]:
         path = PAGE_REPORTING / name
         try:
             old[name] = path.read_text().strip()
-            path.write_text(str(value))
         except OSError:
             continue
+        try:
+            path.write_text(str(value))
+        except OSError:
+            if name != "page_reporting_order":
+                continue
+            try:  # kernels that cap it at their largest order (10) refuse 11
+                value = HOLD_ORDER - 1
+                path.write_text(str(value))
+            except OSError:
+                continue
         info["held"] = True
         info[name] = f"{old[name]} -> {value}"
     try:

@@ -932,3 +932,17 @@ def test_same_as_kernel_overlayfs(overlays: Overlays, cli, tmp_path: Path, image
     assert [p.name for p in export_before] == [p.name for p in export_after]
     for a, b in zip(export_before, export_after):
         assert a.read_bytes() == b.read_bytes()
+
+
+def test_making_an_existing_name_copies_nothing_up(overlays: Overlays):
+    """EEXIST for a name the lowers have, under a directory only the lowers have, leaves
+    the upper as it was (kernel overlayfs copies nothing up for a failed create)."""
+    ofs = overlays.make("meta:1")
+    for make in (lambda: ofs.mkdir(b"/data/sub/deep", 0o755),
+                 lambda: ofs.create(b"/data/sub/deep", 0o644),
+                 lambda: ofs.symlink(b"x", b"/data/sub/deep"),
+                 lambda: ofs.mkdir(b"/data/sub", 0o755)):
+        with pytest.raises(OSError) as exc:
+            make()
+        assert exc.value.errno == errno.EEXIST
+    assert os.listdir(upper_of(ofs, "")) == []

@@ -643,6 +643,8 @@ class OverlayFS:
         # the name in the lowers (looked up before any copy-up of the parent); in the
         # upper it is looked at below, where a whiteout may hide the lower one
         below = self.lowers.resolve(vpath) if merged_parent else None
+        if pf.ust is None and below is not None:  # before the parent is copied up
+            raise OverlayError(errno.EEXIST, vpath)
         with self._dirfd(parent) as pfd:
             st = lstat_at(pfd, name)
             if st is not None and not is_whiteout(st) or st is None and below is not None:

@@ -277,14 +277,18 @@ class StoreLayers:
         store's file is most likely the file's next chunks; where it is not, the guess
         costs one read of ``READ_AHEAD`` bytes."""
         with self._lock:
+            if offset == 0:  # (again) from the start: what was asked for may be gone
+                r.frontier, r.asked = 0, -1
             forward = offset == 0 or abs(offset - r.frontier) <= FRONTIER_SLACK
             r.frontier = max(r.frontier, end)
             if at is None or not forward or end >= size:
                 return
             if r.asked - READ_AHEAD // 2 >= at >= r.asked - 2 * READ_AHEAD:
                 return  # asked for already (and not jumped elsewhere in the store)
-            start = r.asked if at <= r.asked else at  # on from the last request
-            stop = at + min(READ_AHEAD, size - end)  # the rest of the file, at most
+            # on from the last request, unless the chunk lies elsewhere in the store
+            # (a part of the file shared with an earlier import is stored before it)
+            start = r.asked if r.asked - 2 * READ_AHEAD <= at <= r.asked else at
+            stop = at + min(READ_AHEAD, _stored(size - end))  # the rest of the file, at most
             if stop <= start:
                 return
             r.asked = stop
@@ -344,8 +348,8 @@ class StoreLayers:
                 end = None if at is None else at + len(value)
                 if end is not None and left > 0 \
                         and not asked - COPY_BATCH >= end >= asked - 4 * COPY_BATCH:
-                    start = asked if end <= asked else end
-                    stop = end + min(2 * COPY_BATCH, left)
+                    start = asked if asked - 4 * COPY_BATCH <= end <= asked else end
+                    stop = end + min(2 * COPY_BATCH, _stored(left))
                     if stop > start:
                         env.read_ahead(start, stop - start)
                         asked = stop
@@ -354,6 +358,13 @@ class StoreLayers:
                 if size >= COPY_BATCH or i == len(rec.chunks) - 1:
                     off = _pwrite_all(fd, batch, off)
                     batch, size = [], 0
+
+
+def _stored(n: int) -> int:
+    """About how many bytes of the store's file ``n`` bytes of file content take at most:
+    each chunk's value has a codec byte and a page header and fills whole 4 KiB pages
+    (a chunk is at least 16 KiB unless it is a whole small file)."""
+    return n + n // 4 + 4096
 
 
 def _pwrite_all(fd: int, bufs: list[memoryview | bytes], off: int) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -121,7 +122,10 @@ class Env:
         self.path = path
         #: where data.mdb is mapped; found again after anything that remaps it
         self._map_ranges: list[tuple[int, int]] | None = None
-        self._ra_fd = -1  #: data.mdb, for ``read_ahead``
+        self._ra_fd = -1  #: data.mdb, for ``read_ahead`` (-2: closed)
+        self._ra_lock = threading.Lock()
+        #: data.mdb as /proc/self/maps names it (symlinks resolved)
+        self._data_path = os.path.realpath(path / "data.mdb")
         try:
             if not readonly:
                 path.mkdir(parents=True, exist_ok=True)
@@ -240,7 +244,7 @@ class Env:
         operations.
         """
         if self._map_ranges is None:
-            self._map_ranges = _mapped_ranges(str(self.path / "data.mdb"))
+            self._map_ranges = _mapped_ranges(self._data_path)
         _madvise(self._map_ranges, _MADV_DONTNEED)
 
     def map_offset(self, value: Any) -> int | None:
@@ -251,7 +255,7 @@ class Env:
         except (TypeError, ValueError, AttributeError, OSError):
             return None
         if self._map_ranges is None:
-            self._map_ranges = _mapped_ranges(str(self.path / "data.mdb"))
+            self._map_ranges = _mapped_ranges(self._data_path)
         for lo, hi in self._map_ranges:
             if lo <= addr < hi:
                 return addr - lo
@@ -262,13 +266,17 @@ class Env:
         waiting (posix_fadvise WILLNEED on an fd of our own: the map is opened without
         readahead, see ``__init__``). An optimisation only: errors are ignored."""
         try:
-            if self._ra_fd < 0:
-                self._ra_fd = os.open(self.path / "data.mdb", os.O_RDONLY | os.O_CLOEXEC)
-            # in pieces: the kernel reads at most the device's readahead size (4 MiB
+            with self._ra_lock:
+                if self._ra_fd == -1:
+                    self._ra_fd = os.open(self._data_path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = self._ra_fd
+                if fd < 0:
+                    return  # closed
+                # in pieces: the kernel reads at most the device's readahead size (4 MiB
             # here) for one WILLNEED and drops the rest of the request
-            for start in range(offset, offset + length, READ_AHEAD_PIECE):
-                os.posix_fadvise(self._ra_fd, start, min(READ_AHEAD_PIECE, offset + length - start),
-                                 os.POSIX_FADV_WILLNEED)
+                for start in range(offset, offset + length, READ_AHEAD_PIECE):
+                    os.posix_fadvise(fd, start, min(READ_AHEAD_PIECE, offset + length - start),
+                                     os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
 
@@ -294,9 +302,10 @@ class Env:
     def close(self) -> None:
         """Make every commit durable, then close."""
         self._map_ranges = []  # never madvise an address range that is not ours any more
-        if self._ra_fd >= 0:
-            os.close(self._ra_fd)
-            self._ra_fd = -1
+        with self._ra_lock:
+            if self._ra_fd >= 0:
+                os.close(self._ra_fd)
+            self._ra_fd = -2
         try:
             self.env.sync(True)
         except lmdb.Error:
