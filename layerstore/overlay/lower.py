@@ -283,16 +283,11 @@ class StoreLayers:
             r.frontier = max(r.frontier, end)
             if at is None or not forward or end >= size:
                 return
-            if r.asked - READ_AHEAD // 2 >= at >= r.asked - 2 * READ_AHEAD:
-                return  # asked for already (and not jumped elsewhere in the store)
-            # on from the last request, unless the chunk lies elsewhere in the store
-            # (a part of the file shared with an earlier import is stored before it)
-            start = r.asked if r.asked - 2 * READ_AHEAD <= at <= r.asked else at
-            stop = at + min(READ_AHEAD, _stored(size - end))  # the rest of the file, at most
-            if stop <= start:
+            request = _next_request(r.asked, at, READ_AHEAD, size - end)
+            if request is None:
                 return
-            r.asked = stop
-        self.store.env.read_ahead(start, stop - start)
+            start, r.asked = request
+        self.store.env.read_ahead(start, r.asked - start)
 
     def read(self, layer: int, vpath: bytes, entry: Entry, offset: int, size: int) -> bytes:
         """``size`` bytes of a regular file's content from ``offset`` (short at EOF); the
@@ -345,14 +340,11 @@ class StoreLayers:
                     raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
                 left -= n
                 at = env.map_offset(value)
-                end = None if at is None else at + len(value)
-                if end is not None and left > 0 \
-                        and not asked - COPY_BATCH >= end >= asked - 4 * COPY_BATCH:
-                    start = asked if asked - 4 * COPY_BATCH <= end <= asked else end
-                    stop = end + min(2 * COPY_BATCH, _stored(left))
-                    if stop > start:
-                        env.read_ahead(start, stop - start)
-                        asked = stop
+                request = None if at is None or left <= 0 else \
+                    _next_request(asked, at + len(value), 2 * COPY_BATCH, left)
+                if request is not None:
+                    start, asked = request
+                    env.read_ahead(start, asked - start)
                 batch.append(decode_chunk(value))
                 size += len(batch[-1])
                 if size >= COPY_BATCH or i == len(rec.chunks) - 1:
@@ -360,11 +352,19 @@ class StoreLayers:
                     batch, size = [], 0
 
 
-def _stored(n: int) -> int:
-    """About how many bytes of the store's file ``n`` bytes of file content take at most:
-    each chunk's value has a codec byte and a page header and fills whole 4 KiB pages
-    (a chunk is at least 16 KiB unless it is a whole small file)."""
-    return n + n // 4 + 4096
+def _next_request(asked: int, at: int, window: int, left: int) -> tuple[int, int] | None:
+    """What a reader of a file should ask the store's file for next, as (start, stop),
+    after a chunk whose value ends at ``at``, with ``left`` bytes of the file after it;
+    None if what was asked for (up to ``asked``) still reaches far enough. The request
+    goes on from the last one, unless the chunk lies elsewhere in the store (a part of
+    the file shared with an earlier import is stored before it), and covers at most
+    ``window`` bytes and about what the rest of the file takes in the store: each
+    chunk's value has a codec byte and a page header and fills whole 4 KiB pages."""
+    if asked - window // 2 >= at >= asked - 2 * window:
+        return None
+    start = asked if asked - 2 * window <= at <= asked else at
+    stop = at + min(window, left + left // 4 + 4096)
+    return (start, stop) if stop > start else None
 
 
 def _pwrite_all(fd: int, bufs: list[memoryview | bytes], off: int) -> int:
