@@ -352,33 +352,27 @@ class OverlayFS:
 
     # --- copy-up -------------------------------------------------------------------------
 
-    def _apply_meta(self, dir_fd: int, name: bytes, node: Node) -> None:
+    @staticmethod
+    def _apply_meta(node: Node, fd: int | None = None, dir_fd: int = -1,
+                    name: bytes = b"") -> None:
         """Owner, xattrs, mode and times of a lower entry onto a new entry in the work
-        directory (ours, not the container's: path calls through it are safe). For
-        entries without an fd of their own (symlinks, devices, FIFOs)."""
+        directory: through its ``fd`` (a regular file or a directory), or else by
+        ``name`` in ``dir_fd``, not following it (ours, not the container's: path calls
+        through it are safe)."""
         e = node.entry
-        os.chown(name, e.uid, e.gid, dir_fd=dir_fd, follow_symlinks=False)
-        path = proc_path(dir_fd) + "/" + os.fsdecode(name)
+        target: int | bytes = name if fd is None else fd
+        xtarget: int | str = fd if fd is not None else proc_path(dir_fd) + "/" + os.fsdecode(name)
+        # keyword arguments of the path form (an fd takes none)
+        at: dict[str, Any] = {} if fd is not None else {"dir_fd": dir_fd}
+        nofollow: dict[str, Any] = {} if fd is not None else {"follow_symlinks": False}
+        os.chown(target, e.uid, e.gid, **at, **nofollow)
         for key, value in e.xattrs.items():
             if visible_xattr(key) is not None:  # escaped ones are the container's
-                os.setxattr(path, key, value, follow_symlinks=False)
+                os.setxattr(xtarget, key, value, **nofollow)
         if e.type != SYMLINK:
-            os.chmod(name, e.mode & 0o7777, dir_fd=dir_fd)  # after chown, which clears setuid
-        os.utime(name, ns=(e.mtime_ns, e.mtime_ns), dir_fd=dir_fd, follow_symlinks=False)
-        os.setxattr(path, ORIGIN_XATTR, node.ino.to_bytes(8, "big"), follow_symlinks=False)
-
-    @staticmethod
-    def _apply_meta_fd(fd: int, node: Node) -> None:
-        """``_apply_meta`` through an fd of the new file or directory: the same calls in
-        the same order, without a path lookup each."""
-        e = node.entry
-        os.chown(fd, e.uid, e.gid)
-        for key, value in e.xattrs.items():
-            if visible_xattr(key) is not None:
-                os.setxattr(fd, key, value)
-        os.chmod(fd, e.mode & 0o7777)  # after chown, which clears setuid
-        os.utime(fd, ns=(e.mtime_ns, e.mtime_ns))
-        os.setxattr(fd, ORIGIN_XATTR, node.ino.to_bytes(8, "big"))
+            os.chmod(target, e.mode & 0o7777, **at)  # after chown, which clears setuid
+        os.utime(target, ns=(e.mtime_ns, e.mtime_ns), **at, **nofollow)
+        os.setxattr(xtarget, ORIGIN_XATTR, node.ino.to_bytes(8, "big"), **nofollow)
 
     def _copy_up_at(self, parent_fd: int, name: bytes, node: Node, how: str = FULL,
                     change: Callable[[int], None] | None = None) -> None:
@@ -404,7 +398,7 @@ class OverlayFS:
                 try:
                     if e.type == REG:
                         lazy = self._copy_data(fd, node, how)
-                    self._apply_meta_fd(fd, node)
+                    self._apply_meta(node, fd)
                     if change is not None:
                         change(fd)
                 finally:
@@ -416,7 +410,7 @@ class OverlayFS:
                     os.mknod(tmp, IFMT[e.type] | 0o600, os.makedev(*e.rdev), dir_fd=wfd)
                 else:
                     raise OverlayError(errno.EIO, node.vpath)
-                self._apply_meta(wfd, tmp, node)
+                self._apply_meta(node, dir_fd=wfd, name=tmp)
             renameat2(wfd, tmp, parent_fd, name, RENAME_NOREPLACE)
         except BaseException:
             remove_tree_at(wfd, tmp)
