@@ -205,28 +205,26 @@ def hold_free_page_reporting() -> Iterator[dict[str, Any]]:
     80-150 ms for whichever backend (or ``tar``) first allocated page cache after a
     pause, which decided medians. Root only; the old values come back afterwards.
     Yields what was done (recorded with the results)."""
-    params = {"min_free_ms": HOLD_FREE_MS, "max_waiting_mib": HOLD_WAITING_MIB,
-              "page_reporting_order": HOLD_ORDER}
+    # each setting with the values to try, in order
+    params = {"min_free_ms": (HOLD_FREE_MS,), "max_waiting_mib": (HOLD_WAITING_MIB,),
+              # kernels that cap the order at their largest one (10) refuse 11
+              "page_reporting_order": (HOLD_ORDER, HOLD_ORDER - 1)}
     old: dict[str, str] = {}
     info: dict[str, Any] = {"held": False}
-    for name, value in params.items():
+    for name, values in params.items():
         path = PAGE_REPORTING / name
         try:
             old[name] = path.read_text().strip()
         except OSError:
             continue
-        try:
-            path.write_text(str(value))
-        except OSError:
-            if name != "page_reporting_order":
-                continue
-            try:  # kernels that cap it at their largest order (10) refuse 11
-                value = HOLD_ORDER - 1
+        for value in values:
+            try:
                 path.write_text(str(value))
             except OSError:
                 continue
-        info["held"] = True
-        info[name] = f"{old[name]} -> {value}"
+            info["held"] = True
+            info[name] = f"{old[name]} -> {value}"
+            break
     try:
         yield info
     finally:

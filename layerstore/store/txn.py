@@ -227,6 +227,12 @@ class Env:
         self._map_ranges = None  # LMDB maps the file anew
         self.env.set_mapsize(size)
 
+    def _ranges(self) -> list[tuple[int, int]]:
+        """Where data.mdb is mapped (found again after anything that remaps it)."""
+        if self._map_ranges is None:
+            self._map_ranges = _mapped_ranges(self._data_path)
+        return self._map_ranges
+
     def release_map(self) -> None:
         """Unmap the pages of the data file that this process has touched.
 
@@ -243,9 +249,7 @@ class Env:
         Cheap (one madvise) after the first call, so writers call it every few hundred
         operations.
         """
-        if self._map_ranges is None:
-            self._map_ranges = _mapped_ranges(self._data_path)
-        _madvise(self._map_ranges, _MADV_DONTNEED)
+        _madvise(self._ranges(), _MADV_DONTNEED)
 
     def map_offset(self, value: Any) -> int | None:
         """Where ``value`` (a memoryview from a ``buffers`` read transaction that is
@@ -254,9 +258,7 @@ class Env:
             addr = buffer_address(value)
         except (TypeError, ValueError, AttributeError, OSError):
             return None
-        if self._map_ranges is None:
-            self._map_ranges = _mapped_ranges(self._data_path)
-        for lo, hi in self._map_ranges:
+        for lo, hi in self._ranges():
             if lo <= addr < hi:
                 return addr - lo
         return None
