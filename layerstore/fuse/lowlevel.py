@@ -65,6 +65,7 @@ import pyfuse3
 import trio
 
 from ..overlay.fs import OverlayFS
+from . import errno_of
 from ..overlay.lower import MergedLowers, node_stat
 from ..store.records import SYMLINK
 
@@ -89,16 +90,8 @@ def _errors(fn: F) -> F:
             return await fn(*args, **kwargs)
         except pyfuse3.FUSEError:
             raise
-        except OSError as exc:
-            if exc.errno and exc.errno > 0:
-                if exc.errno != errno.ENOENT:
-                    log.debug("%s: %s", fn.__name__, exc)
-                raise pyfuse3.FUSEError(exc.errno) from None
-            log.error("%s: OSError without errno", fn.__name__, exc_info=True)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
         except Exception as exc:
-            log.error("%s failed", fn.__name__, exc_info=True)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
+            raise pyfuse3.FUSEError(errno_of(fn.__name__, exc)) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -3,9 +3,10 @@
 - Paths: fusepy decodes paths with the ``encoding`` given to ``FUSE``; we pass
   ``latin-1``, which maps every byte to one code point, so ``path.encode("latin-1")``
   gives back the exact bytes (names that are not UTF-8 keep working).
-- Errors are mapped in one place, ``_errors``: an ``OSError`` passes with its errno
-  (a missing path is logged without a traceback); anything else is logged with its
-  traceback and becomes EIO, never fusepy's default EINVAL.
+- Errors are mapped in one place, ``_errors``, by the rule both adapters share
+  (``layerstore.fuse.errno_of``): an ``OSError`` passes with its errno (a missing path
+  is not logged); anything else is logged with its traceback and becomes EIO, never
+  fusepy's default EINVAL.
 - Semantics live in ``layerstore.overlay``; this module only converts types.
 
 Threading: the view is thread-safe (one short LMDB read transaction per call, caches
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import functools
-import logging
 import os
 import stat
 import threading
@@ -27,9 +27,9 @@ from typing import Any, TypeVar
 from ..overlay.fs import OverlayFS
 from ..overlay.lower import MergedLowers, node_stat
 from ..store.records import SYMLINK
+from . import errno_of
 from .binding import FUSE_MAJOR, fusepy, invalidate_path
 
-log = logging.getLogger("layerstore.fuse")
 F = TypeVar("F", bound=Callable[..., Any])
 
 ENCODING = "latin-1"
@@ -43,17 +43,8 @@ def _errors(fn: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
-                raise fusepy.FuseOSError(errno.ENOENT) from None
-            if exc.errno and exc.errno > 0:
-                log.debug("%s: %s", fn.__name__, exc)
-                raise fusepy.FuseOSError(exc.errno) from None
-            log.error("%s: OSError without errno", fn.__name__, exc_info=True)
-            raise fusepy.FuseOSError(errno.EIO) from exc
         except Exception as exc:
-            log.error("%s failed", fn.__name__, exc_info=True)
-            raise fusepy.FuseOSError(errno.EIO) from exc
+            raise fusepy.FuseOSError(errno_of(fn.__name__, exc)) from None
 
     return wrapper  # type: ignore[return-value]
 
