@@ -492,29 +492,31 @@ class LowLevelOperations(_Base):
         await _thread(self.fs.removexattr, self.table.path(inode), name)
 
     # --- namespace ----------------------------------------------------------------------------
+    async def _make(self, parent_inode: int, name: bytes,
+                    make: Callable[[bytes], None]) -> pyfuse3.EntryAttributes:
+        """A new entry ``name`` made by ``make(path)``, and its attributes."""
+        path = self._child_path(parent_inode, name)
+        await self._call(make, path)
+        self._changed(parent_inode)
+        return await self._made(parent_inode, name, path)
+
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        path = self._child_path(parent_inode, name)
-        await self._call(self.fs.mknod, path, mode, rdev, uid=ctx.uid, gid=ctx.gid)
-        self._changed(parent_inode)
-        return await self._made(parent_inode, name, path)
+        return await self._make(parent_inode, name, lambda path: self.fs.mknod(
+            path, mode, rdev, uid=ctx.uid, gid=ctx.gid))
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        path = self._child_path(parent_inode, name)
-        await self._call(self.fs.mkdir, path, mode, uid=ctx.uid, gid=ctx.gid)
-        self._changed(parent_inode)
-        return await self._made(parent_inode, name, path)
+        return await self._make(parent_inode, name, lambda path: self.fs.mkdir(
+            path, mode, uid=ctx.uid, gid=ctx.gid))
 
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
-        path = self._child_path(parent_inode, name)
-        await self._call(self.fs.symlink, target, path, uid=ctx.uid, gid=ctx.gid)
-        self._changed(parent_inode)
-        return await self._made(parent_inode, name, path)
+        return await self._make(parent_inode, name, lambda path: self.fs.symlink(
+            target, path, uid=ctx.uid, gid=ctx.gid))
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
