@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 from conftest import assert_clean
+from helpers_images import dir_, reg, tar_bytes
 from test_mount_rw import MOUNT_TIMEOUT, errno_of, pytestmark  # noqa: F401  (fuse; root)
 from test_overlay_compat import SCRIPT_PATH, wait_gone
 
@@ -158,6 +159,50 @@ def test_read_only_mount(demo, cli, root: Path, mnt: Path, binding: str):
                 os.lstat(os.path.join(dirpath, n))
     finally:
         _cli(cli, binding)("umount", "c1")
+
+
+def test_big_directories_list_whole(cli, root: Path, mnt: Path, tmp_path: Path,
+                                    binding: str):
+    """A listing longer than one READDIR(PLUS) reply (the kernel asks in 4 KiB pieces,
+    and mfusepy's listings go out in offset mode, a piece per request) comes out whole,
+    once, with the attributes ``lstat`` gives; a listing read again from the start
+    shows the changes made since."""
+    names = [f"entry-{i:04d}-" + "x" * (i % 97) for i in range(700)]
+    members = [dir_("big")] + [reg(f"big/{n}", n.encode(), mode=0o600 + i % 64)
+                               for i, n in enumerate(names)]
+    layer = tmp_path / "bigdir.tar"
+    layer.write_bytes(tar_bytes(members))
+    cli("import", layer, "--tag", "bigdir:1")
+    cli("create", "bigdir:1", "--name", "b")
+    _mount(cli, binding, root, "b", mnt)
+    try:
+        big = mnt / "big"
+        with os.scandir(big) as it:
+            listed = {e.name: e.stat(follow_symlinks=False) for e in it}
+        assert sorted(listed) == sorted(names)
+        for i, n in enumerate(names):
+            st = listed[n]
+            assert stat.S_IMODE(st.st_mode) == 0o600 + i % 64
+            assert st.st_size == len(n.encode())
+            assert st.st_ino == os.lstat(big / n).st_ino
+        os.chmod(big / names[3], 0o755)
+        (big / "new-file").write_bytes(b"new")
+        os.unlink(big / names[5])
+        fd = os.open(big, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            first = os.listdir(fd)
+            os.unlink(big / names[6])
+            again = os.listdir(fd)  # rewinds: a new listing
+        finally:
+            os.close(fd)
+        want = sorted(set(names) - {names[5]} | {"new-file"})
+        assert sorted(first) == want
+        assert sorted(again) == sorted(set(want) - {names[6]})
+        with os.scandir(big) as it:
+            modes = {e.name: stat.S_IMODE(e.stat(follow_symlinks=False).st_mode) for e in it}
+        assert modes[names[3]] == 0o755 and modes["new-file"] & 0o777
+    finally:
+        _cli(cli, binding)("umount", "b")
 
 
 def test_overlay_command(tmp_path: Path, binding: str):

@@ -89,6 +89,9 @@ class _Base(fusepy.Operations):  # type: ignore[misc]
     def opendir(self, path: str) -> int:
         return 0
 
+    def releasedir(self, path: str | None, fh: int) -> int:
+        return 0
+
 
 class ReadOnlyOperations(_Base):
     """The image of a container, read-only (``layerstore mount --read-only``)."""

@@ -389,6 +389,8 @@ class MergedLowers:
     def __init__(self, layers: StoreLayers):
         self.layers = layers
         self._nodes: dict[bytes, Node | None] = {}
+        #: directory -> its visible children, made once (layers never change)
+        self._listings: dict[bytes, list[tuple[bytes, Node]]] = {}
         self._lock = threading.Lock()
 
     def _ino(self, vpath: bytes, layer: int, e: Entry) -> int:
@@ -450,7 +452,17 @@ class MergedLowers:
         return node
 
     def listdir(self, vpath: bytes) -> list[tuple[bytes, Node]]:
-        """The visible children of a directory, sorted by name."""
+        """The visible children of a directory, sorted by name (a list kept for the
+        next call: callers must not change it)."""
+        with self._lock:
+            listing = self._listings.get(vpath)
+        if listing is None:
+            listing = self._listdir(vpath)
+            with self._lock:
+                self._listings[vpath] = listing
+        return listing
+
+    def _listdir(self, vpath: bytes) -> list[tuple[bytes, Node]]:
         node = self.lookup(vpath)
         if node.entry.type != DIR:
             raise OverlayError(20, vpath)  # ENOTDIR
