@@ -109,3 +109,37 @@ def test_listings_go_out_in_offset_mode_with_attributes():
     assert all(s[3] == 0 for s in sent) and len(sent) == len(entries)
     assert f.releasedir(b"/d", fip) == 0
     assert ops.released == [42] and f._dirs == {}
+
+
+class _AttrOps:
+    def __init__(self) -> None:
+        self.asked: list[str | None] = []
+
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        self.asked.append(path)
+        return {"st_ino": 1, "st_mode": 0o100644}
+
+
+def test_getattr_right_after_a_change_takes_what_the_change_gave():
+    """libfuse's setattr asks getattr right after chmod/chown/utimens: that one call is
+    answered from ``remember_attrs``; any other getattr goes to the operations."""
+    ops = _AttrOps()
+    f = _fuse(ops)  # type: ignore[arg-type]
+    st = binding.fusepy.c_stat()
+    changed = {"st_ino": 9, "st_mode": 0o100600, "st_uid": 7}
+
+    def callback(fn: Any) -> Any:  # what the binding's _wrapper counts
+        binding._calls.n = getattr(binding._calls, "n", 0) + 1
+        return fn()
+
+    callback(lambda: binding.remember_attrs("/a", changed))
+    callback(lambda: f.fgetattr(b"/a", ctypes.pointer(st), None))
+    assert (st.st_ino, st.st_mode, st.st_uid) == (9, 0o100600, 7) and ops.asked == []
+    callback(lambda: f.fgetattr(b"/a", ctypes.pointer(st), None))  # used once only
+    assert ops.asked == ["/a"] and st.st_ino == 1
+    callback(lambda: binding.remember_attrs("/a", changed))
+    callback(lambda: f.fgetattr(b"/b", ctypes.pointer(st), None))  # another path
+    callback(lambda: binding.remember_attrs("/a", changed))
+    callback(lambda: None)  # another callback came between
+    callback(lambda: f.fgetattr(b"/a", ctypes.pointer(st), None))
+    assert ops.asked == ["/a", "/b", "/a"] and st.st_ino == 1

@@ -30,7 +30,7 @@ from helpers_overlay import count_lower_reads as _count_lower_reads
 from helpers_overlay import read_all as _read_all
 
 from layerstore.oci.sample import write_demo_layout
-from layerstore.overlay.fs import FULL, META, OverlayFS
+from layerstore.overlay.fs import FULL, LAZY, META, OverlayFS
 from layerstore.overlay.lower import MergedLowers, StoreLayers
 from layerstore.overlay.upper import METACOPY_XATTR, OPAQUE_XATTR, ORIGIN_XATTR, REDIRECT_XATTR
 from layerstore.store import Store
@@ -946,3 +946,23 @@ def test_making_an_existing_name_copies_nothing_up(overlays: Overlays):
             make()
         assert exc.value.errno == errno.EEXIST
     assert os.listdir(upper_of(ofs, "")) == []
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META, LAZY])
+def test_a_change_that_copies_up_returns_what_getattr_gives(overlays: Overlays, copy_up: str):
+    """chmod, chown and utimens of a lower file or directory return the attributes
+    afterwards, which the mount hands to the kernel instead of a second getattr
+    (``binding.remember_attrs``); they must be what ``getattr`` gives, also for a file
+    with hard links and for a change to an upper entry (None there: no shortcut)."""
+    changes = [
+        (b"/data/f.txt", lambda o, p: o.chmod(p, 0o640)),
+        (b"/data/sub", lambda o, p: o.utimens(p, (10**18, 2 * 10**18))),
+        (b"/data/sub/deep", lambda o, p: o.chown(p, 7, 8)),
+        (b"/data/h1", lambda o, p: o.chmod(p, 0o600)),  # a lower hard link
+    ]
+    ofs = overlays.make("meta:1", copy_up=copy_up)
+    for vpath, change in changes:
+        st = change(ofs, vpath)
+        assert st == ofs.getattr(vpath), vpath
+        assert change(ofs, vpath) is None  # upper now: the caller asks getattr
+    assert ofs.getattr(b"/data/h2")["st_nlink"] == 2

@@ -105,6 +105,23 @@ def invalidate_path(path: str, encoding: str) -> None:
         _invalidate(ctypes.c_void_p(ctx.contents.fuse), path.encode(encoding))
 
 
+#: per libfuse thread: ``n``, how many callbacks it has made; ``after``, what
+#: ``remember_attrs`` keeps for the next one
+_calls = threading.local()
+
+
+def remember_attrs(path: str, attrs: dict[str, int] | None) -> None:
+    """After a change through ``path`` in the current callback: ``attrs``, its
+    attributes now. libfuse3's high-level setattr (chmod, chown, utimens) asks for the
+    attributes right after the change, in the same request and thread, to put them in
+    the reply: ``FUSE.fgetattr`` answers that call with these, if it is the very next
+    callback of the thread and for the same path, instead of walking the overlay again
+    (for the first chmod of a lower file that getattr took 140-190 us of the ~1.1 ms).
+    A no-op on libfuse2, which does not ask."""
+    if FUSE_MAJOR == 3 and attrs is not None:
+        _calls.after = (getattr(_calls, "n", 0), path, attrs)
+
+
 _pinned: set[int] = set()
 #: how many libfuse threads keep a Python thread state (~20 KiB each)
 MAX_PINNED = 64
@@ -203,6 +220,7 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> Any:
         _pin_thread_state()
+        _calls.n = getattr(_calls, "n", 0) + 1
         return super()._wrapper(func, *args, **kwargs)
 
     if fusepy.__name__ == "mfusepy":
@@ -216,10 +234,15 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
     if FUSE_MAJOR == 3:
 
         def fgetattr(self, path: bytes | None, buf: Any, fip: Any) -> int:
+            decoded = None if path is None else path.decode(self.encoding, self.errors)
+            after = getattr(_calls, "after", None)
+            if after is not None:
+                _calls.after = None
+                if after[0] == _calls.n - 1 and after[1] == decoded:
+                    fill_stat(buf.contents, after[2])  # see ``remember_attrs``
+                    return 0
             fh = fip.contents.fh if fip else None
-            attrs = self.operations.getattr(
-                None if path is None else path.decode(self.encoding, self.errors), fh)
-            fill_stat(buf.contents, attrs)
+            fill_stat(buf.contents, self.operations.getattr(decoded, fh))
             return 0
 
         def readdir_fuse_3(self, path: bytes | None, buf: Any, filler: Any, offset: int,
@@ -274,4 +297,5 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
                 flags)
 
 
-__all__ = ["FUSE", "FUSE_MAJOR", "LOWLEVEL", "NAME", "fill_stat", "fusepy", "invalidate_path"]
+__all__ = ["FUSE", "FUSE_MAJOR", "LOWLEVEL", "NAME", "fill_stat", "fusepy", "invalidate_path",
+           "remember_attrs"]

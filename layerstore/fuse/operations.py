@@ -28,7 +28,7 @@ from ..overlay.fs import OverlayFS
 from ..overlay.lower import MergedLowers, node_stat
 from ..store.records import SYMLINK
 from . import errno_of
-from .binding import FUSE_MAJOR, fusepy, invalidate_path
+from .binding import FUSE_MAJOR, fusepy, invalidate_path, remember_attrs
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -407,19 +407,19 @@ class Operations(_Base):
 
     @_errors
     def chmod(self, path: str, mode: int) -> None:
-        self.fs.chmod(_b(path), mode)
+        remember_attrs(path, self.fs.chmod(_b(path), mode))
         self._touched(path)
 
     @_errors
     def chown(self, path: str, uid: int, gid: int) -> None:
-        self.fs.chown(_b(path), uid, gid)
+        remember_attrs(path, self.fs.chown(_b(path), uid, gid))
         self._touched(path)
 
     @_errors
     def utimens(self, path: str, times: tuple[int, int] | None = None) -> None:
         vpath = _b(path)
         if times is None or times == (UTIME_NOW, UTIME_NOW):
-            self.fs.utimens(vpath, None)
+            remember_attrs(path, self.fs.utimens(vpath, None))
             self._touched(path)
             return
         if UTIME_OMIT in times or UTIME_NOW in times:
@@ -428,7 +428,7 @@ class Operations(_Base):
             old = (st["st_atime"], st["st_mtime"])
             times = tuple(old[i] if t == UTIME_OMIT else now if t == UTIME_NOW else t
                           for i, t in enumerate(times))  # type: ignore[assignment]
-        self.fs.utimens(vpath, times)
+        remember_attrs(path, self.fs.utimens(vpath, times))
         self._touched(path)
 
     @_errors

@@ -436,21 +436,26 @@ class OverlayFS:
         return None
 
     def _copy_up(self, f: Found, how: str = FULL,
-                 change: Callable[[int], None] | None = None) -> None:
+                 change: Callable[[int], None] | None = None) -> os.stat_result | None:
         """Make ``f`` an upper entry (no-op if it is one; see ``_copy_up_at`` for
         ``how`` and ``change``). The other names a lower hard link has in the view are
-        linked to the new upper file, so the links stay one inode. Requires ``_lock``."""
+        linked to the new upper file, so the links stay one inode. Returns the new
+        entry's ``lstat`` (None if it was upper already, or once links were made).
+        Requires ``_lock``."""
         if f.ust is not None:
-            return
+            return None
         assert f.lower is not None
         parent, name = _split(f.vpath)
         with self._dirfd(parent) as pfd:
             self._copy_up_at(pfd, name, f.lower, how, change)
+            ust: os.stat_result | None = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         for other in self.lowers.links(f.lower):
             of = self._find(other)
             if of is not None and of.ust is None and of.lower is not None \
                     and of.lower.ino == f.lower.ino:
                 self._link_upper(f.vpath, other)
+                ust = None
+        return ust
 
     def _copy_up_data(self, f: Found) -> None:
         """Give an upper metacopy file its data (no-op for any other file). The data is
@@ -520,14 +525,22 @@ class OverlayFS:
         """Copy-up before a metadata change: metadata only in META and LAZY modes."""
         self._copy_up(f, FULL if self.copy_up_mode == FULL else META)
 
-    def _change(self, f: Found, change: Callable[[int], None]) -> bool:
+    def _change(self, f: Found, change: Callable[[int], None]) -> dict[str, int] | None:
         """Make a metadata change to a lower-only regular file or directory as part of
-        its copy-up (one step, through the new inode's fd). False if ``f`` is not such
-        an entry: the caller copies up and changes the upper entry itself."""
+        its copy-up (one step, through the new inode's fd); return its attributes
+        afterwards (what ``getattr`` gives). None if ``f`` is not such an entry: the
+        caller copies up and changes the upper entry itself."""
         if f.ust is not None or f.lower is None or f.lower.entry.type not in (REG, DIR):
-            return False
-        self._copy_up(f, FULL if self.copy_up_mode == FULL else META, change)
-        return True
+            return None
+        how = FULL if self.copy_up_mode == FULL else META
+        ust = self._copy_up(f, how, change)
+        if ust is None:  # other names were linked to it: look again
+            return self._stat(self._lookup(f.vpath))
+        lower = f.lower
+        if lower.entry.type == DIR:
+            return self._stat(Found(f.vpath, ust, lower, False, True))
+        return self._stat(Found(f.vpath, ust, None, False, True,
+                                data=lower if how == META else None, origin=lower.ino))
 
     def _set_redirect(self, vpath: bytes, data: Node) -> None:
         """Record in the upper metacopy file at ``vpath`` where its data is in the lowers,
@@ -1128,37 +1141,47 @@ class OverlayFS:
     # --- metadata -----------------------------------------------------------------------
 
     @_locked
-    def chmod(self, vpath: bytes, mode: int) -> None:
+    def chmod(self, vpath: bytes, mode: int) -> dict[str, int] | None:
+        """chmod; the attributes afterwards when the change was a copy-up (else None)."""
         f = self._lookup(vpath)
-        if self._change(f, lambda fd: os.chmod(fd, mode & 0o7777)):
-            return
+        st = self._change(f, lambda fd: os.chmod(fd, mode & 0o7777))
+        if st is not None:
+            return st
         self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name), path_fd(pfd, name) as fd:
             if stat.S_ISLNK(os.fstat(fd).st_mode):
                 raise OverlayError(errno.EOPNOTSUPP, vpath)
             os.chmod(proc_path(fd), mode & 0o7777)
+        return None
 
     @_locked
-    def chown(self, vpath: bytes, uid: int, gid: int) -> None:
+    def chown(self, vpath: bytes, uid: int, gid: int) -> dict[str, int] | None:
+        """chown; the attributes afterwards when the change was a copy-up (else None)."""
         f = self._lookup(vpath)
-        if self._change(f, lambda fd: os.chown(fd, uid, gid)):
-            return
+        st = self._change(f, lambda fd: os.chown(fd, uid, gid))
+        if st is not None:
+            return st
         self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name):
             os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
+        return None
 
     @_locked
-    def utimens(self, vpath: bytes, times: tuple[int, int] | None = None) -> None:
-        """Set (atime_ns, mtime_ns); None sets both to now."""
+    def utimens(self, vpath: bytes,
+                times: tuple[int, int] | None = None) -> dict[str, int] | None:
+        """Set (atime_ns, mtime_ns); None sets both to now. The attributes afterwards
+        when the change was a copy-up (else None)."""
         f = self._lookup(vpath)
-        if self._change(f, lambda fd: os.utime(fd) if times is None else os.utime(fd, ns=times)):
-            return
+        st = self._change(f, lambda fd: os.utime(fd) if times is None else os.utime(fd, ns=times))
+        if st is not None:
+            return st
         self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, name):
             if times is None:
                 os.utime(name, dir_fd=pfd, follow_symlinks=False)
             else:
                 os.utime(name, ns=times, dir_fd=pfd, follow_symlinks=False)
+        return None
 
     @staticmethod
     def _xname(name: bytes | str, vpath: bytes) -> bytes:
