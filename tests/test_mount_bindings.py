@@ -201,6 +201,16 @@ def test_big_directories_list_whole(cli, root: Path, mnt: Path, tmp_path: Path,
         with os.scandir(big) as it:
             modes = {e.name: stat.S_IMODE(e.stat(follow_symlinks=False).st_mode) for e in it}
         assert modes[names[3]] == 0o755 and modes["new-file"] & 0o777
+        # the kernel caches symlink targets (FUSE_CAP_CACHE_SYMLINKS): a link made
+        # again, or renamed over, reads its own target
+        os.symlink("first", big / "link")
+        assert os.readlink(big / "link") == "first"
+        os.unlink(big / "link")
+        os.symlink("second", big / "link")
+        assert os.readlink(big / "link") == "second"
+        os.symlink("third", big / "link2")
+        os.rename(big / "link2", big / "link")
+        assert os.readlink(big / "link") == "third"
     finally:
         _cli(cli, binding)("umount", "b")
 
