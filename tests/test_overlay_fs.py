@@ -966,3 +966,26 @@ def test_a_change_that_copies_up_returns_what_getattr_gives(overlays: Overlays, 
         assert st == ofs.getattr(vpath), vpath
         assert change(ofs, vpath) is None  # upper now: the caller asks getattr
     assert ofs.getattr(b"/data/h2")["st_nlink"] == 2
+
+
+def test_xattrs_of_an_upper_file_from_one_lookup(ofs: OverlayFS):
+    """getxattr/listxattr of an upper file answer from the names its lookup listed (no
+    second walk): a name it has not got is ENODATA, one set since is found, and the
+    overlay's own marks stay hidden."""
+    fh = ofs.create(b"/new", 0o644)
+    ofs.release(fh)
+    ofs.chmod(b"/etc/passwd", 0o600)  # metacopy: the upper file has overlay marks
+    for vpath in (b"/new", b"/etc/passwd"):
+        for name in (b"security.capability", b"user.nothing"):
+            with pytest.raises(OSError) as exc:
+                ofs.getxattr(vpath, name)
+            assert exc.value.errno == errno.ENODATA
+        assert not any(n.startswith(b"trusted.overlay.") for n in ofs.listxattr(vpath))
+        ofs.setxattr(vpath, b"user.a", b"1")
+        ofs.setxattr(vpath, b"user.b", b"2")
+        assert ofs.getxattr(vpath, b"user.b") == b"2"
+        assert sorted(n for n in ofs.listxattr(vpath) if n.startswith(b"user.")) == [
+            b"user.a", b"user.b"]
+        with pytest.raises(OSError) as exc:
+            ofs.getxattr(vpath, METACOPY_XATTR)
+        assert exc.value.errno == errno.ENODATA

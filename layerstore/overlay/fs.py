@@ -140,6 +140,9 @@ class Found:
     data: Node | None = None  #: an upper metacopy file: the lower file that has its data
     origin: int | None = None  #: an upper non-directory copied up: its lower inode number
     lazy: LazyFile | None = None  #: an upper file copied up lazily (``lazy.py``), not whole yet
+    #: an upper non-directory: the names of all its xattrs when it was looked up (the
+    #: overlay's lock is held from then on, so a getxattr of another name is ENODATA)
+    xattr_names: list[bytes] | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -275,10 +278,12 @@ class OverlayFS:
         file, the lower node that has its data."""
         merges = parent.lower is not None and parent.lower.entry.type == DIR and not parent.opaque
         below = merges and self.lowers.resolve(path) is not None
-        priv = xattrs_at(pfd, name, is_private_xattr)
+        names: list[bytes] = []
+        priv = xattrs_at(pfd, name, is_private_xattr, names)
         origin = priv.get(ORIGIN_XATTR)
         f = Found(path, ust, None, False, below,
-                  origin=int.from_bytes(origin, "big") if origin and len(origin) == 8 else None)
+                  origin=int.from_bytes(origin, "big") if origin and len(origin) == 8 else None,
+                  xattr_names=names)
         if LAZY_XATTR in priv and stat.S_ISREG(ust.st_mode):  # before a metacopy mark
             f.lazy = self._lazy_state(ust, priv[LAZY_XATTR], path)  # a crash left behind
         elif METACOPY_XATTR in priv and stat.S_ISREG(ust.st_mode):
@@ -1198,6 +1203,11 @@ class OverlayFS:
             if value is None:
                 raise OverlayError(errno.ENODATA, vpath)
             return value
+        if f.xattr_names is not None and key not in f.xattr_names:
+            # what the lookup listed: no second walk for the names a file has not got
+            # (the kernel asks security.capability before a new file's first write,
+            # ls -l asks security.selinux and system.posix_acl_access of each file)
+            raise OverlayError(errno.ENODATA, vpath)
         with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
             return os.getxattr(proc_path(fd), key)
 
@@ -1207,6 +1217,8 @@ class OverlayFS:
         if f.ust is None:
             assert f.lower is not None
             names = list(f.lower.entry.xattrs)
+        elif f.xattr_names is not None:
+            names = f.xattr_names
         else:
             with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
                 names = [os.fsencode(n) for n in os.listxattr(proc_path(fd))]

@@ -101,11 +101,11 @@ def visible_xattr(name: bytes) -> bytes | None:
     return name
 
 
-def xattrs_at(dir_fd: int, name: bytes,
-              keep: Callable[[bytes], bool] | None = None) -> dict[bytes, bytes]:
+def xattrs_at(dir_fd: int, name: bytes, keep: Callable[[bytes], bool] | None = None,
+              names_seen: list[bytes] | None = None) -> dict[bytes, bytes]:
     """The xattrs of ``name`` in ``dir_fd`` (those whose name ``keep`` accepts), without
     following it: one listxattr, then a getxattr per name kept. None where the
-    filesystem has no xattrs."""
+    filesystem has no xattrs. ``names_seen`` gets every name listed, in order."""
     path = os.fsencode(proc_path(dir_fd)) + b"/" + name
     try:
         names = os.listxattr(path, follow_symlinks=False)
@@ -113,6 +113,8 @@ def xattrs_at(dir_fd: int, name: bytes,
         if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA):
             return {}
         raise
+    if names_seen is not None:
+        names_seen.extend(map(os.fsencode, names))
     out = {}
     for n in names:
         key = os.fsencode(n)
