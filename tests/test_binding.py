@@ -143,3 +143,36 @@ def test_getattr_right_after_a_change_takes_what_the_change_gave():
     callback(lambda: None)  # another callback came between
     callback(lambda: f.fgetattr(b"/a", ctypes.pointer(st), None))
     assert ops.asked == ["/a", "/b", "/a"] and st.st_ino == 1
+
+
+def test_later_pieces_carry_attributes_only_while_nothing_changed():
+    """A piece after the first sends attributes only if the operations' ``changes()``
+    is what it was when the listing was made: the kernel would keep old attributes of
+    a file changed (or removed) in between for the attribute timeout."""
+    entries = [(f"f{i}", {"st_ino": 100 + i, "st_mode": 0o100644}, 0) for i in range(6)]
+    ops = _Ops(entries)
+    count = [0]
+    ops.changes = lambda: count[0]  # type: ignore[attr-defined]
+    f = _fuse(ops)
+    fip = ctypes.pointer(binding.fusepy.fuse_file_info())
+    f.opendir(b"/d", fip)
+    sent: list[tuple[str, int, int]] = []
+
+    def filler(room: int):
+        def fill(buf: Any, name: bytes, st: Any, off: int, flags: int) -> int:
+            if len(sent) >= room:
+                return 1
+            sent.append((name.decode(), off, flags))
+            return 0
+        return fill
+
+    f.readdir_fuse_3(b"/d", None, filler(2), 0, fip, binding.READDIR_PLUS)
+    f.readdir_fuse_3(b"/d", None, filler(4), 2, fip, binding.READDIR_PLUS)  # unchanged
+    count[0] += 1  # something changed through the mount
+    f.readdir_fuse_3(b"/d", None, filler(6), 4, fip, binding.READDIR_PLUS)
+    assert [s[0] for s in sent] == [e[0] for e in entries] and ops.listed == 1
+    assert [s[2] for s in sent] == [binding.FILL_DIR_PLUS] * 4 + [0, 0]
+    # listed again from the start: attributes again
+    sent.clear()
+    f.readdir_fuse_3(b"/d", None, filler(6), 0, fip, binding.READDIR_PLUS)
+    assert [s[2] for s in sent] == [binding.FILL_DIR_PLUS] * 6 and ops.listed == 2

@@ -201,6 +201,22 @@ def test_big_directories_list_whole(cli, root: Path, mnt: Path, tmp_path: Path,
         with os.scandir(big) as it:
             modes = {e.name: stat.S_IMODE(e.stat(follow_symlinks=False).st_mode) for e in it}
         assert modes[names[3]] == 0o755 and modes["new-file"] & 0o777
+        # a change between two pieces of a listing: the later piece must not hand the
+        # kernel the attributes the listing had (a deleted name shown as there for the
+        # attribute timeout, a grown file as short)
+        listed_names = sorted(os.listdir(big))
+        gone, grown = listed_names[300], listed_names[400]
+        with os.scandir(big) as it:
+            next(it)  # the first piece only
+            os.unlink(big / gone)
+            with open(big / grown, "ab") as f:
+                f.write(b"more" * 1000)
+            rest = [e.name for e in it]
+        assert grown in rest
+        assert not os.path.lexists(big / gone)
+        assert errno_of(os.lstat, big / gone) == errno.ENOENT
+        assert os.lstat(big / grown).st_size == len(grown.encode()) + 4000
+        assert (big / grown).read_bytes().endswith(b"more")
         # the kernel caches symlink targets (FUSE_CAP_CACHE_SYMLINKS): a link made
         # again, or renamed over, reads its own target
         os.symlink("first", big / "link")

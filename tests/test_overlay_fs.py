@@ -989,3 +989,39 @@ def test_xattrs_of_an_upper_file_from_one_lookup(ofs: OverlayFS):
         with pytest.raises(OSError) as exc:
             ofs.getxattr(vpath, METACOPY_XATTR)
         assert exc.value.errno == errno.ENODATA
+
+
+def test_changes_moves_with_every_change_and_only_then(ofs: OverlayFS):
+    """``OverlayFS.changes`` (what the mount's listings check before they hand the
+    kernel attributes made earlier) takes a new value after each call that may change
+    the view, and keeps it across calls that only look."""
+    seen = [ofs.changes]
+
+    def changed() -> bool:
+        seen.append(ofs.changes)
+        return seen[-1] != seen[-2]
+
+    ofs.getattr(b"/etc/passwd"), ofs.readdir(b"/etc"), ofs.listxattr(b"/etc/passwd")
+    assert not changed()
+    fh = ofs.create(b"/n", 0o644)
+    assert changed()
+    ofs.write(fh, b"x", 0)
+    assert changed()
+    ofs.ftruncate(fh, 0)
+    assert changed()
+    ofs.fgetattr(fh), ofs.read(fh, 1, 0)
+    assert not changed()
+    ofs.release(fh)
+    for call in (lambda: ofs.chmod(b"/n", 0o600), lambda: ofs.utimens(b"/n", None),
+                 lambda: ofs.setxattr(b"/n", b"user.x", b"1"),
+                 lambda: ofs.removexattr(b"/n", b"user.x"), lambda: ofs.truncate(b"/n", 3),
+                 lambda: ofs.link(b"/n", b"/n2"), lambda: ofs.rename(b"/n2", b"/n3"),
+                 lambda: ofs.unlink(b"/n3"), lambda: ofs.mkdir(b"/d", 0o755),
+                 lambda: ofs.rmdir(b"/d"), lambda: ofs.symlink(b"t", b"/s")):
+        call()
+        assert changed()
+    with pytest.raises(OSError):
+        ofs.rmdir(b"/nothing")
+    changed()  # a failed call may count: no more is promised
+    ofs.readlink(b"/s")
+    assert not changed()

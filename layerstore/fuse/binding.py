@@ -213,7 +213,8 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        #: open directory handle -> [the operations' fh, the listing once made]
+        #: open directory handle -> [the operations' fh, the listing once made, the
+        #: operations' ``changes()`` just before it was made]
         self._dirs: dict[int, list[Any]] = {}
         self._dir_ids = itertools.count(1)
         super().__init__(*args, **kwargs)
@@ -250,12 +251,20 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
             handle = fip.contents.fh
             state = self._dirs.get(handle)
             if state is None:  # not opened through ``opendir``: list, keep nothing
-                state = [handle, None]
+                state = [handle, None, 0]
+            changes = getattr(self.operations, "changes", None)
             listing = state[1]
             if listing is None or offset == 0:
                 decoded = None if path is None else path.decode(self.encoding, self.errors)
+                state[1] = None
+                state[2] = changes() if changes is not None else 0  # before the listing
                 listing = state[1] = list(self.operations.readdir(decoded, state[0]))
-            plus = bool(flags & READDIR_PLUS)
+            # The attributes of a later piece go to the kernel only if nothing changed
+            # since the listing was made: libfuse sends them with the entry's node id,
+            # and the kernel would keep old ones (a deleted file shown as there, a
+            # grown one as short) for the attribute timeout. Else the names go without.
+            plus = bool(flags & READDIR_PLUS) and (
+                offset == 0 or changes is None or changes() == state[2])
             st = fusepy.c_stat()
             encoding, errors = self.encoding, self.errors
             for i in range(offset, len(listing)):
@@ -273,7 +282,7 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
         def opendir(self, path: bytes, fip: Any) -> int:
             fh = self.operations.opendir(path.decode(self.encoding, self.errors))
             handle = next(self._dir_ids)
-            self._dirs[handle] = [fh, None]
+            self._dirs[handle] = [fh, None, 0]  # the operations' fh, listing, changes
             fip.contents.fh = handle
             if getattr(self.operations, "cache_readdir", False):
                 fip.contents.cache_readdir = 1

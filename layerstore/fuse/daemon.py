@@ -351,8 +351,8 @@ def _warm_up(view: MergedLowers, fs: Any) -> None:
             fs.readdir(b"/")
         else:
             view.listdir(b"/")
-    except OSError:
-        pass  # the mount reports whatever is wrong when it is used
+    except Exception:  # noqa: BLE001 - a warm-up only: the mount reports what is wrong
+        pass  # when it is used (an unreadable store is EIO there, not a failed mount)
 
 
 def _serve_lowlevel(view: MergedLowers, fs: Any, mp: Path, *, on_ready: Callable[[], None],

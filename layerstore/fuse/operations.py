@@ -104,6 +104,12 @@ class _Base(fusepy.Operations):  # type: ignore[misc]
     def releasedir(self, path: str | None, fh: int) -> int:
         return 0
 
+    def changes(self) -> int:
+        """A value that differs after anything that may change what the mount shows
+        (the binding's listings check it: see ``binding.FUSE.readdir_fuse_3``); the
+        read-only view never changes."""
+        return 0
+
 
 class ReadOnlyOperations(_Base):
     """The image of a container, read-only (``layerstore mount --read-only``)."""
@@ -211,6 +217,9 @@ class Operations(_Base):
         self._hidden: dict[str, set[int]] = {}  #: libfuse's hidden name -> open fhs
         self._names_of: dict[int, set[str]] = {}  #: st_ino of a linked file -> names seen
         self._ino_at: dict[str, int] = {}  #: a name in _names_of -> its st_ino
+
+    def changes(self) -> int:
+        return self.fs.changes
 
     def _note(self, path: str, st: dict[str, int]) -> dict[str, int]:
         """Remember ``path`` if it names a file with several links (see the class doc)."""

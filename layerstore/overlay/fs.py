@@ -110,6 +110,23 @@ FULL, META, LAZY = "full", "meta", "lazy"
 COPY_UP_MODES = (FULL, META, LAZY)
 
 
+def _changes(fn: F) -> F:
+    """Count a call that may change what the view shows (``OverlayFS.changes``), after it
+    has run: whoever read the count before reading the view knows, by reading it again,
+    whether what it read may have changed since."""
+
+    @functools.wraps(fn)
+    def wrapper(self: OverlayFS, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            # a new ticket, not ``+= 1``: two threads may race, but no later value can
+            # equal one read before (``next`` of a count is atomic under the GIL)
+            self.changes = next(self._tickets)
+
+    return wrapper  # type: ignore[return-value]
+
+
 def _locked(fn: F) -> F:
     """Run under the overlay lock; store failures become EIO (``NoEntryError`` stays)."""
 
@@ -205,6 +222,9 @@ class OverlayFS:
             self.close()
             raise OverlayError(errno.EXDEV, os.fsencode(work))
         self._lock = threading.RLock()
+        #: changes to the view: a new value after each call that may change it (``_changes``)
+        self._tickets = itertools.count(1)
+        self.changes = 0
         self._handles: dict[int, _Handle] = {}
         #: (st_dev, st_ino) of an upper file copied up lazily -> its state, shared by
         #: every handle and name of it
@@ -806,6 +826,7 @@ class OverlayFS:
         self._handles[fh] = h
         return fh
 
+    @_changes
     @_locked
     def open(self, vpath: bytes, flags: int) -> int:
         """A handle for ``read``/``write``; writing or O_TRUNC copies a lower file up
@@ -845,6 +866,7 @@ class OverlayFS:
         lazy = f.lazy if f.lazy is not None and not f.lazy.done else None
         return self._add_handle(_Handle(vpath, fd=fd, ino=f.origin, lazy=lazy))
 
+    @_changes
     @_locked
     def create(self, vpath: bytes, mode: int, flags: int = os.O_RDWR,
                uid: int | None = None, gid: int | None = None) -> int:
@@ -885,6 +907,7 @@ class OverlayFS:
         except (LayerstoreError, lmdb.Error) as exc:
             raise OverlayError(errno.EIO, h.vpath) from exc
 
+    @_changes
     def write(self, fh: int, data: bytes, offset: int) -> int:
         h = self._handle(fh)
         if h.fd < 0:
@@ -903,6 +926,7 @@ class OverlayFS:
         assert h.lazy is not None
         return h.lazy.write(self.lowers, h.fd, data, offset)
 
+    @_changes
     def ftruncate(self, fh: int, length: int) -> None:
         h = self._handle(fh)
         if h.fd < 0:
@@ -942,6 +966,7 @@ class OverlayFS:
         if h is not None and h.fd >= 0:
             os.close(h.fd)
 
+    @_changes
     @_locked
     def truncate(self, vpath: bytes, length: int) -> None:
         f = self._lookup(vpath)
@@ -969,6 +994,7 @@ class OverlayFS:
             finally:
                 os.close(fd)
 
+    @_changes
     @_locked
     def materialize(self) -> int:
         """Give every upper file whose data is still (in part) in the lowers its whole
@@ -1009,6 +1035,7 @@ class OverlayFS:
 
     # --- namespace ----------------------------------------------------------------------
 
+    @_changes
     @_locked
     def mkdir(self, vpath: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> None:
         def make(dfd: int, name: bytes) -> None:
@@ -1021,6 +1048,7 @@ class OverlayFS:
 
         self._make(vpath, make, is_dir=True, uid=uid, gid=gid, mode=mode)
 
+    @_changes
     @_locked
     def mknod(self, vpath: bytes, mode: int, rdev: int = 0,
               uid: int | None = None, gid: int | None = None) -> None:
@@ -1035,12 +1063,14 @@ class OverlayFS:
             raise OverlayError(errno.EINVAL, vpath)
         self._make(vpath, make, uid=uid, gid=gid, mode=mode)
 
+    @_changes
     @_locked
     def symlink(self, target: bytes, vpath: bytes, uid: int | None = None,
                 gid: int | None = None) -> None:
         """Make ``vpath`` a symlink to ``target`` (argument order of ``os.symlink``)."""
         self._make(vpath, lambda dfd, name: os.symlink(target, name, dir_fd=dfd), uid=uid, gid=gid)
 
+    @_changes
     @_locked
     def link(self, old: bytes, new: bytes) -> None:
         """Hard link: a lower file is copied up first, then linked in the upper."""
@@ -1056,6 +1086,7 @@ class OverlayFS:
             self._make(new, lambda dfd, name: os.link(on, name, src_dir_fd=ofd, dst_dir_fd=dfd,
                                                       follow_symlinks=False), new_inode=False)
 
+    @_changes
     @_locked
     def unlink(self, vpath: bytes) -> None:
         f = self._lookup(vpath)
@@ -1063,6 +1094,7 @@ class OverlayFS:
             raise OverlayError(errno.EISDIR, vpath)
         self._remove(f)
 
+    @_changes
     @_locked
     def rmdir(self, vpath: bytes) -> None:
         f = self._lookup(vpath)
@@ -1074,6 +1106,7 @@ class OverlayFS:
             raise NotEmptyError(vpath)
         self._remove(f)
 
+    @_changes
     @_locked
     def rename(self, old: bytes, new: bytes) -> None:
         """rename(2) with POSIX overwrite rules; lower and merged directories are copied
@@ -1145,6 +1178,7 @@ class OverlayFS:
 
     # --- metadata -----------------------------------------------------------------------
 
+    @_changes
     @_locked
     def chmod(self, vpath: bytes, mode: int) -> dict[str, int] | None:
         """chmod; the attributes afterwards when the change was a copy-up (else None)."""
@@ -1159,6 +1193,7 @@ class OverlayFS:
             os.chmod(proc_path(fd), mode & 0o7777)
         return None
 
+    @_changes
     @_locked
     def chown(self, vpath: bytes, uid: int, gid: int) -> dict[str, int] | None:
         """chown; the attributes afterwards when the change was a copy-up (else None)."""
@@ -1171,6 +1206,7 @@ class OverlayFS:
             os.chown(name, uid, gid, dir_fd=pfd, follow_symlinks=False)
         return None
 
+    @_changes
     @_locked
     def utimens(self, vpath: bytes,
                 times: tuple[int, int] | None = None) -> dict[str, int] | None:
@@ -1224,6 +1260,7 @@ class OverlayFS:
                 names = [os.fsencode(n) for n in os.listxattr(proc_path(fd))]
         return [v for v in map(visible_xattr, names) if v is not None]
 
+    @_changes
     @_locked
     def setxattr(self, vpath: bytes, name: bytes | str, value: bytes, flags: int = 0) -> None:
         key = self._xname(name, vpath)
@@ -1232,6 +1269,7 @@ class OverlayFS:
         with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
             os.setxattr(proc_path(fd), key, value, flags)
 
+    @_changes
     @_locked
     def removexattr(self, vpath: bytes, name: bytes | str) -> None:
         key = self._xname(name, vpath)
