@@ -217,6 +217,13 @@ def test_big_directories_list_whole(cli, root: Path, mnt: Path, tmp_path: Path,
         assert errno_of(os.lstat, big / gone) == errno.ENOENT
         assert os.lstat(big / grown).st_size == len(grown.encode()) + 4000
         assert (big / grown).read_bytes().endswith(b"more")
+        grown2 = listed_names[500]  # a write alone (no name changed) in between
+        with os.scandir(big) as it:
+            next(it)
+            with open(big / grown2, "ab") as f:
+                f.write(b"more" * 1000)
+            assert grown2 in [e.name for e in it]
+        assert os.lstat(big / grown2).st_size == len(grown2.encode()) + 4000
         # the kernel caches symlink targets (FUSE_CAP_CACHE_SYMLINKS): a link made
         # again, or renamed over, reads its own target
         os.symlink("first", big / "link")

@@ -319,7 +319,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         self.table.path(inode)  # ENOENT if it has no name any more
         dh = self._next_dh
         self._next_dh += 1
-        self._dirs[dh] = (inode, None, 0)
+        self._dirs[dh] = (inode, None, (0, 0))
         return dh
 
     def _changed(self, *dirs: int) -> None:
@@ -327,14 +327,20 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         for d in dirs:
             self._gen[d] = self._gen.get(d, 0) + 1
 
+    def _changes(self) -> int:
+        """A value that differs after anything that may change what the mount shows
+        (``OverlayFS.changes``); the read-only view never changes."""
+        return 0
+
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         ino, entries, gen = self._dirs[fh]
-        now = self._gen.get(ino, 0)
+        now = (self._gen.get(ino, 0), self._changes())
         if entries is None or start_id == 0 or gen != now:
-            # a listing continued after the directory changed goes on from the name it
-            # had reached in a fresh one (sorted by name), so it never reports an entry
-            # that is gone (readdirplus would make the kernel cache it)
+            # a listing continued after the directory or anything else changed goes on
+            # from the name it had reached in a fresh one (sorted by name), so it never
+            # reports an entry that is gone or attributes that are old (readdirplus
+            # would make the kernel keep them)
             last = entries[start_id - 1][0] if entries and 2 < start_id <= len(entries) else None
             entries = await self._listing(ino)
             self._dirs[fh] = (ino, entries, now)
@@ -386,6 +392,9 @@ class LowLevelOperations(_Base):
         #: the overlay's re-entrant lock (see ``_call``)
         self._lock: Any = getattr(fs, "_lock", None)
         super().__init__(fs.getattr(b"/"), on_ready)
+
+    def _changes(self) -> int:
+        return self.fs.changes
 
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args)`` here if the overlay's lock is free (it stays held by this thread
