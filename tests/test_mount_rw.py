@@ -13,6 +13,7 @@ import os
 import random
 import signal
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -310,6 +311,45 @@ def test_permissions_for_non_root_users(demo, cli, mnt: Path):
         for name in ("mine", "mydir", "mylink"):
             st = os.lstat(mnt / "tmp" / name)
             assert (st.st_uid, st.st_gid) == (1234, 1234), name
+    finally:
+        cli("umount", mnt)
+
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A ``system.posix_acl_access`` value: (tag, perm, id) entries, version 2."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_posix_acls_are_checked(demo, cli, mnt: Path):
+    """POSIX ACLs work as on kernel overlayfs: an ACL that lets a user read a 0600 file
+    lets that user read it (FUSE without FUSE_POSIX_ACL kept ACLs as plain xattrs and
+    never checked them), a chmod moves the ACL's mask, and the ACL reaches the upper."""
+    cli("create", "demo:app", "--name", "c1")
+    cli("mount", "c1", mnt, "--allow-other", timeout=MOUNT_TIMEOUT)
+    try:
+        f = mnt / "tmp" / "acl"
+        f.write_bytes(b"secret")
+        os.chmod(f, 0o600)
+        undefined = 0xFFFFFFFF
+        os.setxattr(f, "system.posix_acl_access", _acl(
+            (0x01, 6, undefined), (0x02, 4, 1234), (0x04, 0, undefined),
+            (0x10, 4, undefined), (0x20, 0, undefined)))
+        script = ("import os, sys\n"
+                  "os.chdir(sys.argv[1])  # the tmp dirs above the mount are root's alone\n"
+                  "os.setgroups([]); os.setresgid(1234, 1234, 1234); os.setresuid(1234, 1234, 1234)\n"
+                  "print(open('tmp/acl', 'rb').read().decode())\n")
+        p = subprocess.run([sys.executable, "-c", script, str(mnt)], capture_output=True,
+                           text=True, timeout=60, check=False)
+        assert p.returncode == 0 and p.stdout.strip() == "secret", p.stderr
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o640  # group bits show the mask
+        os.chmod(f, 0o600)  # the mask goes to ---: the user may not read any more
+        p = subprocess.run([sys.executable, "-c", script, str(mnt)], capture_output=True,
+                           text=True, timeout=60, check=False)
+        assert p.returncode != 0 and "Permission denied" in p.stderr
+        acl = os.getxattr(f, "system.posix_acl_access")
+        assert struct.pack("<HHI", 0x10, 0, 0xFFFFFFFF) in acl
+        up = upper_of(cli, "c1") / "tmp" / "acl"
+        assert os.getxattr(up, "system.posix_acl_access") == acl
     finally:
         cli("umount", mnt)
 

@@ -386,6 +386,9 @@ class LowLevelOperations(_Base):
     without ``O_APPEND`` in the overlay."""
 
     enable_writeback_cache = WRITEBACK
+    #: POSIX ACLs checked and cached by the kernel (FUSE_CAP_POSIX_ACL), as on kernel
+    #: overlayfs and the high-level adapter (``operations._Base.init_with_config``)
+    enable_acl = True
 
     def __init__(self, fs: OverlayFS, on_ready: Callable[[], None] | None = None):
         self.fs = fs

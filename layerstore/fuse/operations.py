@@ -62,6 +62,7 @@ def _s(name: bytes) -> str:
 #: libfuse3's ``FUSE_CAP_*`` bits of ``fuse_conn_info.want`` that ``init_with_config`` sets
 CAP_READDIRPLUS_AUTO = 1 << 14
 CAP_CACHE_SYMLINKS = 1 << 23
+CAP_POSIX_ACL = 1 << 19
 #: largest write request (libfuse3 takes it at init, libfuse2 as ``-o max_write``)
 MAX_WRITE = 1 << 20
 #: largest read request (``-o max_read``)
@@ -96,6 +97,12 @@ class _Base(fusepy.Operations):  # type: ignore[misc]
             # (a new one is a new inode), so readlink reaches the daemon once per link.
             if conn.capable & CAP_CACHE_SYMLINKS:
                 conn.want |= CAP_CACHE_SYMLINKS
+            # POSIX ACLs checked and cached by the kernel, as kernel overlayfs does:
+            # without this flag FUSE keeps ACLs as plain xattrs, never checks them (a file
+            # an ACL lets a user read stayed EACCES for that user) and asks the daemon
+            # for them on every `ls -l` of every file
+            if conn.capable & CAP_POSIX_ACL:
+                conn.want |= CAP_POSIX_ACL
         self.init("/")
 
     def opendir(self, path: str) -> int:
