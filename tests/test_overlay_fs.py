@@ -1002,7 +1002,10 @@ def test_changes_moves_with_every_change_and_only_then(ofs: OverlayFS):
         return seen[-1] != seen[-2]
 
     ofs.getattr(b"/etc/passwd"), ofs.readdir(b"/etc"), ofs.listxattr(b"/etc/passwd")
+    ofs.release(ofs.open(b"/etc/passwd", os.O_RDONLY))  # reading changes nothing
     assert not changed()
+    ofs.release(ofs.open(b"/etc/passwd", os.O_WRONLY))  # a copy-up
+    assert changed()
     fh = ofs.create(b"/n", 0o644)
     assert changed()
     ofs.write(fh, b"x", 0)

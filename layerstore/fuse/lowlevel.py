@@ -336,18 +336,29 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         ino, entries, gen = self._dirs[fh]
         now = (self._gen.get(ino, 0), self._changes())
-        if entries is None or start_id == 0 or gen != now:
-            # a listing continued after the directory or anything else changed goes on
-            # from the name it had reached in a fresh one (sorted by name), so it never
-            # reports an entry that is gone or attributes that are old (readdirplus
-            # would make the kernel keep them)
+        fresh = True
+        if entries is None or start_id == 0 or gen[0] != now[0]:
+            # a listing continued after the directory changed goes on from the name it
+            # had reached in a fresh one (sorted by name), so it never reports an entry
+            # that is gone (readdirplus would make the kernel cache it)
             last = entries[start_id - 1][0] if entries and 2 < start_id <= len(entries) else None
             entries = await self._listing(ino)
             self._dirs[fh] = (ino, entries, now)
             if last is not None:
                 start_id = 2 + bisect.bisect_right([n for n, _ in entries[2:]], last)
+        elif gen[1] != now[1]:
+            # something else changed (a file written, say): the names hold, but the
+            # attributes this piece sends are looked up again, or the kernel would keep
+            # old ones (re-listing would make a big directory quadratic under writes)
+            fresh = False
+            base = self.table.path(ino).rstrip(b"/") + b"/"
         for i in range(start_id, len(entries)):
             name, st = entries[i]
+            if not fresh and i >= 2:
+                try:
+                    st = await self._call(self._getattr_path, base + name)
+                except OSError:
+                    continue  # gone since the listing
             if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):
                 break
             if i < 2:  # "." and "..": not counted

@@ -826,13 +826,19 @@ class OverlayFS:
         self._handles[fh] = h
         return fh
 
-    @_changes
-    @_locked
     def open(self, vpath: bytes, flags: int) -> int:
         """A handle for ``read``/``write``; writing or O_TRUNC copies a lower file up
-        (O_TRUNC without its data)."""
-        f = self._lookup(vpath)
+        (O_TRUNC without its data). Only an open for writing counts as a change."""
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        try:
+            return self._open(vpath, flags, writing)
+        finally:
+            if writing:
+                self.changes = next(self._tickets)  # as ``_changes`` does
+
+    @_locked
+    def _open(self, vpath: bytes, flags: int, writing: bool) -> int:
+        f = self._lookup(vpath)
         if f.is_dir:
             if writing:
                 raise OverlayError(errno.EISDIR, vpath)
