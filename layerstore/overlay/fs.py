@@ -120,9 +120,7 @@ def _changes(fn: F) -> F:
         try:
             return fn(self, *args, **kwargs)
         finally:
-            # a new ticket, not ``+= 1``: two threads may race, but no later value can
-            # equal one read before (``next`` of a count is atomic under the GIL)
-            self.changes = next(self._tickets)
+            self._changed()
 
     return wrapper  # type: ignore[return-value]
 
@@ -234,6 +232,12 @@ class OverlayFS:
         for name in os.listdir(self.work_fd):  # copy-ups a crash left half done
             if os.fsencode(name).startswith(TMP_PREFIX):
                 remove_tree_at(self.work_fd, os.fsencode(name))
+
+    def _changed(self) -> None:
+        """After a call that may have changed the view: ``changes`` takes a new value (a
+        new ticket, not ``+= 1``: two threads may race, but no later value can equal one
+        read before, since ``next`` of a count is atomic under the GIL)."""
+        self.changes = next(self._tickets)
 
     def close(self) -> None:
         for h in self._handles.values():
@@ -834,7 +838,7 @@ class OverlayFS:
             return self._open(vpath, flags, writing)
         finally:
             if writing:
-                self.changes = next(self._tickets)  # as ``_changes`` does
+                self._changed()
 
     @_locked
     def _open(self, vpath: bytes, flags: int, writing: bool) -> int:

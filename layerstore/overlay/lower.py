@@ -69,6 +69,10 @@ GUESS_SLACK = 64 << 10
 #: files whose reading ``StoreLayers`` follows at once (the table starts again beyond)
 MAX_READING = 4096
 
+#: bytes handed to one pwritev when a file is copied out of the store
+COPY_BATCH = 8 << 20
+ROOT_ENTRY = Entry(DIR, mode=0o755)
+
 
 @dataclass
 class _Reading:
@@ -78,9 +82,6 @@ class _Reading:
     asked: int = -1  #: the store's file is asked for up to here
     first: tuple[int, int] | None = None  #: (file offset, offset in data.mdb) of a chunk
     anchor: tuple[int, int] | None = None  #: the same for the last chunk fetched
-#: bytes handed to one pwritev when a file is copied out of the store
-COPY_BATCH = 8 << 20
-ROOT_ENTRY = Entry(DIR, mode=0o755)
 
 
 def ino_of(*parts: bytes) -> int:

@@ -268,17 +268,19 @@ class Env:
         waiting (posix_fadvise WILLNEED on an fd of our own: the map is opened without
         readahead, see ``__init__``). An optimisation only: errors are ignored."""
         try:
-            with self._ra_lock:
+            with self._ra_lock:  # only to open the fd once
                 if self._ra_fd == -1:
                     self._ra_fd = os.open(self._data_path, os.O_RDONLY | os.O_CLOEXEC)
                 fd = self._ra_fd
-                if fd < 0:
-                    return  # closed
-                # in pieces: the kernel reads at most the device's readahead size (4 MiB
-            # here) for one WILLNEED and drops the rest of the request
-                for start in range(offset, offset + length, READ_AHEAD_PIECE):
-                    os.posix_fadvise(fd, start, min(READ_AHEAD_PIECE, offset + length - start),
-                                     os.POSIX_FADV_WILLNEED)
+            if fd < 0:
+                return  # closed
+            # Outside the lock, so readers of different files do not wait for each
+            # other's requests (closed meanwhile: EBADF, or advice about another file).
+            # In pieces: the kernel reads at most the device's readahead size (4 MiB
+            # here) for one WILLNEED and drops the rest of the request.
+            for start in range(offset, offset + length, READ_AHEAD_PIECE):
+                os.posix_fadvise(fd, start, min(READ_AHEAD_PIECE, offset + length - start),
+                                 os.POSIX_FADV_WILLNEED)
         except OSError:
             pass
 
