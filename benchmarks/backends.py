@@ -395,6 +395,13 @@ class LayerstorePyfuse3(LayerstoreBinding):
                    "`layerstore/fuse/lowlevel.py`)")
 
 
+class LayerstoreWire(LayerstoreBinding):
+    name = "layerstore-wire"
+    binding = "wire"
+    description = ("`layerstore mount --copy-up meta` speaking the FUSE protocol on /dev/fuse "
+                   "(`layerstore/fuse/wire.py` under `lowlevel.py`)")
+
+
 ALL = BACKENDS
 
 
@@ -412,6 +419,7 @@ def make_backends(data: Data, wanted: list[str]) -> tuple[list[Backend], dict[st
         "layerstore-fusepy": lambda: LayerstoreFusepy(data, True),
         "layerstore-mfusepy": lambda: LayerstoreMfusepy(data, True),
         "layerstore-pyfuse3": lambda: LayerstorePyfuse3(data, True),
+        "layerstore-wire": lambda: LayerstoreWire(data, True),
     }
     ok, skipped = [], {}
     for name in wanted:

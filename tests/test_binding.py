@@ -12,8 +12,7 @@ import pytest
 
 from layerstore.fuse import binding
 
-pytestmark = pytest.mark.skipif(binding.FUSE_MAJOR != 3 or binding.LOWLEVEL,
-                                reason="libfuse3 through mfusepy only")
+pytestmark = pytest.mark.skipif(binding.FUSE_MAJOR != 3, reason="libfuse3 through mfusepy only")
 
 STATS = [
     {"st_ino": 5, "st_mode": 0o100644, "st_nlink": 2, "st_uid": 1000, "st_gid": 100,

@@ -1,11 +1,14 @@
-"""The mount on each FUSE binding (``LAYERSTORE_FUSE``, ``layerstore/fuse/binding.py``):
-mfusepy on libfuse's high-level API and pyfuse3 on the low-level one
-(``layerstore/fuse/lowlevel.py``, which keeps its own inode table), through the CLI and
-``layerstore-overlay``, always unmounted. What the inode table must get right: hard links
-are one inode (a write or chmod through one name shows through the other), a renamed
-directory's children are reached under the new name, an unlinked open file stays usable,
-and the daemon is the binding asked for. The other mount tests run on whichever binding
-``LAYERSTORE_FUSE`` names (CI runs them on the default)."""
+"""The mount on each FUSE transport (``LAYERSTORE_FUSE``, ``layerstore/fuse/binding.py``):
+mfusepy on libfuse's high-level API, pyfuse3 on the low-level one, and the protocol
+spoken on /dev/fuse directly (``wire.py``; these two under ``lowlevel.py``, which keeps
+its own inode table), through the CLI and ``layerstore-overlay``, always unmounted.
+What the inode table must get right: hard links are one inode (a write or chmod through
+one name shows through the other), a renamed directory's children are reached under the
+new name, an unlinked open file stays usable, and the daemon is the binding asked for.
+What wire.py takes over from the kernel must hold on all three: setuid/setgid cleared
+for callers without CAP_FSETID, listings right after changes (the kernel keeps them).
+The other mount tests run on whichever binding ``LAYERSTORE_FUSE`` names (CI runs them
+on the default, wire.py)."""
 
 from __future__ import annotations
 
@@ -15,21 +18,26 @@ import json
 import os
 import signal
 import stat
+import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 from conftest import assert_clean
 from helpers_images import dir_, reg, tar_bytes
-from test_mount_rw import MOUNT_TIMEOUT, errno_of, pytestmark  # noqa: F401  (fuse; root)
+from test_mount_rw import MOUNT_TIMEOUT, errno_of, pytestmark, upper_of  # noqa: F401  (fuse; root)
 from test_overlay_compat import SCRIPT_PATH, wait_gone
 
 from layerstore.fuse.daemon import is_mounted
 
-BINDINGS = ["mfusepy", "pyfuse3"]
+BINDINGS = ["mfusepy", "pyfuse3", "wire"]
 #: a file the daemon of each binding has mapped (``/proc/PID/maps``)
 LIBRARY_OF = {"mfusepy": "libfuse3.so", "pyfuse3": "pyfuse3/__init__"}
+#: what the daemon of each binding says it runs on (``mount.json``)
+NAME_OF = {"mfusepy": "mfusepy on libfuse3", "pyfuse3": "pyfuse3 on libfuse3",
+           "wire": "the FUSE protocol on /dev/fuse"}
 
 
 @pytest.fixture(params=BINDINGS)
@@ -53,9 +61,12 @@ def _state(root: Path, name: str, cli) -> dict:
 def _mount(cli, binding: str, root: Path, name: str, mp: Path, *args: str) -> None:
     _cli(cli, binding)("mount", name, mp, *args, timeout=MOUNT_TIMEOUT)
     assert os.path.ismount(mp)
-    maps = Path(f"/proc/{_state(root, name, cli)['pid']}/maps").read_text()
-    assert LIBRARY_OF[binding] in maps, f"the daemon does not run on {binding}"
-    if binding == "mfusepy":
+    state = _state(root, name, cli)
+    assert state["fuse"].startswith(NAME_OF[binding]), state
+    maps = Path(f"/proc/{state['pid']}/maps").read_text()
+    if binding in LIBRARY_OF:
+        assert LIBRARY_OF[binding] in maps, f"the daemon does not run on {binding}"
+    if binding != "pyfuse3":
         assert "pyfuse3" not in maps
 
 
@@ -291,3 +302,91 @@ def _alive(pid: int) -> bool:
             return f.read().rpartition(b")")[2].split()[0] != b"Z"
     except OSError:
         return False
+
+
+def _as_user(mnt: Path, code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` (Python, in the mount's root directory) as uid/gid 1234, with no
+    capabilities: what the kernel does for a caller without CAP_FSETID."""
+    script = ("import os, sys\n"
+              "os.chdir(sys.argv[1])\n"
+              "os.setgroups([]); os.setresgid(1234, 1234, 1234); os.setresuid(1234, 1234, 1234)\n"
+              + code)
+    return subprocess.run([sys.executable, "-c", script, str(mnt)], capture_output=True,
+                          text=True, timeout=60, check=False)
+
+
+def test_setuid_and_setgid_are_cleared_as_the_kernel_does(demo, cli, root: Path, mnt: Path,
+                                                          binding: str):
+    """A write or truncate by a caller without CAP_FSETID clears setuid (and setgid with
+    group execute); root's keep them; chown clears them for anyone. On wire.py the
+    kernel leaves the truncate cases to the daemon (FUSE_HANDLE_KILLPRIV_V2)."""
+    cli("create", "demo:app", "--name", "c1")
+    _mount(cli, binding, root, "c1", mnt, "--allow-other")
+    try:
+        f = mnt / "tmp" / "suid"
+        f.write_bytes(b"#!/bin/sh\n")
+        cases = {
+            "append": "open('tmp/suid', 'ab').write(b'x')\n",
+            "truncate": "os.truncate('tmp/suid', 3)\n",
+            "ftruncate": "fd = os.open('tmp/suid', os.O_WRONLY); os.ftruncate(fd, 2)\n",
+            "open O_TRUNC": "os.close(os.open('tmp/suid', os.O_WRONLY | os.O_TRUNC))\n",
+        }
+        for what, code in cases.items():
+            os.chmod(f, 0o6777)
+            p = _as_user(mnt, code)
+            assert p.returncode == 0, (what, p.stderr)
+            assert stat.S_IMODE(os.stat(f).st_mode) == 0o777, what
+            up = upper_of(cli, "c1") / "tmp" / "suid"
+            assert stat.S_IMODE(os.stat(up).st_mode) == 0o777, what
+        for what, op in (("write", lambda: f.open("ab").write(b"y")),
+                         ("truncate", lambda: os.truncate(f, 1)),
+                         ("open O_TRUNC", lambda: os.close(os.open(f, os.O_WRONLY | os.O_TRUNC)))):
+            os.chmod(f, 0o6777)
+            op()
+            assert stat.S_IMODE(os.stat(f).st_mode) == 0o6777, f"root's {what}"
+        os.chmod(f, 0o6777)
+        os.chown(f, 1, 1)
+        assert stat.S_IMODE(os.stat(f).st_mode) == 0o777
+        # file capabilities go with any write, truncate or chown, also root's
+        cap = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service
+        for what, op in (("write", lambda: f.open("ab").write(b"z")),
+                         ("truncate", lambda: os.truncate(f, 1)),
+                         ("chown", lambda: os.chown(f, 0, 0))):
+            os.setxattr(f, "security.capability", cap)
+            op()
+            assert "security.capability" not in os.listxattr(f), what
+    finally:
+        _cli(cli, binding)("umount", "c1")
+
+
+def test_listings_follow_changes(demo, cli, root: Path, mnt: Path, binding: str):
+    """Listings stay right after every kind of change, also where the kernel keeps them
+    itself (wire.py: no OPENDIR, so listings are cached with the directory)."""
+    cli("create", "demo:app", "--name", "c1")
+    _mount(cli, binding, root, "c1", mnt)
+    try:
+        etc, tmp = mnt / "etc", mnt / "tmp"
+        before = sorted(os.listdir(etc))
+        assert sorted(os.listdir(etc)) == before  # twice: the second may come from a cache
+        (etc / "new").write_bytes(b"1")
+        assert sorted(os.listdir(etc)) == sorted([*before, "new"])
+        with open(etc / "new", "ab") as fh:
+            fh.write(b"2345")
+        assert {e.name: e.stat(follow_symlinks=False).st_size
+                for e in os.scandir(etc)}["new"] == 5
+        os.rename(etc / "new", tmp / "moved")
+        assert sorted(os.listdir(etc)) == before
+        assert "moved" in os.listdir(tmp)
+        os.unlink(etc / "passwd")  # a lower file: a whiteout
+        assert "passwd" not in os.listdir(etc)
+        os.mkdir(etc / "sub")
+        assert "sub" in os.listdir(etc) and os.listdir(etc / "sub") == []
+        (etc / "sub" / "a").write_bytes(b"")
+        assert os.listdir(etc / "sub") == ["a"]
+        os.unlink(etc / "sub" / "a")
+        os.rmdir(etc / "sub")
+        assert sorted(os.listdir(etc)) == sorted(set(before) - {"passwd"})
+        os.rename(tmp, mnt / "tmp2")
+        assert "moved" in os.listdir(mnt / "tmp2") and "tmp" not in os.listdir(mnt)
+    finally:
+        _cli(cli, binding)("umount", "c1")

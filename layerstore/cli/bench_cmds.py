@@ -19,8 +19,10 @@ BACKENDS = ["dir", "kernel", "fuse-overlayfs", "layerstore", "layerstore-meta",
             "layerstore-lazy", "layerstore-overlay"]
 #: run only when named: ``layerstore-meta`` on one chosen FUSE binding each
 #: (``LAYERSTORE_FUSE``; see layerstore/fuse/binding.py): fusepy/libfuse2, mfusepy/libfuse3
-#: (libfuse's high-level API) and pyfuse3/libfuse3 (the low-level API)
-EXTRA_BACKENDS = ["layerstore-fusepy", "layerstore-mfusepy", "layerstore-pyfuse3"]
+#: (libfuse's high-level API), pyfuse3/libfuse3 (the low-level API) and the protocol
+#: spoken on /dev/fuse directly (wire.py)
+EXTRA_BACKENDS = ["layerstore-fusepy", "layerstore-mfusepy", "layerstore-pyfuse3",
+                  "layerstore-wire"]
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 

@@ -1,17 +1,47 @@
-"""The FUSE adapter: operations on libfuse's high-level API (``operations.py``), the same
-on the low-level API through pyfuse3 (``lowlevel.py``, ``LAYERSTORE_FUSE=pyfuse3``), the
-mount daemon (``daemon.py``), the fuse-overlayfs-compatible entry point (``compat.py``),
-and the choice of Python binding (``binding.py``: mfusepy on libfuse3, else fusepy on
-libfuse2; pyfuse3 when asked for). Inside, the high-level binding is imported from
-``binding`` as ``fusepy``; never create a top-level module named ``fuse`` (it would
-shadow fusepy's)."""
+"""The FUSE adapter: operations on the inode-based API (``lowlevel.py``), served by the
+FUSE protocol spoken on /dev/fuse (``wire.py``, the default) or by pyfuse3; the same on
+libfuse's high-level API (``operations.py``, through mfusepy or fusepy); the mount
+daemon (``daemon.py``), the fuse-overlayfs-compatible entry point (``compat.py``), and
+the choice of transport (``binding.py``, ``LAYERSTORE_FUSE``). Inside, the high-level
+binding is imported from ``binding`` as ``fusepy``; never create a top-level module
+named ``fuse`` (it would shadow fusepy's)."""
 
 from __future__ import annotations
 
 import errno
 import logging
+import stat
 
 log = logging.getLogger("layerstore.fuse")
+
+#: capability bit of CAP_FSETID (linux/capability.h)
+CAP_FSETID = 4
+
+
+def killed_mode(mode: int) -> int:
+    """``mode`` without what a write or truncate by a caller without CAP_FSETID clears
+    (setuid, and setgid when the group may execute; as libfuse documents for
+    FUSE_HANDLE_KILLPRIV_V2). Other than regular files are left alone."""
+    if not stat.S_ISREG(mode):
+        return mode
+    mode &= ~stat.S_ISUID
+    if mode & stat.S_IXGRP:
+        mode &= ~stat.S_ISGID
+    return mode
+
+
+def may_keep_setid(pid: int, uid: int) -> bool:
+    """Whether the caller (thread ``pid``) has CAP_FSETID, which keeps setuid/setgid on
+    a write or truncate: its effective capabilities in /proc; by its uid (root) if they
+    cannot be read."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"CapEff:"):
+                    return bool(int(line.split()[1], 16) >> CAP_FSETID & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return uid == 0
 
 
 def errno_of(call: str, exc: Exception) -> int:

@@ -1,30 +1,35 @@
-"""Which Python FUSE binding the adapter runs on, chosen once at import
-(``LAYERSTORE_FUSE``).
+"""Which FUSE transport the adapter runs on, chosen once at import (``LAYERSTORE_FUSE``).
 
-- ``mfusepy`` on libfuse3 (the default): the maintained fork of fusepy with the same API,
-  on libfuse's high-level (path-based) API. On libfuse3 the kernel gets every entry's
-  attributes with the listing (readdirplus) and can be told to drop a file's cached
-  attributes (``fuse_invalidate_path``), which is what lets the writable mount cache
-  attributes at all although libfuse gives each name of a hard link its own kernel
-  inode (see ``daemon.serve_fuse``). libfuse 3.14's high-level API drops
+- ``wire`` (the default): the FUSE protocol spoken on ``/dev/fuse`` directly
+  (``wire.py``), under the inode-based adapter ``lowlevel.py``. One kernel inode per
+  file (hard links share it), per-entry timeouts, negative entries cached, and what
+  libfuse 3.14 (Debian bookworm's) cannot ask the kernel for: listings kept by the
+  kernel (no OPENDIR), and no GETXATTR ``security.capability`` before every write
+  (``FUSE_HANDLE_KILLPRIV_V2``). Needs ``fusermount3`` and trio. In one run of the
+  suite against mfusepy (``benchmarks/README.md``, "Session 6: the FUSE protocol
+  spoken directly"): random 4 KiB writes 2.5-3.4x as fast, warm walks 2-3.4x as fast,
+  first walks 0.85-1.0x the time, metadata changes and creates the same.
+- ``mfusepy`` on libfuse3 (``LAYERSTORE_FUSE=mfusepy``; the default until session 6,
+  and the choice when ``fusermount3`` or trio is missing): the maintained fork of fusepy
+  with the same API, on libfuse's high-level (path-based) API. On libfuse3 the kernel
+  gets every entry's attributes with the listing (readdirplus) and can be told to drop
+  a file's cached attributes (``fuse_invalidate_path``), which is what lets the writable
+  mount cache attributes at all although libfuse gives each name of a hard link its own
+  kernel inode (see ``daemon.serve_fuse``). libfuse 3.14's high-level API drops
   ``cache_readdir``, so every listing reaches the daemon.
-- ``pyfuse3`` on libfuse3's low-level (inode-based) API (``LAYERSTORE_FUSE=pyfuse3``,
-  ``lowlevel.py``): one kernel inode per file (hard links share it), an inode table of
-  our own, per-entry timeouts, negative entries cached. Optional (the ``pyfuse3``
-  extra; it compiles against libfuse3-dev): it is not the default because it did not
-  win clearly. A request costs the same ~60-100 us as on mfusepy (pyfuse3 runs on
-  trio); in three runs of the suite ``du -s`` on a fresh mount took 0.4-0.55x the
-  time, the other walks 0.75-1.5x, cold sequential reads of a lower file were 1.1-1.4x
-  as fast, and small-file creates and deletes 0.7-0.85x as fast (``benchmarks/README.md``,
-  "The low-level FUSE API").
+- ``pyfuse3`` on libfuse3's low-level API (``LAYERSTORE_FUSE=pyfuse3``, the same
+  ``lowlevel.py``): optional (the ``pyfuse3`` extra; it compiles against libfuse3-dev).
+  A request costs ~85 us against ~50 on the others (pyfuse3 runs every request on
+  trio), and libfuse 3.14 limits it as it limits mfusepy.
 - ``fusepy`` on libfuse2: the fallback when libfuse3 is missing, or
   ``LAYERSTORE_FUSE=fusepy``.
 
-``LAYERSTORE_FUSE=mfusepy`` insists on libfuse3 and ``LAYERSTORE_FUSE=pyfuse3`` on
-pyfuse3 (an ImportError otherwise, saying how to install it).
+``LAYERSTORE_FUSE=wire``, ``mfusepy`` or ``pyfuse3`` insists on that transport (an
+ImportError otherwise, saying what is missing).
 
 Everything else in ``layerstore/fuse/`` imports the high-level binding from here, as
-``fusepy``; ``LOWLEVEL`` says whether the daemon serves through ``lowlevel.py`` instead.
+``fusepy``; ``TRANSPORT`` names the transport and ``LOWLEVEL`` says whether the daemon
+serves through ``lowlevel.py`` (wire or pyfuse3).
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import os
+import shutil
 import struct
 import threading
 from types import ModuleType
@@ -40,23 +46,35 @@ from typing import Any
 CHOICE_ENV = "LAYERSTORE_FUSE"
 
 
-def _lowlevel() -> bool:
-    """Whether the mount runs on pyfuse3 (libfuse3's low-level API, ``lowlevel.py``)."""
+def _transport() -> str:
+    """``wire``, ``pyfuse3`` or ``highlevel`` (mfusepy or fusepy: ``_load``)."""
     choice = os.environ.get(CHOICE_ENV, "auto")
-    if choice != "pyfuse3":
-        return False
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError as exc:
-        raise ImportError(f"{CHOICE_ENV}=pyfuse3 but pyfuse3 cannot be imported ({exc}); "
-                          "install it with: pip install 'layerstore[pyfuse3]' "
-                          "(needs libfuse3-dev, pkg-config and a C compiler)") from exc
-    return True
+    if choice in ("auto", "wire"):
+        missing = []
+        try:
+            import trio  # noqa: F401
+        except ImportError:
+            missing.append("trio (pip install trio)")
+        if shutil.which("fusermount3") is None:
+            missing.append("fusermount3 (apt-get install fuse3)")
+        if not missing:
+            return "wire"
+        if choice == "wire":
+            raise ImportError(f"{CHOICE_ENV}=wire needs {' and '.join(missing)}")
+    if choice == "pyfuse3":
+        try:
+            import pyfuse3  # noqa: F401
+        except ImportError as exc:
+            raise ImportError(f"{CHOICE_ENV}=pyfuse3 but pyfuse3 cannot be imported ({exc}); "
+                              "install it with: pip install 'layerstore[pyfuse3]' "
+                              "(needs libfuse3-dev, pkg-config and a C compiler)") from exc
+        return "pyfuse3"
+    return "highlevel"
 
 
 def _load() -> tuple[ModuleType, int]:
     choice = os.environ.get(CHOICE_ENV, "auto")
-    if choice in ("auto", "mfusepy", "pyfuse3"):
+    if choice in ("auto", "mfusepy", "pyfuse3", "wire"):
         # mfusepy looks for libfuse2 first unless told which library to load
         old = os.environ.get("FUSE_LIBRARY_NAME")
         os.environ["FUSE_LIBRARY_NAME"] = "fuse3"
@@ -80,9 +98,11 @@ def _load() -> tuple[ModuleType, int]:
     return fusepy_module, 2
 
 
-LOWLEVEL = _lowlevel()
+TRANSPORT = _transport()
+LOWLEVEL = TRANSPORT != "highlevel"
 fusepy, FUSE_MAJOR = _load()
-NAME = ("pyfuse3 on libfuse3 (low-level API)" if LOWLEVEL
+NAME = ("the FUSE protocol on /dev/fuse (wire.py)" if TRANSPORT == "wire"
+        else "pyfuse3 on libfuse3 (low-level API)" if TRANSPORT == "pyfuse3"
         else f"{fusepy.__name__} on libfuse{FUSE_MAJOR}")
 
 if FUSE_MAJOR == 3:
@@ -306,5 +326,5 @@ class FUSE(fusepy.FUSE):  # type: ignore[misc,name-defined]
                 flags)
 
 
-__all__ = ["FUSE", "FUSE_MAJOR", "LOWLEVEL", "NAME", "fill_stat", "fusepy", "invalidate_path",
+__all__ = ["FUSE", "FUSE_MAJOR", "LOWLEVEL", "NAME", "TRANSPORT", "fill_stat", "fusepy", "invalidate_path",
            "remember_attrs"]

@@ -218,8 +218,10 @@ def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_o
 
     def on_ready() -> None:
         tmp = cdir / (STATE_FILE + ".tmp")
+        from .binding import NAME
         tmp.write_text(json.dumps({"pid": os.getpid(), "mountpoint": str(mp),
-                                   "read_only": read_only, "copy_up": copy_up}))
+                                   "read_only": read_only, "copy_up": copy_up,
+                                   "fuse": NAME}))
         os.rename(tmp, state)
         ready()
 
@@ -357,9 +359,10 @@ def _warm_up(view: MergedLowers, fs: Any) -> None:
 
 def _serve_lowlevel(view: MergedLowers, fs: Any, mp: Path, *, on_ready: Callable[[], None],
                     options: dict[str, Any], debug: bool) -> None:
-    """``serve_fuse`` on pyfuse3 (``lowlevel.py``). Entries, attributes and negative
-    lookups are cached for a day and open files keep their page cache: the kernel has
-    one inode per file (hard links share it) and every change goes through the mount."""
+    """``serve_fuse`` on ``lowlevel.py`` (over wire.py, the default, or pyfuse3).
+    Entries, attributes and negative lookups are cached for a day and open files keep
+    their page cache: the kernel has one inode per file (hard links share it) and every
+    change goes through the mount."""
     from .lowlevel import LowLevelOperations, ReadOnlyLowLevelOperations, serve
 
     # no max_read: libfuse3 wants it set again at init, which pyfuse3 does not do (reads
