@@ -12,6 +12,7 @@ on the default, wire.py)."""
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import importlib.util
 import json
@@ -235,6 +236,17 @@ def test_big_directories_list_whole(cli, root: Path, mnt: Path, tmp_path: Path,
                 f.write(b"more" * 1000)
             assert grown2 in [e.name for e in it]
         assert os.lstat(big / grown2).st_size == len(grown2.encode()) + 4000
+        # two readers of one directory, and a name the first has read removed: a
+        # listing started meanwhile does not move the first reader's place in its own
+        # (on wire.py listings are per reader, not per directory)
+        listed_names = os.listdir(big)
+        with os.scandir(big) as it1:
+            first = [next(it1).name]  # reads the first getdents batch
+            os.unlink(big / first[0])
+            assert first[0] not in os.listdir(big)  # the second reader, from the start
+            rest = [e.name for e in it1]
+        assert len(first + rest) == len(set(first + rest))
+        assert set(first + rest) == set(listed_names)
         # the kernel caches symlink targets (FUSE_CAP_CACHE_SYMLINKS): a link made
         # again, or renamed over, reads its own target
         os.symlink("first", big / "link")
@@ -304,6 +316,17 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _cached_mode(path: Path) -> int:
+    """``st_mode`` from statx(2) asking for the mode alone: FUSE answers it from the
+    kernel's cached attributes unless the mode itself was invalidated."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(256)
+    at_fdcwd, statx_mode = -100, 0x2
+    if libc.statx(at_fdcwd, os.fsencode(path), 0, statx_mode, buf) != 0:
+        raise OSError(ctypes.get_errno(), "statx", str(path))
+    return struct.unpack_from("<H", buf.raw, 28)[0]  # stx_mode
+
+
 def _as_user(mnt: Path, code: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` (Python, in the mount's root directory) as uid/gid 1234, with no
     capabilities: what the kernel does for a caller without CAP_FSETID."""
@@ -335,6 +358,9 @@ def test_setuid_and_setgid_are_cleared_as_the_kernel_does(demo, cli, root: Path,
             os.chmod(f, 0o6777)
             p = _as_user(mnt, code)
             assert p.returncode == 0, (what, p.stderr)
+            # the mode the kernel itself has (what exec and permission checks use):
+            # statx for the mode alone is answered from its cache
+            assert stat.S_IMODE(_cached_mode(f)) == 0o777, what
             assert stat.S_IMODE(os.stat(f).st_mode) == 0o777, what
             up = upper_of(cli, "c1") / "tmp" / "suid"
             assert stat.S_IMODE(os.stat(up).st_mode) == 0o777, what

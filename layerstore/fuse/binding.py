@@ -5,10 +5,10 @@
   file (hard links share it), per-entry timeouts, negative entries cached, and what
   libfuse 3.14 (Debian bookworm's) cannot ask the kernel for: listings kept by the
   kernel (no OPENDIR), and no GETXATTR ``security.capability`` before every write
-  (``FUSE_HANDLE_KILLPRIV_V2``). Needs ``fusermount3`` and trio. In one run of the
-  suite against mfusepy (``benchmarks/README.md``, "Session 6: the FUSE protocol
-  spoken directly"): random 4 KiB writes 2.5-3.4x as fast, warm walks 2-3.4x as fast,
-  first walks 0.85-1.0x the time, metadata changes and creates the same.
+  (``FUSE_HANDLE_KILLPRIV_V2``). Needs ``fusermount3`` and trio. In the suite against
+  mfusepy (``benchmarks/README.md``, "Session 6: the FUSE protocol spoken directly"):
+  random 4 KiB writes 2.6-4.1x as fast, warm walks in 0.3-0.8x the time, first walks
+  0.95-1.1x, metadata changes about the same, creates 1.2x and deletes 0.84x as fast.
 - ``mfusepy`` on libfuse3 (``LAYERSTORE_FUSE=mfusepy``; the default until session 6,
   and the choice when ``fusermount3`` or trio is missing): the maintained fork of fusepy
   with the same API, on libfuse's high-level (path-based) API. On libfuse3 the kernel

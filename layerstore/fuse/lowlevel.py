@@ -232,6 +232,9 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         self._gen: dict[int, int] = {}
         self._next_dh = 1
         self._fh_ino: dict[int, int] = {}  #: open file handle -> node id
+        #: renames through the mount so far: a lookup that found nothing while one ran
+        #: (its path was made before) looks again rather than cache "no such entry"
+        self._renames = 0
 
     def init(self) -> None:
         if self.on_ready is not None:
@@ -304,7 +307,8 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
                 st = None
             if st is not None and self.table.nodeid(st["st_ino"]) == ino:
                 return st
-            self.table.unlink(*lk)  # the name is not this object any more
+            if self.table.child.get(lk) == ino:  # (a rename meanwhile may have moved
+                self.table.unlink(*lk)           # another node onto the name)
         for fh in list(node.fhs):
             return await self._call(self._fgetattr, fh)  # type: ignore[no-any-return]
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -312,14 +316,19 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     # --- lookups and attributes -------------------------------------------------------------
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        path = self._child_path(parent_inode, name)
-        try:
-            st = await self._call(self._getattr_path, path)
-        except OSError as exc:
-            if exc.errno == errno.ENOENT:
+        for _ in range(3):
+            renames = self._renames
+            path = self._child_path(parent_inode, name)
+            try:
+                st = await self._call(self._getattr_path, path)
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                if renames != self._renames:
+                    continue  # a directory above was renamed meanwhile: look again
                 return self._negative()
-            raise
-        return self._found(parent_inode, name, st)
+            return self._found(parent_inode, name, st)
+        raise pyfuse3.FUSEError(errno.EAGAIN)  # renames all along: no negative entry
 
     async def forget(self, inode_list: Any) -> None:
         for ino, n in inode_list:
@@ -359,7 +368,8 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             # that is gone (readdirplus would make the kernel cache it)
             last = entries[start_id - 1][0] if entries and 2 < start_id <= len(entries) else None
             entries = await self._listing(ino)
-            self._dirs[fh] = (ino, entries, now)
+            if fh in self._dirs:  # (released meanwhile: keep nothing)
+                self._dirs[fh] = (ino, entries, now)
             if last is not None:
                 start_id = 2 + bisect.bisect_right([n for n, _ in entries[2:]], last)
         elif gen[1] != now[1]:
@@ -368,13 +378,23 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             # old ones (re-listing would make a big directory quadratic under writes)
             fresh = False
             base = self.table.path(ino).rstrip(b"/") + b"/"
+        renames = self._renames
         for i in range(start_id, len(entries)):
             name, st = entries[i]
             if not fresh and i >= 2:
                 try:
                     st = await self._call(self._getattr_path, base + name)
                 except OSError:
-                    continue  # gone since the listing
+                    if renames == self._renames:
+                        continue  # gone since the listing
+                    # a directory above was renamed meanwhile (the path was made
+                    # before): look again under the directory's path now
+                    renames = self._renames
+                    base = self.table.path(ino).rstrip(b"/") + b"/"
+                    try:
+                        st = await self._call(self._getattr_path, base + name)
+                    except OSError:
+                        continue
             if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):
                 break
             if i < 2:  # "." and "..": not counted
@@ -609,9 +629,11 @@ class LowLevelOperations(_Base):
             self.fs.rename(old, new)
             return self.fs.exists(old)  # two names of one file: rename(2) did nothing
 
+        self._renames += 1  # before the call: lookups running meanwhile look again
         if await _thread(run):
             return
         self._changed(parent_inode_old, parent_inode_new)
+        self._renames += 1  # and after the table changes
         t = self.table
         t.unlink(parent_inode_new, name_new)  # what the new name named before
         moved = t.child.pop((parent_inode_old, name_old), None)

@@ -15,7 +15,8 @@ ask for what kernel 5.11+ and 6.x offer and libfuse 3.14 cannot pass on:
   the daemon clears setuid/setgid when the kernel says the caller lacks CAP_FSETID:
   a WRITE with ``FUSE_WRITE_KILL_SUIDGID``, a SETATTR with ``FATTR_KILL_SUIDGID``
   (truncate, chown) and an ``O_TRUNC`` open with ``FUSE_OPEN_KILL_SUIDGID``; done
-  here (``h_write``, ``h_setattr``, ``_kill_suidgid``). File capabilities
+  here (``h_write``, ``h_setattr``, ``h_open``, ``kill_setid``: through the open
+  file, then the kernel is told to drop the mode it caches). File capabilities
   (``security.capability``) the kernel still removes itself.
 - No OPENDIR/RELEASEDIR (ENOSYS to OPENDIR, ``FUSE_NO_OPENDIR_SUPPORT``): the kernel
   then opens directories itself with ``FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE``, so it
@@ -44,6 +45,8 @@ took 60 us there (17% of the daemon's samples in the trio lock), ~50 here.
 from __future__ import annotations
 
 import errno
+import inspect
+import itertools
 import logging
 import os
 import socket
@@ -67,9 +70,11 @@ MAJOR, MINOR = 7, 33
 #: largest WRITE/READ (max_pages of 4 KiB)
 MAX_WRITE = 1 << 20
 #: tasks reading requests
-WORKERS = 8
-#: directories whose listing is kept between READDIRPLUS requests (``_Lister``)
-KEEP_LISTINGS = 64
+WORKERS = 16
+#: listings kept between READDIRPLUS requests (``_Lister``): at most this many, with at
+#: most this many entries in all (each entry holds its name and attributes, ~0.5 KiB)
+KEEP_LISTINGS = 256
+KEEP_ENTRIES = 100_000
 
 # --- opcodes ------------------------------------------------------------------------------
 LOOKUP, FORGET, GETATTR, SETATTR, READLINK, SYMLINK = 1, 2, 3, 4, 5, 6
@@ -100,18 +105,21 @@ FUSE_OPEN_KILL_SUIDGID = 1
 FUSE_WRITE_KILL_SUIDGID = 4
 FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_NONSEEKABLE = 1, 2, 4
 FUSE_GETATTR_FH = 1
+#: notification code of FUSE_NOTIFY_INVAL_INODE (written with unique 0)
+NOTIFY_INVAL_INODE = 2
+NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
 FUSE_FSYNC_FDATASYNC = 1
 
 IN_HEADER = struct.Struct("<IIQQIIIHH")   # len opcode unique nodeid uid gid pid extlen pad
 OUT_HEADER = struct.Struct("<IiQ")        # len error unique
-ATTR = struct.Struct("<QQQQQQIIIIIIIIII")  # fuse_attr (88)
+ATTR = struct.Struct("<QQQqqqIIIIIIIIII")  # fuse_attr (88); times are signed
 ENTRY_OUT = struct.Struct("<QQQQII" + ATTR.format[1:])  # fuse_entry_out (128)
 ATTR_OUT = struct.Struct("<QII" + ATTR.format[1:])      # fuse_attr_out (104)
 OPEN_OUT = struct.Struct("<QIi")          # fh open_flags backing_id
 DIRENT = struct.Struct("<QQII")           # ino off namelen type
 INIT_IN = struct.Struct("<IIII")          # major minor max_readahead flags (+ flags2)
 INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")  # fuse_init_out (64)
-SETATTR_IN = struct.Struct("<IIQQQQQQIIIIIIII")
+SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")
 GETATTR_IN = struct.Struct("<IIQ")
 OPEN_IN = struct.Struct("<II")
 CREATE_IN = struct.Struct("<IIII")        # flags mode umask open_flags
@@ -175,12 +183,20 @@ class EntryAttributes:
         a, m, c = self.st_atime_ns, self.st_mtime_ns, self.st_ctime_ns
         return (self.st_ino, self.st_size, self.st_blocks, a // 10**9, m // 10**9, c // 10**9,
                 a % 10**9, m % 10**9, c % 10**9, self.st_mode, self.st_nlink, self.st_uid,
-                self.st_gid, self.st_rdev, self.st_blksize, 0)
+                self.st_gid, _encode_dev(self.st_rdev), self.st_blksize, 0)
 
     def entry_out(self) -> bytes:
         e, a = _split_timeout(self.entry_timeout), _split_timeout(self.attr_timeout)
         return ENTRY_OUT.pack(self.st_ino, self.generation, e[0], a[0], e[1], a[1],
                               *self.pack_attr())
+
+
+def _encode_dev(rdev: int) -> int:
+    """A device number as the kernel's ``new_encode_dev`` (32 bits), what FUSE carries."""
+    if not rdev:
+        return 0
+    major, minor = os.major(rdev), os.minor(rdev)
+    return ((minor & 0xFF) | (major & 0xFFF) << 8 | (minor & ~0xFF) << 12) & 0xFFFFFFFF
 
 
 def _split_timeout(t: float) -> tuple[int, int]:
@@ -239,6 +255,10 @@ class RequestContext:
         self.uid, self.gid, self.pid, self.umask = uid, gid, pid, umask
 
 
+async def _enosys(self: Any, *args: Any, **kwargs: Any) -> Any:
+    raise FUSEError(errno.ENOSYS)
+
+
 class Operations:
     """Defaults: every operation answers ENOSYS (the adapter overrides what it serves)."""
 
@@ -249,15 +269,22 @@ class Operations:
     def init(self) -> None:
         pass
 
+    lookup = getattr = setattr = readlink = mknod = mkdir = unlink = rmdir = _enosys
+    symlink = rename = link = open = read = write = statfs = release = fsync = _enosys
+    setxattr = getxattr = listxattr = removexattr = opendir = readdir = _enosys
+    releasedir = access = create = forget = _enosys
+
 
 class _Token:
-    """The reply buffer of one READDIRPLUS (``readdir_reply`` fills it)."""
+    """The reply buffer of one READDIRPLUS (``readdir_reply`` fills it); ``lid``, the
+    listing's number (``_Lister``)."""
 
-    __slots__ = ("left", "parts")
+    __slots__ = ("left", "lid", "parts")
 
-    def __init__(self, size: int):
+    def __init__(self, size: int, lid: int = 0):
         self.parts: list[bytes] = []
         self.left = size
+        self.lid = lid
 
 
 def readdir_reply(token: _Token, name: bytes, attr: EntryAttributes, next_id: int) -> bool:
@@ -268,7 +295,7 @@ def readdir_reply(token: _Token, name: bytes, attr: EntryAttributes, next_id: in
         return False
     token.left -= size
     token.parts.append(attr.entry_out() + DIRENT.pack(
-        attr.st_ino, next_id, namelen, (attr.st_mode & 0o170000) >> 12)
+        attr.st_ino, token.lid << 32 | next_id, namelen, (attr.st_mode & 0o170000) >> 12)
         + name + b"\0" * (-namelen % 8))
     return True
 
@@ -299,9 +326,14 @@ class _Session:
         self.threads: list[threading.Thread] = []
         self.idle = 0  #: threads waiting for a request
         self.idle_lock = threading.Lock()
+        #: the connection's number under /sys/fs/fuse/connections (to abort it), if known
+        self.conn = _connection_of(mountpoint)
 
     # replies
     def _send(self, unique: int, error: int, payload: bytes = b"") -> None:
+        if not 0 <= error < 512:  # the kernel refuses the reply: the caller would hang
+            log.error("reply to request %d: errno %d out of range, sent as EIO", unique, error)
+            error, payload = errno.EIO, b""
         try:
             os.writev(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + len(payload), -error,
                                                 unique), payload])
@@ -360,8 +392,11 @@ class _Session:
             if opcode not in (FORGET, BATCH_FORGET, INTERRUPT):
                 self._send(unique, errno.ENOSYS)
             elif opcode != INTERRUPT:
-                with self.lock:
-                    self._forget(opcode, nodeid, body)
+                try:
+                    with self.lock:
+                        self._forget(opcode, nodeid, body)
+                except Exception:  # no reply to send; the thread goes on
+                    log.exception("forget failed")
             return
         ctx = RequestContext(uid, gid, pid)
         try:
@@ -374,13 +409,41 @@ class _Session:
             self._send(unique, exc.errno)
             return
         except OSError as exc:
-            self._send(unique, exc.errno or errno.EIO)
+            self._send(unique, exc.errno if exc.errno and exc.errno > 0 else errno.EIO)
             return
         except Exception:
             log.exception("request %d (opcode %d) failed", unique, opcode)
             self._send(unique, errno.EIO)
             return
-        self._send(unique, 0, payload if payload is not None else b"")
+        if not isinstance(payload, bytes):
+            payload = bytes(payload or b"")
+        self._send(unique, 0, payload)
+
+    def inval_attrs(self, nodeid: int) -> None:
+        """Tell the kernel to drop the attributes it caches for ``nodeid``
+        (FUSE_NOTIFY_INVAL_INODE with a negative offset: attributes only, no page and
+        no lock). Needed where the daemon changes the mode on its own and the reply
+        carries no attributes: a WRITE or OPEN after which setuid was cleared."""
+        body = NOTIFY_INVAL_INODE_OUT.pack(nodeid, -1, 0)
+        try:
+            os.writev(self.fd, [OUT_HEADER.pack(OUT_HEADER.size + len(body),
+                                                NOTIFY_INVAL_INODE, 0), body])
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENODEV):
+                log.error("invalidating node %d: %s", nodeid, exc)
+
+    def kill_setid(self, nodeid: int, fh: int, mode: int) -> None:
+        """Clear setuid/setgid of the open file ``fh`` (mode ``mode`` now) for a caller
+        without CAP_FSETID, through the handle (the file may have no name any more), and
+        make the kernel forget the mode it has. Touches no table: needs no lock."""
+        killed = killed_mode(mode)
+        if killed == mode:
+            return
+        fs = getattr(self.ops, "fs", None)
+        if fs is None:
+            raise FUSEError(errno.EROFS)
+        fs.fchmod(fh, killed)
+        self.inval_attrs(nodeid)
 
     def _forget(self, opcode: int, nodeid: int, body: memoryview) -> None:
         """FORGET/BATCH_FORGET (no reply): straight to the adapter's table, which is
@@ -444,12 +507,15 @@ class _Session:
         attr.st_mtime_ns = now if valid & FATTR_MTIME_NOW else mtime * 10**9 + mtimens
         fields = SetattrFields(valid)
         if valid & FATTR_KILL_SUIDGID and not fields.update_mode:
-            # a write, truncate or chown by a caller without CAP_FSETID (for a write
-            # the kernel sends this alone, before the WRITE)
-            cur = (await self.ops.getattr(nodeid, ctx)).st_mode
-            cleared = killed_mode(cur)
-            if cleared != cur:
-                fields.update_mode, attr.st_mode = True, cleared
+            # a truncate or chown by a caller without CAP_FSETID: through the open file
+            # if there is one (it may have no name), else with the other changes
+            if valid & FATTR_FH:
+                self.kill_setid(nodeid, fh, self.ops._fgetattr(fh)["st_mode"])
+            else:
+                cur = (await self.ops.getattr(nodeid, ctx)).st_mode
+                cleared = killed_mode(cur)
+                if cleared != cur:
+                    fields.update_mode, attr.st_mode = True, cleared
         e = await self.ops.setattr(nodeid, attr, fields, fh if valid & FATTR_FH else None, ctx)
         return _attr_out(e)
 
@@ -499,9 +565,14 @@ class _Session:
 
     async def h_open(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         flags, open_flags = OPEN_IN.unpack_from(body)
-        if open_flags & FUSE_OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
-            await self._kill_suidgid(nodeid, ctx)
         fi = await self.ops.open(nodeid, flags, ctx)
+        if open_flags & FUSE_OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
+            # truncated by a caller without CAP_FSETID (the kernel leaves it to us)
+            try:
+                self.kill_setid(nodeid, fi.fh, self.ops._fgetattr(fi.fh)["st_mode"])
+            except BaseException:
+                await self.ops.release(fi.fh)
+                raise
         return fi.open_out()  # type: ignore[no-any-return]
 
     async def h_create(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
@@ -518,14 +589,9 @@ class _Session:
     async def h_write(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         fh, offset, size, write_flags, *_ = WRITE_IN.unpack_from(body)
         if write_flags & FUSE_WRITE_KILL_SUIDGID:
-            # a caller without CAP_FSETID: the kernel leaves setuid/setgid to us. One
-            # fstat per such write; the change itself only when there is one to make
-            # (it takes the lock: WRITE runs without it)
-            fgetattr = getattr(self.ops, "_fgetattr", None)
-            mode = fgetattr(fh)["st_mode"] if fgetattr is not None else 0
-            if killed_mode(mode) != mode:
-                with self.lock:
-                    _run(self._kill_suidgid(nodeid, ctx))
+            # a caller without CAP_FSETID: the kernel leaves setuid/setgid to us (one
+            # fstat per such write; a change only when there is one to make)
+            self.kill_setid(nodeid, fh, self.ops._fgetattr(fh)["st_mode"])
         data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
         n = await self.ops.write(fh, offset, data)
         return WRITE_OUT.pack(n, 0)
@@ -581,20 +647,6 @@ class _Session:
         _fh, offset, size, *_ = READ_IN.unpack_from(body)
         return b"".join(await self.lister.read(nodeid, offset, size, ctx))
 
-    async def h_readdir(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
-        # plain READDIR (the kernel asks for READDIRPLUS): the same entries, names only
-        _fh, offset, size, *_ = READ_IN.unpack_from(body)
-        parts = await self.lister.read(nodeid, offset, size * 2, ctx)
-        out: list[bytes] = []
-        left = size
-        for p in parts:
-            d = p[ENTRY_OUT.size:]
-            if len(d) > left:
-                break
-            out.append(d)
-            left -= len(d)
-        return b"".join(out)
-
     async def h_fsyncdir(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         return b""
 
@@ -603,45 +655,56 @@ class _Session:
         await self.ops.access(nodeid, mask, ctx)
         return b""
 
-    async def _kill_suidgid(self, nodeid: int, ctx: Any) -> None:
-        """Clear setuid, and setgid with group execute, as the kernel asked."""
-        cur = (await self.ops.getattr(nodeid, ctx)).st_mode
-        cleared = killed_mode(cur)
-        if cleared != cur:
-            attr = EntryAttributes()
-            attr.st_mode = cleared
-            await self.ops.setattr(nodeid, attr, SetattrFields(FATTR_MODE), None, ctx)
-
 
 class _Lister:
-    """Listings per directory node, for READDIRPLUS without OPENDIR: a listing starts at
-    offset 0, goes on at the offsets it handed out, and is dropped once its end has been
-    sent (or, beyond ``KEEP_LISTINGS``, the oldest)."""
+    """Listings for READDIRPLUS without OPENDIR. A reader that starts at offset 0 gets
+    a listing of its own, whose number is in the high 32 bits of every offset handed
+    out (the kernel passes them back as they are), so two readers of one directory
+    never continue in each other's listing. A listing is kept after its end was sent:
+    the kernel keeps the offsets in its own copy of the listing, and when a change
+    drops that copy, a reader in the middle of it comes back here with one of them
+    (``lowlevel._Base.readdir`` then goes on after the name it had reached, in a fresh
+    listing). Listings are dropped when their directory is forgotten and, oldest
+    first, beyond ``KEEP_LISTINGS`` listings or ``KEEP_ENTRIES`` entries in all (a
+    reader that comes back for a dropped one gets a fresh one, read from the same
+    position)."""
 
     def __init__(self, ops: Any):
         self.ops = ops
-        self.handles: OrderedDict[int, int] = OrderedDict()
+        self.handles: OrderedDict[tuple[int, int], int] = OrderedDict()  #: -> dir handle
+        self._ids = itertools.count(1)
+        self._calls = 0
 
     async def read(self, nodeid: int, offset: int, size: int, ctx: Any) -> list[bytes]:
-        dh = self.handles.get(nodeid)
+        lid, index = offset >> 32, offset & 0xFFFFFFFF
+        if lid == 0:
+            lid = next(self._ids) % 0x7FFFFFFF + 1
+        key = (nodeid, lid)
+        dh = self.handles.get(key)
         if dh is None:
             dh = await self.ops.opendir(nodeid, ctx)
-            self.handles[nodeid] = dh
-            while len(self.handles) > KEEP_LISTINGS:
-                _, old = self.handles.popitem(last=False)
-                await self.ops.releasedir(old)
+            self.handles[key] = dh
         else:
-            self.handles.move_to_end(nodeid)
-        token = _Token(size)
-        await self.ops.readdir(dh, offset, token)
-        if not token.parts:  # the end: the kernel will not ask again
-            await self.drop(nodeid)
+            self.handles.move_to_end(key)
+        token = _Token(size, lid)
+        await self.ops.readdir(dh, index, token)
+        await self._trim()
         return token.parts
 
+    async def _trim(self) -> None:
+        self._calls += 1
+        if len(self.handles) <= KEEP_LISTINGS and self._calls % 16:
+            return  # the entries are counted every 16th request only
+        dirs = getattr(self.ops, "_dirs", {})
+        total = sum(len(dirs.get(dh, (0, None))[1] or ()) for dh in self.handles.values())
+        while self.handles and (len(self.handles) > KEEP_LISTINGS or total > KEEP_ENTRIES):
+            _, old = self.handles.popitem(last=False)
+            total -= len(dirs.get(old, (0, None))[1] or ())
+            await self.ops.releasedir(old)
+
     async def drop(self, nodeid: int) -> None:
-        dh = self.handles.pop(nodeid, None)
-        if dh is not None:
-            await self.ops.releasedir(dh)
+        for key in [k for k in self.handles if k[0] == nodeid]:
+            await self.ops.releasedir(self.handles.pop(key))
 
 
 def _attr_out(e: EntryAttributes) -> bytes:
@@ -683,7 +746,7 @@ _HANDLERS = {
     SETXATTR: _Session.h_setxattr, GETXATTR: _Session.h_getxattr,
     LISTXATTR: _Session.h_listxattr, REMOVEXATTR: _Session.h_removexattr,
     OPENDIR: _Session.h_opendir, RELEASEDIR: _Session.h_releasedir,
-    READDIRPLUS: _Session.h_readdirplus, READDIR: _Session.h_readdir,
+    READDIRPLUS: _Session.h_readdirplus,  # READDIR: never sent (DO_READDIRPLUS, no AUTO)
     FSYNCDIR: _Session.h_fsyncdir, ACCESS: _Session.h_access,
 }
 
@@ -711,12 +774,46 @@ def _fusermount(mountpoint: str, options: set[str]) -> int:
         finally:
             err = proc.communicate()[1]
         if proc.returncode != 0 or not fds:
+            for fd in fds:
+                os.close(fd)
             raise RuntimeError(f"fusermount3 failed: {err.decode(errors='replace').strip()}")
+        os.set_inheritable(fds[0], False)  # never into a child (fusermount3 -u, say)
         return fds[0]
     finally:
         ours.close()
         if theirs.fileno() >= 0:
             theirs.close()
+
+
+def _connection_of(mountpoint: str) -> str | None:
+    """The FUSE connection of the mount at ``mountpoint``: its device minor in
+    /proc/self/mountinfo, which names it under /sys/fs/fuse/connections (no request to
+    the file system itself)."""
+    target = os.path.abspath(mountpoint)
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            found = None
+            for line in f:
+                parts = line.split()
+                mp = parts[4].replace("\\040", " ")
+                if mp == target and " - fuse" in line:
+                    found = parts[2].split(":")[1]  # the last mount there wins
+            return found
+    except (OSError, IndexError):
+        return None
+
+
+def _abort(conn: str | None) -> None:
+    """Abort the FUSE connection (fusectl): every waiting and later request fails, and
+    the threads reading /dev/fuse get ENODEV. After a lazy unmount of a mount still in
+    use (a shell's cwd) the connection would live on, and the daemon with it."""
+    if conn is None:
+        return
+    try:
+        with open(f"/sys/fs/fuse/connections/{conn}/abort", "w") as f:
+            f.write("1")
+    except OSError:
+        pass
 
 
 # --- pyfuse3's module functions ---------------------------------------------------------------
@@ -751,19 +848,21 @@ async def main() -> None:
     this only waits for them (so that ``lowlevel.serve`` keeps its signal handling)."""
     s = _session
     assert s is not None
-    try:
+    if "abandon_on_cancel" in inspect.signature(trio.to_thread.run_sync).parameters:
         await trio.to_thread.run_sync(s.serve, abandon_on_cancel=True)
-    except TypeError:  # trio < 0.23 calls it ``cancellable``
+    else:  # trio < 0.23 calls it ``cancellable``
         await trio.to_thread.run_sync(s.serve, cancellable=True)
 
 
 def terminate() -> None:
-    """Stop serving: unmount (the threads then read ENODEV and end)."""
+    """Stop serving: unmount lazily and abort the connection (the threads then read
+    ENODEV and end, also when something still uses the mount)."""
     s = _session
     if s is not None:
         s.stopped = True
         subprocess.run(["fusermount3", "-u", "-z", "--", s.mountpoint],
                        stdin=subprocess.DEVNULL, capture_output=True, check=False)
+        _abort(s.conn)
 
 
 def close(unmount: bool = True) -> None:

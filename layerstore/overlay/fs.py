@@ -970,6 +970,15 @@ class OverlayFS:
         if h.fd >= 0:
             (os.fdatasync if datasync else os.fsync)(h.fd)
 
+    @_changes
+    def fchmod(self, fh: int, mode: int) -> None:
+        """chmod through an open upper file (it may have no name any more): how the
+        mount clears setuid/setgid for a write (EBADF for a handle on a lower file)."""
+        h = self._handle(fh)
+        if h.fd < 0:
+            raise OverlayError(errno.EBADF, h.vpath)
+        os.fchmod(h.fd, mode & 0o7777)
+
     @_locked
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
