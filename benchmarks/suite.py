@@ -445,7 +445,9 @@ def markdown(result: dict[str, Any]) -> str:
 
 COLORS = {"dir": "#9e9e9e", "kernel": "#1f77b4", "fuse-overlayfs": "#ff7f0e",
           "layerstore": "#2ca02c", "layerstore-meta": "#17becf", "layerstore-lazy": "#d62728",
-          "layerstore-overlay": "#9467bd"}
+          "layerstore-overlay": "#9467bd", "layerstore-mfusepy": "#8c564b",
+          "layerstore-pyfuse3": "#e377c2", "layerstore-fusepy": "#bcbd22",
+          "layerstore-wire": "#000080"}
 
 
 def chart(result: dict[str, Any], path: Path) -> bool:
