@@ -416,3 +416,28 @@ def test_listings_follow_changes(demo, cli, root: Path, mnt: Path, binding: str)
         assert "moved" in os.listdir(mnt / "tmp2") and "tmp" not in os.listdir(mnt)
     finally:
         _cli(cli, binding)("umount", "c1")
+
+
+def test_xattrs_after_misses(demo, cli, root: Path, mnt: Path, binding: str):
+    """An attribute a file did not have, then has, then has not any more: never
+    answered from what an earlier miss found (lowlevel.py keeps a node's attribute
+    names after a miss, for `ls -l`'s security.selinux)."""
+    cli("create", "demo:app", "--name", "c1")
+    _mount(cli, binding, root, "c1", mnt)
+    try:
+        (mnt / "tmp" / "x").write_bytes(b"x")
+        os.link(mnt / "tmp" / "x", mnt / "tmp" / "x2")
+        for f, other in ((mnt / "etc" / "passwd", mnt / "etc" / "passwd"),
+                         (mnt / "tmp" / "x", mnt / "tmp" / "x2")):
+            assert errno_of(os.getxattr, f, "user.a") == errno.ENODATA
+            assert errno_of(os.getxattr, f, "security.selinux") == errno.ENODATA
+            os.setxattr(f, "user.a", b"1")
+            assert os.getxattr(other, "user.a") == b"1"
+            assert errno_of(os.getxattr, other, "user.b") == errno.ENODATA
+            os.setxattr(other, "user.b", b"2")
+            assert os.getxattr(f, "user.b") == b"2"
+            os.removexattr(f, "user.a")
+            assert errno_of(os.getxattr, other, "user.a") == errno.ENODATA
+            assert sorted(os.listxattr(f)) == ["user.b"]
+    finally:
+        _cli(cli, binding)("umount", "c1")

@@ -84,6 +84,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 ROOT = pyfuse3.ROOT_INODE
 #: how long the kernel may cache entries, attributes and negative lookups (seconds)
 TIMEOUT = 86400.0
+#: nodes whose attribute names getxattr keeps (all are dropped at this many)
+XATTR_NAMES_KEPT = 65536
 #: renameat2 flags
 RENAME_NOREPLACE = 1
 #: the kernel's writeback cache on the writable mount (``LAYERSTORE_FUSE_WRITEBACK=0|1``)
@@ -439,6 +441,8 @@ class LowLevelOperations(_Base):
 
     def __init__(self, fs: OverlayFS, on_ready: Callable[[], None] | None = None):
         self.fs = fs
+        #: node id -> (``fs.changes`` when listed, its attribute names): see getxattr
+        self._xattr_names: dict[int, tuple[int, frozenset[bytes]]] = {}
         #: the overlay's re-entrant lock (see ``_call``)
         self._lock: Any = getattr(fs, "_lock", None)
         super().__init__(fs.getattr(b"/"), on_ready)
@@ -551,7 +555,24 @@ class LowLevelOperations(_Base):
     # --- xattrs -------------------------------------------------------------------------------
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
-        return await self._call(self.fs.getxattr, self.table.path(inode), name)  # type: ignore[no-any-return]
+        # `ls -l` asks for security.selinux of every file, and the kernel caches no
+        # answer to it: a node's attribute names, listed at its first miss, answer
+        # the misses that follow while nothing changed through the mount
+        changes = self.fs.changes
+        known = self._xattr_names.get(inode)
+        if known is not None and known[0] == changes and name not in known[1]:
+            raise pyfuse3.FUSEError(errno.ENODATA)
+        path = self.table.path(inode)
+        try:
+            return await self._call(self.fs.getxattr, path, name)  # type: ignore[no-any-return]
+        except OSError as exc:
+            if exc.errno != errno.ENODATA or known is not None and known[0] == changes:
+                raise
+            names = await self._call(self.fs.listxattr, path)
+            if len(self._xattr_names) >= XATTR_NAMES_KEPT:
+                self._xattr_names.clear()
+            self._xattr_names[inode] = (changes, frozenset(names))
+            raise
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
