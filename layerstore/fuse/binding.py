@@ -7,9 +7,9 @@
   kernel (no OPENDIR), and no GETXATTR ``security.capability`` before every write
   (``FUSE_HANDLE_KILLPRIV_V2``). Needs ``fusermount3`` and trio. In the suite against
   mfusepy (``benchmarks/README.md``, "Session 6: the FUSE protocol spoken directly"):
-  random 4 KiB writes 2.6-4.1x as fast, warm walks in 0.32-0.87x the time, first
-  walks 0.95-1.11x, metadata changes about the same, creates 1.15-1.2x and deletes
-  0.82-0.84x as fast.
+  random 4 KiB writes 2.4-4.1x as fast, warm walks in 0.32-0.87x the time, first
+  walks 0.95-1.17x, metadata changes about the same, creates 1.13-1.22x and deletes
+  0.81-0.84x as fast (three runs of 5).
 - ``mfusepy`` on libfuse3 (``LAYERSTORE_FUSE=mfusepy``; the default until session 6,
   and the choice when ``fusermount3`` or trio is missing): the maintained fork of fusepy
   with the same API, on libfuse's high-level (path-based) API. On libfuse3 the kernel
