@@ -237,6 +237,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         #: renames through the mount so far: a lookup that found nothing while one ran
         #: (its path was made before) looks again rather than cache "no such entry"
         self._renames = 0
+        self._renaming = 0  #: renames running now
 
     def init(self) -> None:
         if self.on_ready is not None:
@@ -274,11 +275,11 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         e.st_ctime_ns = st["st_ctime"]
         return e
 
-    def _negative(self) -> pyfuse3.EntryAttributes:
+    def _negative(self, timeout: float = TIMEOUT) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
         e.st_ino = 0  # "no such entry", cached for entry_timeout
-        e.entry_timeout = TIMEOUT
-        e.attr_timeout = TIMEOUT
+        e.entry_timeout = timeout
+        e.attr_timeout = timeout
         return e
 
     def _found(self, parent: int, name: bytes, st: dict[str, int]) -> pyfuse3.EntryAttributes:
@@ -309,8 +310,10 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
                 st = None
             if st is not None and self.table.nodeid(st["st_ino"]) == ino:
                 return st
-            if self.table.child.get(lk) == ino:  # (a rename meanwhile may have moved
-                self.table.unlink(*lk)           # another node onto the name)
+            # the name is another object's now: forget it (not when it was not found:
+            # a directory above may be being renamed, and the link is relative)
+            if st is not None and self.table.child.get(lk) == ino and not self._renaming:
+                self.table.unlink(*lk)
         for fh in list(node.fhs):
             return await self._call(self._fgetattr, fh)  # type: ignore[no-any-return]
         raise pyfuse3.FUSEError(errno.ENOENT)
@@ -326,11 +329,11 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             except OSError as exc:
                 if exc.errno != errno.ENOENT:
                     raise
-                if renames != self._renames:
+                if self._renaming or renames != self._renames:
                     continue  # a directory above was renamed meanwhile: look again
                 return self._negative()
             return self._found(parent_inode, name, st)
-        raise pyfuse3.FUSEError(errno.EAGAIN)  # renames all along: no negative entry
+        return self._negative(timeout=0.0)  # renames all along: not found, not cached
 
     async def forget(self, inode_list: Any) -> None:
         for ino, n in inode_list:
@@ -387,14 +390,16 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
                 try:
                     st = await self._call(self._getattr_path, base + name)
                 except OSError:
-                    if renames == self._renames:
+                    if not self._renaming and renames == self._renames:
                         continue  # gone since the listing
                     # a directory above was renamed meanwhile (the path was made
                     # before): look again under the directory's path now
                     renames = self._renames
-                    base = self.table.path(ino).rstrip(b"/") + b"/"
                     try:
+                        base = self.table.path(ino).rstrip(b"/") + b"/"
                         st = await self._call(self._getattr_path, base + name)
+                    except pyfuse3.FUSEError:
+                        break  # the directory has no name now: send what there is
                     except OSError:
                         continue
             if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):
@@ -568,7 +573,10 @@ class LowLevelOperations(_Base):
         except OSError as exc:
             if exc.errno != errno.ENODATA or known is not None and known[0] == changes:
                 raise
-            names = await self._call(self.fs.listxattr, path)
+            try:
+                names = await self._call(self.fs.listxattr, path)
+            except OSError:
+                raise exc from None  # the miss is the answer
             if len(self._xattr_names) >= XATTR_NAMES_KEPT:
                 self._xattr_names.clear()
             self._xattr_names[inode] = (changes, frozenset(names))
@@ -650,18 +658,24 @@ class LowLevelOperations(_Base):
             self.fs.rename(old, new)
             return self.fs.exists(old)  # two names of one file: rename(2) did nothing
 
-        self._renames += 1  # before the call: lookups running meanwhile look again
-        if await _thread(run):
-            return
-        self._changed(parent_inode_old, parent_inode_new)
-        self._renames += 1  # and after the table changes
-        t = self.table
-        t.unlink(parent_inode_new, name_new)  # what the new name named before
-        moved = t.child.pop((parent_inode_old, name_old), None)
-        node = t.nodes.get(moved) if moved is not None else None
-        if node is not None:
-            node.links.pop((parent_inode_old, name_old), None)
-            t.link(node.ino, parent_inode_new, name_new, node.is_dir)
+        # lookups and listings that find nothing while a rename runs (their path was
+        # made from the table before it changes) look again rather than believe it
+        self._renames += 1
+        self._renaming += 1
+        try:
+            if await _thread(run):
+                return
+            self._changed(parent_inode_old, parent_inode_new)
+            t = self.table
+            t.unlink(parent_inode_new, name_new)  # what the new name named before
+            moved = t.child.pop((parent_inode_old, name_old), None)
+            node = t.nodes.get(moved) if moved is not None else None
+            if node is not None:
+                node.links.pop((parent_inode_old, name_old), None)
+                t.link(node.ino, parent_inode_new, name_new, node.is_dir)
+        finally:
+            self._renaming -= 1
+            self._renames += 1
 
     # --- open files ---------------------------------------------------------------------------
     def _opened(self, inode: int, fh: int) -> pyfuse3.FileInfo:

@@ -46,9 +46,9 @@ from __future__ import annotations
 
 import errno
 import inspect
-import itertools
 import logging
 import os
+import re
 import socket
 import struct
 import subprocess
@@ -291,11 +291,12 @@ def readdir_reply(token: _Token, name: bytes, attr: EntryAttributes, next_id: in
     """Add one entry with its attributes; False (nothing added) once the reply is full."""
     namelen = len(name)
     size = ENTRY_OUT.size + DIRENT.size + ((namelen + 7) & ~7)
-    if size > token.left:
-        return False
+    if size > token.left or next_id >> INDEX_BITS:
+        return False  # full (or past 2^24 entries: the listing ends there)
     token.left -= size
     token.parts.append(attr.entry_out() + DIRENT.pack(
-        attr.st_ino, token.lid << 32 | next_id, namelen, (attr.st_mode & 0o170000) >> 12)
+        attr.st_ino, token.lid << INDEX_BITS | next_id, namelen,
+        (attr.st_mode & 0o170000) >> 12)
         + name + b"\0" * (-namelen % 8))
     return True
 
@@ -326,8 +327,9 @@ class _Session:
         self.threads: list[threading.Thread] = []
         self.idle = 0  #: threads waiting for a request
         self.idle_lock = threading.Lock()
-        #: the connection's number under /sys/fs/fuse/connections (to abort it), if known
-        self.conn = _connection_of(mountpoint)
+        #: the connection's ``abort`` file under /sys/fs/fuse/connections, opened now:
+        #: by the time it is used the number may name another mount's connection
+        self.abort_fd = _abort_fd(_connection_of(mountpoint))
 
     # replies
     def _send(self, unique: int, error: int, payload: bytes = b"") -> None:
@@ -656,40 +658,73 @@ class _Session:
         return b""
 
 
+#: directory offsets: the listing's number above this many bits, the entry's index
+#: below; both kept under 2^31, as 32-bit programs need (their ``d_off`` is 32 bits)
+INDEX_BITS = 24
+LISTING_IDS = 127
+
+
 class _Lister:
     """Listings for READDIRPLUS without OPENDIR. A reader that starts at offset 0 gets
-    a listing of its own, whose number is in the high 32 bits of every offset handed
-    out (the kernel passes them back as they are), so two readers of one directory
-    never continue in each other's listing. A listing is kept after its end was sent:
-    the kernel keeps the offsets in its own copy of the listing, and when a change
-    drops that copy, a reader in the middle of it comes back here with one of them
-    (``lowlevel._Base.readdir`` then goes on after the name it had reached, in a fresh
-    listing). Listings are dropped when their directory is forgotten and, oldest
-    first, beyond ``KEEP_LISTINGS`` listings or ``KEEP_ENTRIES`` entries in all (a
-    reader that comes back for a dropped one gets a fresh one, read from the same
-    position)."""
+    a listing of its own, whose number rides in the offsets it is handed (``INDEX_BITS``;
+    the kernel passes them back as they are), so two readers of one directory never
+    continue in each other's listing. A listing is kept after its end was sent: the
+    kernel keeps the offsets in its own copy of the listing and hands them to every
+    reader it serves from it, and when a change drops that copy, a reader in the middle
+    of it comes back here with one of them. Such a reader goes on in a new listing,
+    after the name it had reached (``lowlevel._Base.readdir`` bisects for it), and the
+    old one is left as it was for the others. Listings are dropped when their
+    directory is forgotten and, oldest first, beyond ``KEEP_LISTINGS`` listings or
+    ``KEEP_ENTRIES`` entries in all, never the one being read (a reader that comes back
+    for a dropped one gets a fresh one, read from the same position)."""
 
     def __init__(self, ops: Any):
         self.ops = ops
         self.handles: OrderedDict[tuple[int, int], int] = OrderedDict()  #: -> dir handle
-        self._ids = itertools.count(1)
+        self._next_id = 0
         self._calls = 0
 
+    def _new_id(self, nodeid: int) -> int:
+        for _ in range(LISTING_IDS):
+            self._next_id = self._next_id % LISTING_IDS + 1
+            if (nodeid, self._next_id) not in self.handles:
+                break
+        return self._next_id
+
     async def read(self, nodeid: int, offset: int, size: int, ctx: Any) -> list[bytes]:
-        lid, index = offset >> 32, offset & 0xFFFFFFFF
-        if lid == 0:
-            lid = next(self._ids) % 0x7FFFFFFF + 1
+        lid, index = offset >> INDEX_BITS, offset & ((1 << INDEX_BITS) - 1)
+        if lid == 0 or lid > LISTING_IDS:
+            lid, index = self._new_id(nodeid), 0 if lid == 0 else index
         key = (nodeid, lid)
         dh = self.handles.get(key)
         if dh is None:
             dh = await self.ops.opendir(nodeid, ctx)
             self.handles[key] = dh
+        elif index > 0 and self._stale(dh):
+            # the directory changed since this listing was made: go on in a new one,
+            # from the same place (the adapter bisects by the last name reached)
+            old = self.ops._dirs.get(dh)
+            lid = self._new_id(nodeid)
+            key = (nodeid, lid)
+            dh = await self.ops.opendir(nodeid, ctx)
+            if old is not None and dh in self.ops._dirs:
+                self.ops._dirs[dh] = old  # the snapshot, with its (old) generation
+            self.handles[key] = dh
         else:
             self.handles.move_to_end(key)
         token = _Token(size, lid)
-        await self.ops.readdir(dh, index, token)
-        await self._trim()
+        try:
+            await self.ops.readdir(dh, index, token)
+        finally:
+            await self._trim()
         return token.parts
+
+    def _stale(self, dh: int) -> bool:
+        state = getattr(self.ops, "_dirs", {}).get(dh)
+        if state is None or state[1] is None:
+            return False
+        ino, _entries, gen = state
+        return bool(gen[0] != getattr(self.ops, "_gen", {}).get(ino, 0))
 
     async def _trim(self) -> None:
         self._calls += 1
@@ -697,7 +732,9 @@ class _Lister:
             return  # the entries are counted every 16th request only
         dirs = getattr(self.ops, "_dirs", {})
         total = sum(len(dirs.get(dh, (0, None))[1] or ()) for dh in self.handles.values())
-        while self.handles and (len(self.handles) > KEEP_LISTINGS or total > KEEP_ENTRIES):
+        # the newest (the one just read) stays, whatever its size
+        while len(self.handles) > 1 and (len(self.handles) > KEEP_LISTINGS
+                                         or total > KEEP_ENTRIES):
             _, old = self.handles.popitem(last=False)
             total -= len(dirs.get(old, (0, None))[1] or ())
             await self.ops.releasedir(old)
@@ -785,33 +822,57 @@ def _fusermount(mountpoint: str, options: set[str]) -> int:
             theirs.close()
 
 
+def _unescape(field: str) -> str:
+    """A /proc/self/mountinfo field: spaces, tabs, newlines and backslashes are octal
+    escapes there."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
 def _connection_of(mountpoint: str) -> str | None:
     """The FUSE connection of the mount at ``mountpoint``: its device minor in
     /proc/self/mountinfo, which names it under /sys/fs/fuse/connections (no request to
     the file system itself)."""
-    target = os.path.abspath(mountpoint)
+    # never a stat of the mountpoint itself: that request would come to this daemon,
+    # which does not answer yet (its parent's real path, then the name)
+    absolute = os.path.abspath(mountpoint)
+    target = os.path.join(os.path.realpath(os.path.dirname(absolute)),
+                          os.path.basename(absolute))
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             found = None
             for line in f:
-                parts = line.split()
-                mp = parts[4].replace("\\040", " ")
-                if mp == target and " - fuse" in line:
+                fields, _, fstype = line.partition(" - ")
+                parts = fields.split()
+                if len(parts) > 4 and fstype.startswith("fuse") \
+                        and _unescape(parts[4]) == target:
                     found = parts[2].split(":")[1]  # the last mount there wins
             return found
     except (OSError, IndexError):
         return None
 
 
-def _abort(conn: str | None) -> None:
+def _abort_fd(conn: str | None) -> int:
+    """An fd of the connection's ``abort`` file (fusectl), or -1 (not mounted there,
+    say in a container: then a lazily unmounted mount that is still in use keeps the
+    daemon until it is left)."""
+    if conn is None:
+        return -1
+    try:
+        return os.open(f"/sys/fs/fuse/connections/{conn}/abort", os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.info("cannot open the connection's abort file: %s", exc)
+        return -1
+
+
+def _abort(fd: int) -> None:
     """Abort the FUSE connection (fusectl): every waiting and later request fails, and
     the threads reading /dev/fuse get ENODEV. After a lazy unmount of a mount still in
-    use (a shell's cwd) the connection would live on, and the daemon with it."""
-    if conn is None:
+    use (a shell's cwd) the connection would live on, and the daemon with it. Through
+    the fd opened at mount time: once the connection is gone the write fails, harmlessly."""
+    if fd < 0:
         return
     try:
-        with open(f"/sys/fs/fuse/connections/{conn}/abort", "w") as f:
-            f.write("1")
+        os.write(fd, b"1")
     except OSError:
         pass
 
@@ -862,7 +923,7 @@ def terminate() -> None:
         s.stopped = True
         subprocess.run(["fusermount3", "-u", "-z", "--", s.mountpoint],
                        stdin=subprocess.DEVNULL, capture_output=True, check=False)
-        _abort(s.conn)
+        _abort(s.abort_fd)
 
 
 def close(unmount: bool = True) -> None:
@@ -875,10 +936,12 @@ def close(unmount: bool = True) -> None:
                        stdin=subprocess.DEVNULL, capture_output=True, check=False)
     for t in s.threads:
         t.join(timeout=5)
-    try:
-        os.close(s.fd)
-    except OSError:
-        pass
+    for fd in (s.fd, s.abort_fd):
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
 
 
 __all__ = ["ROOT_INODE", "EntryAttributes", "FUSEError", "FileInfo", "Operations",
