@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import logging
 import stat
+from collections.abc import Callable
+from typing import Any
 
 log = logging.getLogger("layerstore.fuse")
 
@@ -28,6 +30,19 @@ def killed_mode(mode: int) -> int:
     if mode & stat.S_IXGRP:
         mode &= ~stat.S_ISGID
     return mode
+
+
+def clear_setid(fs: Any, fh: int, may_keep: Callable[[], bool]) -> bool:
+    """Clear setuid/setgid of the open upper file ``fh`` of ``fs`` (an ``OverlayFS``) as a
+    write or truncate by a caller without CAP_FSETID does, unless ``may_keep()`` (asked
+    only when there is something to clear). Through the handle: an fstat, and a fchmod
+    when needed (the file may have no name any more). Whether it changed the mode."""
+    mode = fs.fgetattr(fh)["st_mode"]
+    killed = killed_mode(mode)
+    if killed == mode or may_keep():
+        return False
+    fs.fchmod(fh, killed)
+    return True
 
 
 def may_keep_setid(pid: int, uid: int) -> bool:

@@ -74,7 +74,7 @@ else:
     import pyfuse3
 
 from ..overlay.fs import FULL, OverlayFS
-from . import errno_of, killed_mode, may_keep_setid
+from . import clear_setid, errno_of, may_keep_setid
 from ..overlay.lower import MergedLowers, node_stat
 from ..store.records import SYMLINK
 
@@ -427,6 +427,27 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
+    # --- for wire.py's listings, which outlive a reader (wire._Lister) -----------------------
+    def listing_stale(self, fh: int) -> bool:
+        """Whether entries were made, removed or renamed in the directory since the
+        listing of handle ``fh`` was made (a continued readdir then lists it again)."""
+        state = self._dirs.get(fh)
+        return state is not None and state[1] is not None and \
+            state[2][0] != self._gen.get(state[0], 0)
+
+    def listing_fork(self, fh: int) -> int:
+        """A new handle holding the listing of ``fh`` as it is: a reader continued on it
+        goes on after the name it had reached, in a fresh listing, and ``fh`` stays as
+        it was for others."""
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = self._dirs[fh]
+        return dh
+
+    def listing_size(self, fh: int) -> int:
+        state = self._dirs.get(fh)
+        return len(state[1] or ()) if state is not None else 0
+
     # no flush(): pyfuse3's answers ENOSYS, and the kernel then stops sending FLUSH
     # (one round trip less per close); fsyncdir likewise
 
@@ -697,14 +718,8 @@ class LowLevelOperations(_Base):
         if flags & os.O_TRUNC and _unlocked is None:
             # pyfuse3: clear setuid/setgid as a truncate by a caller without CAP_FSETID
             # does (wire.py is told by the kernel: FUSE_OPEN_KILL_SUIDGID)
-            await self._call(self._kill_setid, path, ctx)
+            clear_setid(self.fs, fh, lambda: may_keep_setid(ctx.pid, ctx.uid))
         return self._opened(inode, fh)
-
-    def _kill_setid(self, path: bytes, ctx: Any) -> None:
-        st = self.fs.getattr(path)
-        killed = killed_mode(st["st_mode"])
-        if killed != st["st_mode"] and not may_keep_setid(ctx.pid, ctx.uid):
-            self.fs.chmod(path, killed)
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,

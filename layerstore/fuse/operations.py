@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 from ..overlay.fs import OverlayFS
 from ..overlay.lower import MergedLowers, node_stat
 from ..store.records import SYMLINK
-from . import errno_of, killed_mode, may_keep_setid
+from . import clear_setid, errno_of, may_keep_setid
 from .binding import FUSE_MAJOR, fusepy, invalidate_path, remember_attrs
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -320,19 +320,12 @@ class Operations(_Base):
     def open(self, path: str, flags: int) -> int:
         fh = self._opened(path, self.fs.open(_b(path), flags))
         if flags & os.O_TRUNC:  # libfuse3 truncates in open (atomic_o_trunc)
-            self._kill_setid(path)
+            # and leaves setuid/setgid to the daemon then, as a truncate by a caller
+            # without CAP_FSETID would clear them
+            uid, _gid, pid = fusepy.fuse_get_context()
+            clear_setid(self.fs, fh, lambda: may_keep_setid(pid, uid))
             self._touched(path)
         return fh
-
-    def _kill_setid(self, path: str) -> None:
-        """After an O_TRUNC open: clear setuid/setgid if the caller lacks CAP_FSETID, as
-        a truncate does (the kernel leaves it to the daemon when it truncates in OPEN)."""
-        st = self.fs.getattr(_b(path))
-        killed = killed_mode(st["st_mode"])
-        if killed != st["st_mode"]:
-            uid, _gid, pid = fusepy.fuse_get_context()
-            if not may_keep_setid(pid, uid):
-                self.fs.chmod(_b(path), killed)
 
     @_errors
     def create(self, path: str, mode: int, fi: Any = None) -> int:

@@ -60,7 +60,7 @@ from typing import Any
 
 import trio
 
-from . import killed_mode
+from . import clear_setid, killed_mode
 
 log = logging.getLogger("layerstore.fuse.wire")
 
@@ -95,7 +95,6 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
 HANDLE_KILLPRIV_V2 = 1 << 28
-INIT_EXT = 1 << 30
 
 # --- setattr valid bits, open flags ---------------------------------------------------------
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
@@ -104,7 +103,6 @@ FATTR_CTIME, FATTR_KILL_SUIDGID = 1024, 2048
 FUSE_OPEN_KILL_SUIDGID = 1
 FUSE_WRITE_KILL_SUIDGID = 4
 FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_NONSEEKABLE = 1, 2, 4
-FUSE_GETATTR_FH = 1
 #: notification code of FUSE_NOTIFY_INVAL_INODE (written with unique 0)
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
@@ -120,7 +118,6 @@ DIRENT = struct.Struct("<QQII")           # ino off namelen type
 INIT_IN = struct.Struct("<IIII")          # major minor max_readahead flags (+ flags2)
 INIT_OUT = struct.Struct("<IIIIHHIIHHII24x")  # fuse_init_out (64)
 SETATTR_IN = struct.Struct("<IIQQQqqqIIIIIIII")
-GETATTR_IN = struct.Struct("<IIQ")
 OPEN_IN = struct.Struct("<II")
 CREATE_IN = struct.Struct("<IIII")        # flags mode umask open_flags
 MKNOD_IN = struct.Struct("<IIII")         # mode rdev umask padding
@@ -175,8 +172,11 @@ class EntryAttributes:
     )
 
     def __init__(self) -> None:
-        for k in self.__slots__:
-            setattr(self, k, 0)
+        # one statement, not a loop over the slots: made for every entry sent
+        self.st_ino = self.generation = self.entry_timeout = self.attr_timeout = 0
+        self.st_mode = self.st_nlink = self.st_uid = self.st_gid = self.st_rdev = 0
+        self.st_size = self.st_blocks = 0
+        self.st_atime_ns = self.st_mtime_ns = self.st_ctime_ns = 0
         self.st_blksize = 4096
 
     def pack_attr(self) -> tuple[int, ...]:
@@ -319,7 +319,6 @@ class _Session:
         self.mountpoint = mountpoint
         self.fd = _fusermount(mountpoint, options)
         self.flags = 0  #: what was agreed at INIT
-        self.proto_minor = MINOR
         self.stopped = False
         self.lister = _Lister(ops)
         #: held while a request runs the adapter's code (see the module docstring)
@@ -434,18 +433,15 @@ class _Session:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("invalidating node %d: %s", nodeid, exc)
 
-    def kill_setid(self, nodeid: int, fh: int, mode: int) -> None:
-        """Clear setuid/setgid of the open file ``fh`` (mode ``mode`` now) for a caller
-        without CAP_FSETID, through the handle (the file may have no name any more), and
-        make the kernel forget the mode it has. Touches no table: needs no lock."""
-        killed = killed_mode(mode)
-        if killed == mode:
-            return
+    def kill_setid(self, nodeid: int, fh: int) -> None:
+        """Clear setuid/setgid of the open file ``fh`` for a caller the kernel says lacks
+        CAP_FSETID (``clear_setid``), and make the kernel forget the mode it has.
+        Touches no table: needs no lock."""
         fs = getattr(self.ops, "fs", None)
         if fs is None:
             raise FUSEError(errno.EROFS)
-        fs.fchmod(fh, killed)
-        self.inval_attrs(nodeid)
+        if clear_setid(fs, fh, lambda: False):
+            self.inval_attrs(nodeid)
 
     def _forget(self, opcode: int, nodeid: int, body: memoryview) -> None:
         """FORGET/BATCH_FORGET (no reply): straight to the adapter's table, which is
@@ -481,9 +477,8 @@ class _Session:
         if getattr(self.ops, "enable_writeback_cache", False):
             want |= WRITEBACK_CACHE  # LAYERSTORE_FUSE_WRITEBACK=1 (lowlevel.py)
         self.flags = flags & want
-        self.proto_minor = min(minor, MINOR)
         self.ops.init()
-        return INIT_OUT.pack(MAJOR, self.proto_minor, max_readahead, self.flags & 0xFFFFFFFF,
+        return INIT_OUT.pack(MAJOR, min(minor, MINOR), max_readahead, self.flags & 0xFFFFFFFF,
                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0,
                              self.flags >> 32, 0)
 
@@ -512,7 +507,7 @@ class _Session:
             # a truncate or chown by a caller without CAP_FSETID: through the open file
             # if there is one (it may have no name), else with the other changes
             if valid & FATTR_FH:
-                self.kill_setid(nodeid, fh, self.ops._fgetattr(fh)["st_mode"])
+                self.kill_setid(nodeid, fh)
             else:
                 cur = (await self.ops.getattr(nodeid, ctx)).st_mode
                 cleared = killed_mode(cur)
@@ -571,7 +566,7 @@ class _Session:
         if open_flags & FUSE_OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
             # truncated by a caller without CAP_FSETID (the kernel leaves it to us)
             try:
-                self.kill_setid(nodeid, fi.fh, self.ops._fgetattr(fi.fh)["st_mode"])
+                self.kill_setid(nodeid, fi.fh)
             except BaseException:
                 await self.ops.release(fi.fh)
                 raise
@@ -593,7 +588,7 @@ class _Session:
         if write_flags & FUSE_WRITE_KILL_SUIDGID:
             # a caller without CAP_FSETID: the kernel leaves setuid/setgid to us (one
             # fstat per such write; a change only when there is one to make)
-            self.kill_setid(nodeid, fh, self.ops._fgetattr(fh)["st_mode"])
+            self.kill_setid(nodeid, fh)
         data = bytes(body[WRITE_IN.size:WRITE_IN.size + size])
         n = await self.ops.write(fh, offset, data)
         return WRITE_OUT.pack(n, 0)
@@ -700,15 +695,12 @@ class _Lister:
         if dh is None:
             dh = await self.ops.opendir(nodeid, ctx)
             self.handles[key] = dh
-        elif index > 0 and self._stale(dh):
+        elif index > 0 and self.ops.listing_stale(dh):
             # the directory changed since this listing was made: go on in a new one,
             # from the same place (the adapter bisects by the last name reached)
-            old = self.ops._dirs.get(dh)
             lid = self._new_id(nodeid)
             key = (nodeid, lid)
-            dh = await self.ops.opendir(nodeid, ctx)
-            if old is not None and dh in self.ops._dirs:
-                self.ops._dirs[dh] = old  # the snapshot, with its (old) generation
+            dh = self.ops.listing_fork(dh)
             self.handles[key] = dh
         else:
             self.handles.move_to_end(key)
@@ -719,24 +711,17 @@ class _Lister:
             await self._trim()
         return token.parts
 
-    def _stale(self, dh: int) -> bool:
-        state = getattr(self.ops, "_dirs", {}).get(dh)
-        if state is None or state[1] is None:
-            return False
-        ino, _entries, gen = state
-        return bool(gen[0] != getattr(self.ops, "_gen", {}).get(ino, 0))
-
     async def _trim(self) -> None:
         self._calls += 1
         if len(self.handles) <= KEEP_LISTINGS and self._calls % 16:
             return  # the entries are counted every 16th request only
-        dirs = getattr(self.ops, "_dirs", {})
-        total = sum(len(dirs.get(dh, (0, None))[1] or ()) for dh in self.handles.values())
+        size = self.ops.listing_size
+        total = sum(size(dh) for dh in self.handles.values())
         # the newest (the one just read) stays, whatever its size
         while len(self.handles) > 1 and (len(self.handles) > KEEP_LISTINGS
                                          or total > KEEP_ENTRIES):
             _, old = self.handles.popitem(last=False)
-            total -= len(dirs.get(old, (0, None))[1] or ())
+            total -= size(old)
             await self.ops.releasedir(old)
 
     async def drop(self, nodeid: int) -> None:
