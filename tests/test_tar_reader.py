@@ -13,12 +13,15 @@ from __future__ import annotations
 import hashlib
 import io
 import tarfile
+import threading
+from typing import Any
 
 import pytest
 from helpers_images import tar_bytes
 
 from layerstore.errors import InvalidLayerError
 from layerstore.oci import tarlayer
+from layerstore.oci.streams import Prefetcher
 from layerstore.store import Store
 from layerstore.store.chunks import ChunkBatch
 
@@ -65,9 +68,10 @@ def _rich(fmt: int) -> list[tuple[tarfile.TarInfo, bytes | None]]:
     return out
 
 
-def _read(store: Store, data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch
-          ) -> tuple[dict[bytes, bytes], int, bytes] | str:
-    """Entries (encoded), tar size and header-stream digest; or the error message."""
+def _read(store: Store, data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch,
+          block: int = 0) -> tuple[dict[bytes, bytes], int, bytes] | str:
+    """Entries (encoded), tar size and header-stream digest; or the error message.
+    ``block``: read through a ``Prefetcher`` of blocks that size (it hashes, then)."""
     with monkeypatch.context() as m:
         if not fast:
             def never(tee: object) -> object:
@@ -75,13 +79,21 @@ def _read(store: Store, data: bytes, fast: bool, monkeypatch: pytest.MonkeyPatch
 
             m.setattr(tarlayer, "_fast_member", never)
         batch = ChunkBatch(store.env, store.params)
+        diff_hash = hashlib.sha256()
+        stream: Any = io.BytesIO(data)
+        if block:
+            stream = Prefetcher(stream, diff_hash, block=block, depth=2)
         try:
-            r = tarlayer.read_layer_tar(io.BytesIO(data), hashlib.sha256(), batch,
+            r = tarlayer.read_layer_tar(stream, None if block else diff_hash, batch,
                                         store.params.chunker(), "in")
         except InvalidLayerError as exc:
             batch.abort()
             return str(exc)
+        finally:
+            if block:
+                stream.close()
         batch.close()
+    assert diff_hash.digest() == hashlib.sha256(data).digest()
     return ({k: v.encode() for k, v in r.builder.entries.items()}, r.tar_size,
             r.tarsplit_digest)
 
@@ -90,6 +102,8 @@ def _same(store: Store, data: bytes, monkeypatch: pytest.MonkeyPatch) -> object:
     fast = _read(store, data, True, monkeypatch)
     slow = _read(store, data, False, monkeypatch)
     assert fast == slow
+    # the importer reads through a Prefetcher: its blocks end anywhere in a header
+    assert _read(store, data, True, monkeypatch, block=1000) == fast
     return fast
 
 
@@ -193,3 +207,41 @@ def test_damage_is_reported_the_same(store: Store, damage: str,
     got = _same(store, bytes(data), monkeypatch)
     if damage not in ("pax-framing",):
         assert isinstance(got, str), got
+
+
+class _Failing(io.BytesIO):
+    """Gives ``good`` bytes, then fails like a truncated gzip stream."""
+
+    def __init__(self, good: bytes):
+        super().__init__(good)
+        self.reads = 0
+
+    def read(self, n: int = -1) -> bytes:
+        self.reads += 1
+        data = super().read(n)
+        if not data:
+            raise InvalidLayerError("in: truncated gzip stream")
+        return data
+
+
+def test_prefetcher_hands_out_bytes_then_the_error_in_order() -> None:
+    good = bytes(range(256)) * 40
+    h = hashlib.sha256()
+    p = Prefetcher(_Failing(good), h, block=1000, depth=2)
+    got = bytearray()
+    with pytest.raises(InvalidLayerError, match="truncated gzip"):
+        while True:
+            got += p.read(333)
+    p.close()
+    assert bytes(got) == good and h.digest() == hashlib.sha256(good).digest()
+    assert not p.thread.is_alive()
+
+
+def test_prefetcher_close_stops_the_thread_early() -> None:
+    src = _Failing(bytes(10 << 20))
+    p = Prefetcher(src, None, block=4096, depth=2)
+    assert len(p.read(100)) == 100
+    p.close()
+    assert not p.thread.is_alive()
+    assert src.reads < 10, "it stopped reading once closed"
+    assert not [t for t in threading.enumerate() if t.name == "layer-reader"]

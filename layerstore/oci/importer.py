@@ -34,7 +34,7 @@ from .sources import (
     host_platform,
     open_source,
 )
-from .streams import HashingReader, PeekReader, detect_compression, open_layer_stream
+from .streams import HashingReader, PeekReader, Prefetcher, detect_compression, open_layer_stream
 from .tarlayer import read_layer_tar
 
 Progress = Callable[[str, int | None], Callable[[int], None]]
@@ -158,8 +158,13 @@ def import_layer(store: Store, layer: LayerSource, progress: Progress,
         stream, _ = open_layer_stream(raw, layer.what)
         tick = progress(label, layer.size)
         diff_hash = hashlib.sha256()
-        result = read_layer_tar(stream, diff_hash, batch, cdc, layer.what,
-                                progress=tick if compression == "none" else None)
+        # reading, decompressing and both hashes run in a thread of their own
+        ahead = Prefetcher(stream, diff_hash)
+        try:
+            result = read_layer_tar(ahead, None, batch, cdc, layer.what,
+                                    progress=tick if compression == "none" else None)
+        finally:
+            ahead.close()
         if raw_hash is not None:
             raw_hash.drain()
         if compression != "none":

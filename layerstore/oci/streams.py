@@ -1,6 +1,8 @@
 """Byte streams for importing: hashing, decompression by magic bytes, tar splitting.
 
 - ``HashingReader`` counts and hashes what passes through it (blob digests, diff_ids).
+- ``Prefetcher`` runs a reader chain (file, blob hash, decompression) and the diff_id's
+  sha256 in a thread of its own, a few MiB ahead of the tar reader.
 - ``open_layer_stream`` detects gzip / zstd / plain by magic bytes and returns a reader of
   the uncompressed tar. Decompression is streaming and strict: a stream that ends in the
   middle of a gzip member or zstd frame raises ``InvalidLayerError`` (python-zstandard's
@@ -13,6 +15,8 @@ Nothing here touches the store.
 from __future__ import annotations
 
 import hashlib
+import queue
+import threading
 import zlib
 from typing import Any, BinaryIO
 
@@ -60,6 +64,95 @@ class HashingReader:
 
     def digest(self) -> str:
         return f"{self.algorithm}:{self.hash.hexdigest()}"
+
+
+class Prefetcher:
+    """Read ``src`` ahead in a thread, hashing what it reads with ``hasher``.
+
+    The tar reader is Python bytecode and holds the GIL most of the time; reading the
+    blob, hashing it (sha256 of the blob and of the tar), and decompressing it all
+    release the GIL, so here they run on the other core while the tar reader parses.
+    ``read`` hands out the bytes in order; an exception ``src`` raised is raised by the
+    ``read`` that reaches it. At most ``depth`` blocks wait in the queue (memory is
+    bounded). ``close`` stops the thread and must be called before ``src`` is closed.
+
+    Blocks are big (4 MiB) because every block costs the thread a few GIL hand-overs,
+    and each of those can wait a switch interval (5 ms) for the busy tar reader.
+    """
+
+    _EOF = object()
+
+    def __init__(self, src: Any, hasher: Any = None, block: int = 4 << 20, depth: int = 2):
+        self.src = src
+        self.hasher = hasher
+        self.block = block
+        self.q: queue.Queue[Any] = queue.Queue(depth)
+        self.stopping = threading.Event()
+        self.buf = b""
+        self.off = 0
+        self.done = False
+        self.thread = threading.Thread(target=self._run, name="layer-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stopping.is_set():
+                data = self.src.read(self.block)
+                if not data:
+                    self._put(self._EOF)
+                    return
+                if self.hasher is not None:
+                    self.hasher.update(data)
+                self._put(data)
+        except BaseException as exc:  # noqa: BLE001 - handed to the reader, raised there
+            self._put(exc)
+
+    def _put(self, item: Any) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.q.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    def _next(self) -> bool:
+        """The next block into ``buf``; False at the end of the stream."""
+        if self.done:
+            return False
+        item = self.q.get()
+        if item is self._EOF:
+            self.done = True
+            return False
+        if isinstance(item, BaseException):
+            self.done = True
+            raise item
+        self.buf, self.off = item, 0
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        avail = len(self.buf) - self.off
+        if avail == 0:
+            if not self._next():
+                return b""
+            avail = len(self.buf)
+        if n >= avail:
+            data = self.buf if self.off == 0 else self.buf[self.off:]
+            self.buf, self.off = b"", 0
+            return data  # short: callers read again for more
+        data = self.buf[self.off:self.off + n]
+        self.off += n
+        return data
+
+    def close(self) -> None:
+        self.stopping.set()
+        while self.thread.is_alive():
+            try:
+                self.q.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self.thread.join()
 
 
 class PeekReader:

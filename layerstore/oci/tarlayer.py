@@ -7,7 +7,8 @@ else (sparse files, global PAX headers, base-256 numbers, unknown PAX keys, a ba
 checksum, a truncated or malformed header) ``tarfile`` takes over from that member in
 stream mode, and raises what it raises. Every byte passes through a ``TarSplitter``:
 
-- all bytes are hashed with sha256 (the diff_id);
+- all bytes are hashed with sha256 (the diff_id), unless the caller's stream does it
+  (``streams.Prefetcher``, the importer's case);
 - a regular file's data is cut into chunks and stored by content (``FileWriter``);
 - every other byte (headers, PAX records, padding, sparse data areas, the end-of-archive
   blocks) goes verbatim into the layer's *tar header stream*, with a reference to the
@@ -63,7 +64,7 @@ class TarSplitter:
     into a ``FileWriter``, without passing through ``tarfile``'s buffers.
     """
 
-    def __init__(self, raw: Any, hasher: Any, tarsplit: FileWriter):
+    def __init__(self, raw: Any, hasher: Any | None, tarsplit: FileWriter):
         self.raw = raw
         self.hasher = hasher
         self.out = tarsplit
@@ -88,7 +89,7 @@ class TarSplitter:
             if not more:
                 break
             data += more
-        if data:
+        if data and self.hasher is not None:
             self.hasher.update(data)
         return data
 
@@ -525,7 +526,7 @@ _TYPES = {b"2": SYMLINK, b"5": DIR, b"3": CHR, b"4": BLK, b"6": FIFO}
 
 def read_layer_tar(
     stream: Any,
-    diff_hasher: Any,
+    diff_hasher: Any | None,
     batch: ChunkBatch,
     cdc: Any,
     what: str,

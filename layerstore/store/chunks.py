@@ -310,13 +310,20 @@ class FileWriter:
         if len(self.buf) >= CUT_WINDOW:
             self._cut(final=False)
 
-    def _cut(self, final: bool) -> None:
+    def _cuts(self) -> list[tuple[int, int]]:
         with memoryview(self.buf) as view:
-            cuts = [(c.offset, c.length) for c in self.cdc.cut_buf(view)]
-            if not final:
-                # The last chunk may have been cut short by the end of the buffer; keep it
-                # and cut again with more data (a cut point depends only on its own chunk).
-                cuts = cuts[:-1]
+            return [(c.offset, c.length) for c in self.cdc.cut_buf(view)]
+
+    def _cut(self, final: bool, cuts: list[tuple[int, int]] | None = None) -> None:
+        """Store the chunks ``cuts`` (default: cut the buffer now), drop them from the
+        buffer."""
+        if cuts is None:
+            cuts = self._cuts()
+        if not final:
+            # The last chunk may have been cut short by the end of the buffer; keep it
+            # and cut again with more data (a cut point depends only on its own chunk).
+            cuts = cuts[:-1]
+        with memoryview(self.buf) as view:
             for off, n in cuts:
                 data = view[off:off + n]
                 d = blake3_raw(data)
@@ -329,14 +336,16 @@ class FileWriter:
     def close(self) -> tuple[bytes, FileRecord]:
         """Cut what is left; hand the file record to the batch; return (digest, record)."""
         if self.hasher is None:
-            digest = blake3_raw(self.buf)  # the whole file is in the buffer
-            if len(self.buf) < self.cdc.min_size:
-                # One chunk, so the file digest is the chunk digest: hash once.
-                if self.buf:
-                    self.batch.add_chunk(digest, self.buf)
-                    self.chunks.append((digest, len(self.buf)))
-            else:
-                self._cut(final=True)
+            # The whole file is in the buffer. A file the chunker leaves whole (smaller
+            # than the minimum chunk, or cut once) is one chunk whose digest is the
+            # file's: hashed once.
+            cuts = self._cuts() if len(self.buf) >= self.cdc.min_size else []
+            digest = blake3_raw(self.buf)
+            if len(cuts) > 1:
+                self._cut(final=True, cuts=cuts)
+            elif self.buf:
+                self.batch.add_chunk(digest, self.buf)
+                self.chunks.append((digest, len(self.buf)))
         else:
             self._cut(final=True)
             digest = self.hasher.digest()
