@@ -419,9 +419,15 @@ def apt_mirror(default: str = "http://deb.debian.org/debian") -> str:
     return default
 
 
+#: what ``debootstrap_rootfs(include=BUILD_TOOLS)`` adds to minbase: about what
+#: docker's ``buildpack-deps:bookworm`` images carry (compilers, Python, git)
+BUILD_TOOLS = ("build-essential", "python3", "git")
+
+
 def debootstrap_rootfs(cache: Path | str = "/var/tmp/layerstore-bench/debootstrap-bookworm-minbase",
-                       quiet: bool = False) -> Path | None:
-    """A debootstrap minbase bookworm tree, made once in ``cache``; None if that fails.
+                       quiet: bool = False, include: tuple[str, ...] = ()) -> Path | None:
+    """A debootstrap minbase bookworm tree (plus the packages ``include``), made once in
+    ``cache``; None if that fails.
 
     The .deb files debootstrap leaves in var/cache/apt/archives and the apt lists are
     removed, as image builders (debuerreotype) do."""
@@ -431,7 +437,8 @@ def debootstrap_rootfs(cache: Path | str = "/var/tmp/layerstore-bench/debootstra
     tmp = cache.with_name(cache.name + ".tmp")
     subprocess.run(["rm", "-rf", "--one-file-system", str(tmp)], check=True)
     mirror = apt_mirror()
-    cmd = ["debootstrap", "--variant=minbase", "bookworm", str(tmp), mirror]
+    cmd = ["debootstrap", "--variant=minbase",
+           *([f"--include={','.join(include)}"] if include else []), "bookworm", str(tmp), mirror]
     if not quiet:
         print(f"making a real root filesystem: {' '.join(cmd)}", file=sys.stderr)
     try:
