@@ -1028,3 +1028,54 @@ def test_changes_moves_with_every_change_and_only_then(ofs: OverlayFS):
     changed()  # a failed call may count: no more is promised
     ofs.readlink(b"/s")
     assert not changed()
+
+
+def test_walks_follow_renamed_and_removed_directories(ofs: OverlayFS):
+    """The overlay keeps the upper directories its walks met (``OverlayFS._dirs``): after
+    a directory is renamed, replaced or removed, paths through it resolve anew, and the
+    cache holds at most ``DIRS_KEPT`` open directories."""
+    from layerstore.overlay.fs import DIRS_KEPT
+
+    ofs.mkdir(b"/a", 0o755)
+    ofs.mkdir(b"/a/b", 0o755)
+    ofs.release(ofs.create(b"/a/b/f", 0o644))
+    assert ofs.getattr(b"/a/b/f")["st_size"] == 0  # /a and /a/b are walked and kept
+    ofs.rename(b"/a", b"/c")
+    for gone in (b"/a/b/f", b"/a/b", b"/a"):
+        with pytest.raises(OSError) as exc:
+            ofs.getattr(gone)
+        assert exc.value.errno == errno.ENOENT
+    assert ofs.exists(b"/c/b/f")
+    ofs.mkdir(b"/a", 0o700)  # a new directory at the old path
+    assert [n for n, _ in ofs.readdir(b"/a")] == []
+    with pytest.raises(OSError) as exc:
+        ofs.release(ofs.create(b"/a/b/f", 0o644))
+    assert exc.value.errno == errno.ENOENT
+    # an empty directory renamed over another: the name now walks into the moved one
+    ofs.mkdir(b"/d", 0o755)
+    ofs.mkdir(b"/d/e", 0o755)
+    assert ofs.getattr(b"/d/e")["st_nlink"] == 2
+    ofs.rename(b"/c/b", b"/d/e")
+    assert ofs.exists(b"/d/e/f") and not ofs.exists(b"/c/b")
+    # removed and made again: the new directory, empty
+    ofs.release(ofs.create(b"/d/e/g", 0o644))
+    ofs.unlink(b"/d/e/f")
+    ofs.unlink(b"/d/e/g")
+    ofs.rmdir(b"/d/e")
+    ofs.mkdir(b"/d/e", 0o750)
+    assert [n for n, _ in ofs.readdir(b"/d/e")] == []
+    assert stat.S_IMODE(ofs.getattr(b"/d/e")["st_mode"]) == 0o750
+    # a lower directory renamed becomes opaque: what is below it shows as before
+    ofs.getattr(b"/usr/share/doc/README")
+    ofs.rename(b"/usr/share", b"/share")
+    assert [n for n, _ in ofs.readdir(b"/share")] == [b"doc"]
+    assert not ofs.exists(b"/usr/share/doc/README")
+    # more directories than are kept: answers stay right, fds stay bounded
+    before = len(os.listdir("/proc/self/fd"))
+    for i in range(DIRS_KEPT + 40):
+        ofs.mkdir(b"/many%d" % i, 0o755)
+        ofs.mkdir(b"/many%d/in" % i, 0o755)
+        ofs.release(ofs.create(b"/many%d/in/x" % i, 0o644))
+    for i in range(DIRS_KEPT + 40):
+        assert ofs.getattr(b"/many%d/in/x" % i)["st_size"] == 0
+    assert len(os.listdir("/proc/self/fd")) <= before + DIRS_KEPT + 2

@@ -20,6 +20,7 @@ import fcntl
 import json
 import logging
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -253,6 +254,7 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
 
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _raise_nofile()
     options: dict[str, Any] = dict(
         foreground=True, use_ino=True, default_permissions=True,
         fsname=fsname, subtype=subtype, max_read=MAX_READ,
@@ -263,6 +265,15 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
                             options={**options, "allow_other": allow_other, **(extra or {})})
         else:
             _serve_highlevel(view, fs, mp, on_ready, options, allow_other, extra)
+
+
+def _raise_nofile() -> None:
+    """As many open files as the hard limit allows (fuse-overlayfs does the same): every
+    file open in the container is one here, and walks keep directories open."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _serve_highlevel(view: MergedLowers, fs: Any, mp: Path, on_ready: Callable[[], None],

@@ -594,10 +594,12 @@ class LowLevelOperations(_Base):
         except OSError as exc:
             if exc.errno != errno.ENODATA or known is not None and known[0] == changes:
                 raise
-            try:
-                names = await self._call(self.fs.listxattr, path)
-            except OSError:
-                raise exc from None  # the miss is the answer
+            names = getattr(exc, "names", None)  # what the overlay's lookup listed
+            if names is None:
+                try:
+                    names = await self._call(self.fs.listxattr, path)
+                except OSError:
+                    raise exc from None  # the miss is the answer
             if len(self._xattr_names) >= XATTR_NAMES_KEPT:
                 self._xattr_names.clear()
             self._xattr_names[inode] = (changes, frozenset(names))

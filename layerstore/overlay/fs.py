@@ -58,7 +58,7 @@ import itertools
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +107,9 @@ COPY_BLOCK = 1 << 20
 #: copy-up modes: the data with the metadata, or the metadata alone (the data stays in
 #: the lowers until the first write)
 FULL, META, LAZY = "full", "meta", "lazy"
+#: upper directory fds a mount keeps for its walks (``OverlayFS._dirs``), at most
+DIRS_KEPT = 256
+_UNREAD = object()
 COPY_UP_MODES = (FULL, META, LAZY)
 
 
@@ -121,6 +124,20 @@ def _changes(fn: F) -> F:
             return fn(self, *args, **kwargs)
         finally:
             self._changed()
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _moves_dirs(fn: F) -> F:
+    """A call that can change which upper directory a path names: the walk cache is
+    emptied after it (``OverlayFS._dirs``). Inside ``_locked``."""
+
+    @functools.wraps(fn)
+    def wrapper(self: OverlayFS, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            self._forget_dirs()
 
     return wrapper  # type: ignore[return-value]
 
@@ -194,6 +211,14 @@ def _origin_of(target: int | str) -> int | None:
     return int.from_bytes(value, "big") if len(value) == 8 else None
 
 
+def _no_xattr(vpath: bytes, stored: Iterable[bytes]) -> OverlayError:
+    """ENODATA for a getxattr, carrying the names the entry has (``names``, as
+    ``listxattr`` gives them), so that a caller keeping them needs no second lookup."""
+    err = OverlayError(errno.ENODATA, vpath)
+    err.names = [v for v in map(visible_xattr, stored) if v is not None]  # type: ignore[attr-defined]
+    return err
+
+
 def _split(vpath: bytes) -> tuple[bytes, bytes]:
     """(parent vpath, name); the root is (b"/", b".") so ``*at`` calls reach it."""
     parts = split_parts(vpath)
@@ -229,6 +254,17 @@ class OverlayFS:
         self._lazy: dict[tuple[int, int], LazyFile] = {}
         self._fh = itertools.count(1)
         self._tmp = itertools.count()
+        #: upper directories met on walks below the root, by vpath: (fd, its stat then,
+        #: the lower directory it merges with, opaque, a lower entry below). A walk takes
+        #: the parents of the path it looks up from here instead of opening and reading
+        #: each again (five syscalls a level). Only the calls that can change which upper
+        #: directory a path names, or whether it is opaque, empty it (``_forget_dirs``):
+        #: rename and rmdir; a new upper directory is only ever made where none was.
+        #: (The last field: the lower inode number a copied-up directory records, or
+        #: ``_UNREAD``.)
+        self._dirs: dict[bytes, tuple[int, os.stat_result, Node | None, bool, bool,
+                                      int | None | object]] = {}
+        self._root_st = os.fstat(self.upper_fd)
         for name in os.listdir(self.work_fd):  # copy-ups a crash left half done
             if os.fsencode(name).startswith(TMP_PREFIX):
                 remove_tree_at(self.work_fd, os.fsencode(name))
@@ -239,7 +275,14 @@ class OverlayFS:
         read before, since ``next`` of a count is atomic under the GIL)."""
         self.changes = next(self._tickets)
 
+    def _forget_dirs(self) -> None:
+        """Drop the walk cache (after a rename or an rmdir). Requires ``_lock``."""
+        dirs, self._dirs = self._dirs, {}
+        for entry in dirs.values():
+            os.close(entry[0])
+
     def close(self) -> None:
+        self._forget_dirs()
         for h in self._handles.values():
             if h.fd >= 0:
                 os.close(h.fd)
@@ -255,46 +298,64 @@ class OverlayFS:
         """The merged entry at ``vpath``, None if there is none; ENOTDIR if a parent is
         not a directory. Requires ``_lock``."""
         parts = split_parts(vpath)
-        fd: int | None = os.dup(self.upper_fd)
-        try:
-            assert fd is not None
-            root_lower = self.lowers.resolve(b"/")
-            cur = Found(b"/", os.fstat(fd), root_lower, False, False)
-            for i, name in enumerate(parts):
-                if not cur.is_dir:
+        root_lower = self.lowers.resolve(b"/")
+        if not parts:
+            return Found(b"/", os.fstat(self.upper_fd), root_lower, False, False)
+        #: the upper directory of ``cur`` (-1: none): the root, or one in ``_dirs``
+        fd = self.upper_fd
+        cur = Found(b"/", self._root_st, root_lower, False, False)
+        last = len(parts) - 1
+        for i, name in enumerate(parts):
+            if not cur.is_dir:
+                raise OverlayError(errno.ENOTDIR, vpath)
+            path = join_vpath(cur.vpath, name)
+            if fd >= 0:
+                hit = self._dirs.get(path)
+                if hit is not None:
+                    fd, ust, lower, opaque, below, origin = hit
+                    if i == last:  # the directory itself: its attributes now
+                        ust = os.fstat(fd)
+                        if lower is None and origin is _UNREAD:
+                            origin = _origin_of(fd)
+                            self._dirs[path] = (fd, ust, lower, opaque, below, origin)
+                        return Found(path, ust, lower, opaque, below,
+                                     origin=None if lower is not None else origin)
+                    cur = Found(path, ust, lower, opaque, below)
+                    continue
+            ust = lstat_at(fd, name) if fd >= 0 else None
+            if ust is not None and is_whiteout(ust):
+                return None
+            if ust is not None and not stat.S_ISDIR(ust.st_mode):
+                if i != last:
                     raise OverlayError(errno.ENOTDIR, vpath)
-                path = join_vpath(cur.vpath, name)
-                ust = lstat_at(fd, name) if fd is not None else None
-                if ust is not None and is_whiteout(ust):
-                    return None
-                if ust is not None and not stat.S_ISDIR(ust.st_mode):
-                    assert fd is not None
-                    if i != len(parts) - 1:
-                        raise OverlayError(errno.ENOTDIR, vpath)
-                    return self._upper_leaf(path, ust, fd, name, cur)
-                merges = cur.lower is not None and cur.lower.entry.type == DIR and not cur.opaque
-                raw = self.lowers.resolve(path) if merges else None
-                lower = raw if (ust is None or stat.S_ISDIR(ust.st_mode)) else None
-                opaque = False
-                newfd = None
-                origin = None
-                if ust is not None and stat.S_ISDIR(ust.st_mode):
-                    newfd = open_dir_at(fd, name)  # type: ignore[arg-type]
+                return self._upper_leaf(path, ust, fd, name, cur)
+            merges = cur.lower is not None and cur.lower.entry.type == DIR and not cur.opaque
+            raw = self.lowers.resolve(path) if merges else None
+            lower = raw if (ust is None or stat.S_ISDIR(ust.st_mode)) else None
+            opaque = False
+            newfd = -1
+            origin = None
+            if ust is not None and stat.S_ISDIR(ust.st_mode):
+                newfd = open_dir_at(fd, name)
+                try:
                     opaque = is_opaque_fd(newfd)
                     if opaque or (lower is not None and lower.entry.type != DIR):
                         lower = None
-                    if lower is None and i == len(parts) - 1:  # only the leaf's is shown:
+                    if lower is None and i == last:  # only the leaf's is shown:
                         origin = _origin_of(newfd)  # a copied-up dir keeps its lower ino
-                if fd is not None:
-                    os.close(fd)
-                fd = newfd
-                if ust is None and lower is None:
-                    return None
-                cur = Found(path, ust, lower, opaque, raw is not None, origin=origin)
-            return cur
-        finally:
-            if fd is not None:
-                os.close(fd)
+                except BaseException:
+                    os.close(newfd)
+                    raise
+            fd = newfd
+            if newfd >= 0:
+                if len(self._dirs) >= DIRS_KEPT:
+                    self._forget_dirs()
+                self._dirs[path] = (newfd, ust, lower, opaque, raw is not None,
+                                    origin if i == last else _UNREAD)
+            if ust is None and lower is None:
+                return None
+            cur = Found(path, ust, lower, opaque, raw is not None, origin=origin)
+        return cur
 
     def _upper_leaf(self, path: bytes, ust: os.stat_result, pfd: int, name: bytes,
                     parent: Found) -> Found:
@@ -357,10 +418,11 @@ class OverlayFS:
         """An fd of the upper directory at ``vpath``, copying up missing directories
         (metadata only) when ``copy_up``. The merged view must have a directory there.
         Requires ``_lock``."""
-        fd = os.dup(self.upper_fd)
+        hit = self._dirs.get(vpath)
+        fd = os.dup(self.upper_fd if hit is None else hit[0])
         try:
             cur = b"/"
-            for name in split_parts(vpath):
+            for name in split_parts(vpath) if hit is None else ():
                 cur = join_vpath(cur, name)
                 try:
                     nfd = open_dir_at(fd, name)
@@ -1115,6 +1177,7 @@ class OverlayFS:
 
     @_changes
     @_locked
+    @_moves_dirs
     def rmdir(self, vpath: bytes) -> None:
         f = self._lookup(vpath)
         if not f.is_dir:
@@ -1127,6 +1190,7 @@ class OverlayFS:
 
     @_changes
     @_locked
+    @_moves_dirs
     def rename(self, old: bytes, new: bytes) -> None:
         """rename(2) with POSIX overwrite rules; lower and merged directories are copied
         up whole first (see the module docstring), so there is no EXDEV."""
@@ -1256,13 +1320,13 @@ class OverlayFS:
             assert f.lower is not None
             value = f.lower.entry.xattrs.get(key)
             if value is None:
-                raise OverlayError(errno.ENODATA, vpath)
+                raise _no_xattr(vpath, f.lower.entry.xattrs)
             return value
         if f.xattr_names is not None and key not in f.xattr_names:
             # what the lookup listed: no second walk for the names a file has not got
             # (the kernel asks security.capability before a new file's first write,
             # ls -l asks security.selinux and system.posix_acl_access of each file)
-            raise OverlayError(errno.ENODATA, vpath)
+            raise _no_xattr(vpath, f.xattr_names)
         with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
             return os.getxattr(proc_path(fd), key)
 
