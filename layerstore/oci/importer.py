@@ -159,12 +159,14 @@ def import_layer(store: Store, layer: LayerSource, progress: Progress,
         tick = progress(label, layer.size)
         diff_hash = hashlib.sha256()
         # reading, decompressing and both hashes run in a thread of their own
-        ahead = Prefetcher(stream, diff_hash)
+        ahead: Prefetcher | None = None
         try:
+            ahead = Prefetcher(stream, diff_hash)
             result = read_layer_tar(ahead, None, batch, cdc, layer.what,
                                     progress=tick if compression == "none" else None)
         finally:
-            ahead.close()
+            if ahead is not None:
+                ahead.close()
         if raw_hash is not None:
             raw_hash.drain()
         if compression != "none":

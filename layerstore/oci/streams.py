@@ -91,6 +91,7 @@ class Prefetcher:
         self.buf = b""
         self.off = 0
         self.done = False
+        self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="layer-reader", daemon=True)
         self.thread.start()
 
@@ -117,6 +118,8 @@ class Prefetcher:
 
     def _next(self) -> bool:
         """The next block into ``buf``; False at the end of the stream."""
+        if self.error is not None:
+            raise self.error  # again: an error is never a clean end
         if self.done:
             return False
         item = self.q.get()
@@ -125,6 +128,7 @@ class Prefetcher:
             return False
         if isinstance(item, BaseException):
             self.done = True
+            self.error = item
             raise item
         self.buf, self.off = item, 0
         return True

@@ -667,6 +667,9 @@ class OverlayFS:
                 st = lstat_at(fd, os.fsencode(n))
                 if st is not None and is_whiteout(st):
                     os.unlink(n, dir_fd=fd)
+        # The walk cache knew this directory as merged, not opaque: a later copy-up in
+        # this rename (the other names of a lower hard link) must not walk through that.
+        self._forget_dirs()
 
     def _link_upper(self, src: bytes, dst: bytes) -> None:
         sp, sn = _split(src)
@@ -1190,13 +1193,22 @@ class OverlayFS:
 
     @_changes
     @_locked
-    @_moves_dirs
     def rename(self, old: bytes, new: bytes) -> None:
         """rename(2) with POSIX overwrite rules; lower and merged directories are copied
         up whole first (see the module docstring), so there is no EXDEV."""
         if not split_parts(old) or not split_parts(new):
             raise OverlayError(errno.EBUSY, old)
         fo = self._lookup(old)
+        if not fo.is_dir:
+            # a non-directory moves no directory (over a directory it is EISDIR): the
+            # walk cache stays (dpkg renames every file it installs)
+            return self._rename(fo, old, new)
+        try:
+            return self._rename(fo, old, new)
+        finally:
+            self._forget_dirs()
+
+    def _rename(self, fo: Found, old: bytes, new: bytes) -> None:
         new_parent, new_name = _split(new)
         pn = self._lookup_dir(new_parent)
         fn = self._find(new)
