@@ -19,6 +19,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -1108,3 +1109,23 @@ def test_renaming_a_tree_keeps_a_deleted_hard_link_deleted(overlays: Overlays, c
         assert not ofs.exists(b"/e/a/g")
         assert [n for n, _ in ofs.readdir(b"/e/a")] == []
         assert _read_all(ofs, b"/e/b/f") == b"abc"
+
+
+def test_upper_and_work_on_different_filesystems_is_exdev(overlays: Overlays, tmp_path: Path):
+    """As kernel overlayfs requires: EXDEV, not a crash, and no fd left open."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the temporary directory")
+    work = Path(tempfile.mkdtemp(dir=shm))
+    upper = tmp_path / "x-upper"
+    upper.mkdir()
+    before = len(os.listdir("/proc/self/fd"))
+    try:
+        with overlays.store.env.read() as txn:
+            img = resolve(txn, overlays.store.env, "demo:app")
+        with pytest.raises(OSError) as exc:
+            OverlayFS(MergedLowers(StoreLayers(overlays.store, img.diff_ids)), upper, work)
+        assert exc.value.errno == errno.EXDEV
+        assert len(os.listdir("/proc/self/fd")) == before
+    finally:
+        os.rmdir(work)

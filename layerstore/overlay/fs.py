@@ -259,7 +259,9 @@ class OverlayFS:
         #: the parents of the path it looks up from here instead of opening and reading
         #: each again (five syscalls a level). Only the calls that can change which upper
         #: directory a path names, or whether it is opaque, empty it (``_forget_dirs``):
-        #: rename and rmdir; a new upper directory is only ever made where none was.
+        #: rmdir, the rename of a directory, and each step of a tree's copy-up that
+        #: makes a directory self-contained; a new upper directory is only ever made
+        #: where none was.
         #: (The last field: the lower inode number a copied-up directory records, or
         #: ``_UNREAD``.)
         self._dirs: dict[bytes, tuple[int, os.stat_result, Node | None, bool, bool,
@@ -276,17 +278,18 @@ class OverlayFS:
         self.changes = next(self._tickets)
 
     def _forget_dirs(self) -> None:
-        """Drop the walk cache (after a rename or an rmdir). Requires ``_lock``."""
-        dirs, self._dirs = self._dirs, {}
+        """Drop the walk cache (after a directory is renamed, removed or made
+        self-contained). Requires ``_lock``."""
+        dirs, self._dirs = getattr(self, "_dirs", {}), {}
         for entry in dirs.values():
             os.close(entry[0])
 
     def close(self) -> None:
         self._forget_dirs()
-        for h in self._handles.values():
+        for h in getattr(self, "_handles", {}).values():
             if h.fd >= 0:
                 os.close(h.fd)
-        self._handles.clear()
+        self._handles = {}
         for fd in (getattr(self, "upper_fd", -1), getattr(self, "work_fd", -1)):
             if fd >= 0:
                 os.close(fd)
