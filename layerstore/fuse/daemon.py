@@ -361,7 +361,14 @@ def _warm_up(view: MergedLowers, fs: Any) -> None:
     what any use of a container reaches first. Costs a few ms of the mount's time."""
     try:
         if fs is not None:
-            fs.readdir(b"/")
+            entries = fs.readdir(b"/")
+            # and what a first metadata change asks for: a lookup below the root, and
+            # the kernel's security.capability check (chown through a fresh mount:
+            # LOOKUP, LOOKUP, GETXATTR, SETATTR)
+            for name, _ in entries[:1]:
+                fs.getattr(b"/" + name)
+                with contextlib.suppress(OSError):
+                    fs.getxattr(b"/" + name, b"security.capability")
         else:
             view.listdir(b"/")
     except Exception:  # noqa: BLE001 - a warm-up only: the mount reports what is wrong
