@@ -1129,3 +1129,25 @@ def test_upper_and_work_on_different_filesystems_is_exdev(overlays: Overlays, tm
         assert len(os.listdir("/proc/self/fd")) == before
     finally:
         os.rmdir(work)
+
+
+def test_wire_warm_up_leaves_no_trace(ofs: OverlayFS):
+    """wire.py runs a few LOOKUP/GETATTR/GETXATTR through its handlers before INIT is
+    answered (the first requests of a fresh daemon were slower): every lookup is
+    forgotten again and nothing in the view changes."""
+    from layerstore.fuse import lowlevel, wire
+
+    if lowlevel.pyfuse3 is not wire:
+        pytest.skip("the adapter runs on another transport here")
+    ops = lowlevel.LowLevelOperations(ofs)
+    session = wire._Session.__new__(wire._Session)
+    session.ops = ops
+    session.lister = wire._Lister(ops)
+    session.flags = 0
+    before = ofs.changes
+    names = ops.warm_names()
+    assert names and all(b"/" not in n for n in names)
+    session._warm_up()
+    assert list(ops.table.nodes) == [lowlevel.ROOT] and not ops.table.child
+    assert ofs.changes == before
+    assert sorted(os.listdir(f"/proc/self/fd/{ofs.upper_fd}")) == []

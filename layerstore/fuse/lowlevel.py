@@ -476,6 +476,10 @@ class LowLevelOperations(_Base):
     def _changes(self) -> int:
         return self.fs.changes
 
+    def warm_names(self) -> list[bytes]:
+        """A few names in the root, for the transport's warm-up (``wire._Session``)."""
+        return [name for name, _ in self.fs.readdir(b"/")[:4]]
+
     async def _call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """``fn(*args)`` here if the overlay's lock is free (it stays held by this thread
         for the call), else in a worker thread: a copy-up in another thread holds the

@@ -44,6 +44,7 @@ took 60 us there (17% of the daemon's samples in the trio lock), ~50 here.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import inspect
 import logging
@@ -63,6 +64,8 @@ import trio
 from . import clear_setid, killed_mode
 
 log = logging.getLogger("layerstore.fuse.wire")
+#: times ``_Session._warm_up`` runs each request (CPython specializes after a few runs)
+WARM_UP_ROUNDS = 12
 
 ROOT_INODE = 1
 #: protocol version spoken (the kernel's, if older)
@@ -477,10 +480,41 @@ class _Session:
         if getattr(self.ops, "enable_writeback_cache", False):
             want |= WRITEBACK_CACHE  # LAYERSTORE_FUSE_WRITEBACK=1 (lowlevel.py)
         self.flags = flags & want
+        self._warm_up()
         self.ops.init()
         return INIT_OUT.pack(MAJOR, min(minor, MINOR), max_readahead, self.flags & 0xFFFFFFFF,
                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0,
                              self.flags >> 32, 0)
+
+    def _warm_up(self) -> None:
+        """Before the mount goes live (INIT is answered after this): run the requests a
+        first use of a container makes (LOOKUP, GETATTR, GETXATTR of a name below the
+        root) through the handlers a few times, replies dropped, each lookup forgotten
+        again. A fresh daemon answered its first ten requests or so 50-90 us slower
+        each than later ones (an lstat of 50 new names in a row through a fresh mount:
+        721, 144, 114 ... 60, 55 us): the interpreter specializes code as it runs it.
+        Best effort: anything that fails here fails again, and is answered, when used."""
+        names = getattr(self.ops, "warm_names", None)
+        if names is None:
+            return
+        ctx = RequestContext(0, 0, os.getpid())
+        cap = memoryview(XATTR_IN.pack(0, 0) + b"security.capability\0")
+        forget_one = memoryview(FORGET_IN.pack(1))
+        try:
+            found = names()
+            for _ in range(WARM_UP_ROUNDS):
+                _run(self.h_getattr(ROOT_INODE, memoryview(b""), ctx))
+                for name in found:
+                    entry = _run(self.h_lookup(ROOT_INODE, memoryview(name + b"\0"), ctx))
+                    nodeid = ENTRY_OUT.unpack_from(entry)[0]
+                    try:
+                        _run(self.h_getattr(nodeid, memoryview(b""), ctx))
+                        with contextlib.suppress(FUSEError, OSError):
+                            _run(self.h_getxattr(nodeid, cap, ctx))
+                    finally:
+                        self._forget(FORGET, nodeid, forget_one)
+        except Exception:  # a warm-up only (see above); logged with its traceback
+            log.debug("warm-up failed", exc_info=True)
 
     async def h_destroy(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         self.stopped = True
