@@ -143,6 +143,15 @@ class NoEntryError(OverlayError, FileNotFoundError):
         super().__init__(errno.ENOENT, path)
 
 
+class NoXattrError(OverlayError):
+    """ENODATA from a getxattr; ``names``: the attribute names the entry has (what
+    ``listxattr`` gives), so that a caller keeping them needs no second lookup."""
+
+    def __init__(self, path: str | bytes | None, names: list[bytes]) -> None:
+        super().__init__(errno.ENODATA, path)
+        self.names = names
+
+
 class NotEmptyError(OverlayError):
     def __init__(self, path: str | bytes | None = None) -> None:
         super().__init__(errno.ENOTEMPTY, path)

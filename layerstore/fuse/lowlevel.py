@@ -73,6 +73,7 @@ if TRANSPORT == "wire":
 else:
     import pyfuse3
 
+from ..errors import NoXattrError
 from ..overlay.fs import FULL, OverlayFS
 from . import clear_setid, errno_of, may_keep_setid
 from ..overlay.lower import MergedLowers, node_stat
@@ -598,8 +599,9 @@ class LowLevelOperations(_Base):
         except OSError as exc:
             if exc.errno != errno.ENODATA or known is not None and known[0] == changes:
                 raise
-            names = getattr(exc, "names", None)  # what the overlay's lookup listed
-            if names is None:
+            if isinstance(exc, NoXattrError):
+                names = exc.names  # what the overlay's lookup listed
+            else:
                 try:
                     names = await self._call(self.fs.listxattr, path)
                 except OSError:

@@ -66,7 +66,7 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from ..errors import LayerstoreError, NoEntryError, NotEmptyError, OverlayError
+from ..errors import LayerstoreError, NoEntryError, NotEmptyError, NoXattrError, OverlayError
 from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, join_vpath
 from .lazy import LAZY_MIN, LAZY_XATTR, LazyFile
 from .lower import IFMT, MergedLowers, Node, node_stat
@@ -109,8 +109,9 @@ COPY_BLOCK = 1 << 20
 FULL, META, LAZY = "full", "meta", "lazy"
 #: upper directory fds a mount keeps for its walks (``OverlayFS._dirs``), at most
 DIRS_KEPT = 256
-_UNREAD = object()
 COPY_UP_MODES = (FULL, META, LAZY)
+#: ``OverlayFS._dirs``: the origin of a directory not read yet
+_UNREAD = object()
 
 
 def _changes(fn: F) -> F:
@@ -124,20 +125,6 @@ def _changes(fn: F) -> F:
             return fn(self, *args, **kwargs)
         finally:
             self._changed()
-
-    return wrapper  # type: ignore[return-value]
-
-
-def _moves_dirs(fn: F) -> F:
-    """A call that can change which upper directory a path names: the walk cache is
-    emptied after it (``OverlayFS._dirs``). Inside ``_locked``."""
-
-    @functools.wraps(fn)
-    def wrapper(self: OverlayFS, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(self, *args, **kwargs)
-        finally:
-            self._forget_dirs()
 
     return wrapper  # type: ignore[return-value]
 
@@ -211,12 +198,9 @@ def _origin_of(target: int | str) -> int | None:
     return int.from_bytes(value, "big") if len(value) == 8 else None
 
 
-def _no_xattr(vpath: bytes, stored: Iterable[bytes]) -> OverlayError:
-    """ENODATA for a getxattr, carrying the names the entry has (``names``, as
-    ``listxattr`` gives them), so that a caller keeping them needs no second lookup."""
-    err = OverlayError(errno.ENODATA, vpath)
-    err.names = [v for v in map(visible_xattr, stored) if v is not None]  # type: ignore[attr-defined]
-    return err
+def _no_xattr(vpath: bytes, stored: Iterable[bytes]) -> NoXattrError:
+    """ENODATA for a getxattr, with the names the entry has as ``listxattr`` gives them."""
+    return NoXattrError(vpath, [v for v in map(visible_xattr, stored) if v is not None])
 
 
 def _split(vpath: bytes) -> tuple[bytes, bytes]:
@@ -242,7 +226,8 @@ class OverlayFS:
             os.close(self.upper_fd)
             raise
         if os.fstat(self.upper_fd).st_dev != os.fstat(self.work_fd).st_dev:
-            self.close()
+            os.close(self.upper_fd)
+            os.close(self.work_fd)
             raise OverlayError(errno.EXDEV, os.fsencode(work))
         self._lock = threading.RLock()
         #: changes to the view: a new value after each call that may change it (``_changes``)
@@ -280,16 +265,16 @@ class OverlayFS:
     def _forget_dirs(self) -> None:
         """Drop the walk cache (after a directory is renamed, removed or made
         self-contained). Requires ``_lock``."""
-        dirs, self._dirs = getattr(self, "_dirs", {}), {}
+        dirs, self._dirs = self._dirs, {}
         for entry in dirs.values():
             os.close(entry[0])
 
     def close(self) -> None:
         self._forget_dirs()
-        for h in getattr(self, "_handles", {}).values():
+        for h in self._handles.values():
             if h.fd >= 0:
                 os.close(h.fd)
-        self._handles = {}
+        self._handles.clear()
         for fd in (getattr(self, "upper_fd", -1), getattr(self, "work_fd", -1)):
             if fd >= 0:
                 os.close(fd)
@@ -1183,7 +1168,6 @@ class OverlayFS:
 
     @_changes
     @_locked
-    @_moves_dirs
     def rmdir(self, vpath: bytes) -> None:
         f = self._lookup(vpath)
         if not f.is_dir:
@@ -1192,7 +1176,10 @@ class OverlayFS:
             raise OverlayError(errno.EBUSY, vpath)
         if self._names(f):
             raise NotEmptyError(vpath)
-        self._remove(f)
+        try:
+            self._remove(f)
+        finally:
+            self._forget_dirs()  # a whiteout or nothing where the directory was
 
     @_changes
     @_locked
