@@ -136,18 +136,43 @@ class Backend:
         return None
 
     def cleanup(self) -> None:
-        """After the suite, also after errors and Ctrl-C: nothing stays mounted."""
+        """After the suite, also after errors and Ctrl-C: nothing stays mounted, and the
+        retired directories are gone."""
         if self.mp.exists() and is_mounted(self.mp):
             force_unmount(self.mp)
         for pid in self.daemon_pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.mounted = False
+        if self.spent.exists():
+            common.rmtree(self.spent)
+
+    @property
+    def spent(self) -> Path:
+        return self.root / "spent"
+
+    def retire(self, path: Path) -> None:
+        """Throw away what is in the directory ``path``, and keep the directory itself
+        (moved to ``spent/``, same filesystem, same inode) until ``cleanup``. ext4 puts a
+        new upper (made in a ``common.spread_subdirs`` directory) in the block group
+        with the fewest directories: removing the last upper's directory made that its
+        group again, beside the inodes just freed, where creates are slow
+        (``common.spread_subdirs``); a kept directory sends the next one elsewhere."""
+        if not path.is_dir() or path.is_symlink():
+            if path.exists() or path.is_symlink():
+                common.rmtree(path)
+            return
+        for child in os.listdir(path):
+            common.rmtree(path / child)
+        self.spent.mkdir(parents=True, exist_ok=True)
+        os.rename(path, self.spent / f"{len(os.listdir(self.spent))}-{path.name}")
 
     # helpers for the overlay-style backends
     def _fresh_dirs(self) -> tuple[Path, Path]:
         self.n += 1
         up, wk = self.root / f"upper{self.n}", self.root / f"work{self.n}"
+        self.root.mkdir(parents=True, exist_ok=True)
+        common.spread_subdirs(self.root)  # each upper in a block group of its own
         for d in (up, wk):
             common.fresh_dir(d)
         self.mp.mkdir(parents=True, exist_ok=True)
@@ -158,7 +183,7 @@ class Backend:
     def _drop_dirs(self) -> None:
         for p in (self.root / f"upper{self.n}", self.root / f"work{self.n}"):
             if p.exists():
-                common.rmtree(p)
+                self.retire(p)
 
 
 class PlainDir(Backend):
@@ -331,6 +356,8 @@ class Layerstore(Backend):
         if self.cid is not None:
             if is_mounted(self.mp):
                 layerstore_cli("--root", root, "umount", self.mp)
+            for sub in ("upper", "work"):
+                self.retire(root / "containers" / self.cid / sub)
             layerstore_cli("--root", root, "rm", "--force", self.cid)
             self.cid = None
         self.mounted = False

@@ -246,6 +246,11 @@ def prepare(work: Path, cfg: Config, log: Callable[[str], None]) -> Prepared:
         marker.write_text("")
     scratch = base / "mounts"
     scratch.mkdir(exist_ok=True)
+    # Every fresh upper (and the plain directory's newfiles-*/) in a block group of its
+    # own, not beside the files the last measurement deleted (common.spread_subdirs).
+    (base / "store" / "containers").mkdir(exist_ok=True)
+    for d in (plain, base / "store" / "containers"):
+        common.spread_subdirs(d)
     data = Data(layers=[l0, base / "layer1"], store=base / "store", image="suite:1",
                 plain=plain, scratch=scratch)
     names = walk_targets(l0, cfg.walk_skip)
@@ -550,7 +555,9 @@ def walk(tool: str) -> Callable[[Ctx], list[Sample]]:
 
 def creates(count: int, size: int) -> Callable[[Ctx], list[Sample]]:
     def fn(ctx: Ctx) -> list[Sample]:
-        d = ctx.root / "newfiles"
+        # A new name each time: in the plain directory (chattr +T, see
+        # common.spread_subdirs) ext4 picks the block group by hashing the name.
+        d = ctx.root / f"newfiles-{os.urandom(4).hex()}"
         d.mkdir()
         paths = [str(d / f"f{i:05d}") for i in range(count)]
         buf = b"\xa5" * size
@@ -564,7 +571,10 @@ def creates(count: int, size: int) -> Callable[[Ctx], list[Sample]]:
         for p in paths:
             os.unlink(p)
         t2 = time.perf_counter_ns()
-        d.rmdir()
+        if ctx.backend.persistent:  # kept until the suite ends (Backend.retire)
+            ctx.later(lambda: ctx.backend.retire(d))
+        else:
+            d.rmdir()
         return [Sample(f"create {count} x {human_size(size)}", count / ((t1 - t0) / 1e9),
                        "files/s"),
                 Sample(f"delete those {count}", count / ((t2 - t1) / 1e9), "files/s")]
