@@ -45,3 +45,42 @@ def test_bench_quick(tmp_path: Path) -> None:
     # nothing stays mounted under the work directory
     mounts = Path("/proc/self/mounts").read_text()
     assert str(work) not in mounts
+
+
+def _bench_modules():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        import backends
+        import common
+    finally:
+        sys.path.pop(0)
+    return backends, common
+
+
+def test_retire_keeps_an_emptied_directory_until_cleanup(tmp_path: Path) -> None:
+    """A spent upper is emptied, its directory kept (same inode) until the suite ends:
+    on ext4 a new upper then goes to another block group than the one whose inodes
+    were just freed (benchmarks/common.py, ``spread_subdirs``)."""
+    bk, common = _bench_modules()
+    data = bk.Data(layers=[], store=tmp_path / "store", image="x:1", plain=tmp_path / "plain",
+                   scratch=tmp_path / "scratch")
+    b = bk.PlainDir(data)
+    up = tmp_path / "scratch" / "dir" / "upper1"
+    (up / "a" / "b").mkdir(parents=True)
+    (up / "a" / "b" / "f").write_bytes(b"x")
+    (up / ".hidden").write_bytes(b"y")
+    ino = up.stat().st_ino
+    b.retire(up)
+    assert not up.exists()
+    [kept] = list(b.spent.iterdir())
+    assert kept.stat().st_ino == ino and list(kept.iterdir()) == []
+    b.cleanup()
+    assert not b.spent.exists()
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(tmp_path)], capture_output=True, check=True,
+                            text=True).stdout.strip()
+    marked = common.spread_subdirs(tmp_path)
+    assert marked == (fstype == "ext2/ext3")  # what stat calls ext4 too
+    if marked:
+        out = subprocess.run(["lsattr", "-d", str(tmp_path)], capture_output=True, text=True,
+                             check=True)
+        assert "T" in out.stdout.split()[0]
