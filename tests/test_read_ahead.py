@@ -21,7 +21,7 @@ from layerstore.overlay.fs import FULL, OverlayFS
 from layerstore.overlay.lower import READ_AHEAD, MergedLowers, StoreLayers, _next_request, _Runs
 from layerstore.store import Store
 from layerstore.store.images import resolve
-from layerstore.store.txn import READ_AHEAD_INLINE, Env
+from layerstore.store.txn import READ_AHEAD_INLINE, WARM_THREADS_MAX, Env
 
 BIG = 12 << 20
 HUGE = 40 << 20  # more than one of copy_to's requests (16 MiB)
@@ -346,3 +346,37 @@ def test_warm_keys_threads_end_and_close_stops_them(tmp_path: Path):
     assert _threads("layerstore warm keys") == []
     assert env.warm_keys("chunks", keys)() is None  # closed: starts nothing
     assert _threads("layerstore warm keys") == []
+
+
+def test_warm_threads_are_capped_and_stop_before_a_remap(tmp_path: Path):
+    env = Env(tmp_path / "db")
+    try:
+        keys = [os.urandom(32) for _ in range(2000)]
+        env.write(lambda txn: [txn.put(k, b"v" * 100, db=env.db("chunks")) for k in keys])
+        for _ in range(5):  # 20 threads asked for
+            env.warm_keys("chunks", keys * 500)
+        assert 0 < len(_threads("layerstore warm keys")) <= WARM_THREADS_MAX
+        # growing the map remaps it: the lookups in flight stop first
+        env._set_mapsize(env.env.info()["map_size"] * 2)
+        assert _threads("layerstore warm keys") == []
+        with env.read() as txn:
+            assert txn.get(keys[0], db=env.db("chunks")) == b"v" * 100
+    finally:
+        env.close()
+
+
+def test_no_thread_to_start_is_no_error(tmp_path: Path, monkeypatch):
+    """Under a pids limit a thread may not start: read-ahead falls back to the
+    caller's WILLNEED, key lookups are skipped, and the store still closes."""
+    env = Env(tmp_path / "db")
+    keys = [os.urandom(32) for _ in range(100)]
+    env.write(lambda txn: [txn.put(k, os.urandom(50_000), db=env.db("chunks")) for k in keys])
+
+    def refuse(self: threading.Thread) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(threading.Thread, "start", refuse)
+    env.read_ahead(0, 8 << 20)
+    env.warm_keys("chunks", keys)()
+    env.close()
+    assert _threads("layerstore read-ahead") == []

@@ -319,7 +319,8 @@ class StoreLayers:
         if len(rec.chunks) >= WARM_KEYS_READ_FROM and (not r.warmed or (
                 offset == 0 and self._cached(rec.chunks[0][0]) is None)):
             # a first read of a big file, or a read from its start that finds nothing
-            # cached: the lookups of its chunks go ahead in the background
+            # cached: the lookups of its chunks go ahead in the background (a few such
+            # readers at a time: ``Env.warm_keys`` starts no more than its maximum)
             r.warmed = True
             self.store.env.warm_keys("chunks", [d for d, _ in rec.chunks])
         end = min(offset + size, rec.size)

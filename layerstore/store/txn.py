@@ -42,13 +42,15 @@ MAX_MAP_SIZE = 1 << 44
 _MADV_DONTNEED = 4
 _SYNC_FILE_RANGE_WRITE = 2
 #: ``Env.read_ahead`` asks the kernel for at most this much at a time
-#: what the read-ahead thread reads at a time, and how many requests it keeps waiting
+#: what the read-ahead thread reads at a time, and how many requests may wait for it
 READ_AHEAD_PIECE = 4 << 20
-READ_AHEAD_WAITING = 8
+READ_AHEAD_WAITING = 4
 #: a request up to this size is a posix_fadvise(WILLNEED) in the caller's thread
 READ_AHEAD_INLINE = 2 << 20
-#: threads looking up the keys a reader of many chunks will ask for (``Env.warm_keys``)
+#: threads looking up the keys a reader of many chunks will ask for (``Env.warm_keys``),
+#: and at most this many of them at once in a process (each holds a reader slot)
 WARM_THREADS = 4
+WARM_THREADS_MAX = 8
 PAGE = 4096
 _libc: Any = None
 _buffer_address: Any = None
@@ -136,13 +138,14 @@ class _ReadAhead:
     where WILLNEED took 59 ms of CPU only to start the reads. A small range (up to
     ``READ_AHEAD_INLINE``) is still a WILLNEED: its reads start at once, where the
     thread may first have to wait for the GIL (a cold 1 MiB copy-up took 9.9 ms
-    instead of 7.4 through the thread). The oldest requests are dropped when more than
-    ``READ_AHEAD_WAITING`` wait: a reader that moved on no longer needs them."""
+    instead of 7.4 through the thread). So is a large one while ``READ_AHEAD_WAITING``
+    requests wait already (several readers at once: each gets its reads started, as
+    before, rather than queue behind the others), or when no thread can be started."""
 
     def __init__(self, path: str):
         self.path = path
         self.cv = threading.Condition()
-        self.waiting: deque[tuple[int, int]] = deque(maxlen=READ_AHEAD_WAITING)
+        self.waiting: deque[tuple[int, int]] = deque()
         self.thread: threading.Thread | None = None
         self.fd = -1  #: data.mdb (-2: closed)
         self.closed = False
@@ -155,22 +158,34 @@ class _ReadAhead:
             return self.fd
 
     def ask(self, offset: int, length: int) -> None:
-        if length <= READ_AHEAD_INLINE:
-            # without the lock: readers of different files do not wait for each other
-            # (closed meanwhile: EBADF, or advice about another file; harmless)
-            fd = self._fd()
-            if fd >= 0:
-                os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+        if length > READ_AHEAD_INLINE and self._queue(offset, length):
             return
+        # without the lock: readers of different files do not wait for each other
+        # (closed meanwhile: EBADF, or advice about another file; harmless)
+        fd = self._fd()
+        if fd >= 0:
+            for start in range(offset, offset + length, READ_AHEAD_INLINE):
+                os.posix_fadvise(fd, start, min(READ_AHEAD_INLINE, offset + length - start),
+                                 os.POSIX_FADV_WILLNEED)
+
+    def _queue(self, offset: int, length: int) -> bool:
+        """Hand a request to the thread; False if it is busy or cannot be started."""
         with self.cv:
             if self.closed:
-                return
-            self.waiting.append((offset, length))
+                return True
+            if len(self.waiting) >= READ_AHEAD_WAITING:
+                return False
             if self.thread is None:
-                self.thread = threading.Thread(target=self._run, name="layerstore read-ahead",
-                                               daemon=True)
-                self.thread.start()
+                thread = threading.Thread(target=self._run, name="layerstore read-ahead",
+                                          daemon=True)
+                try:
+                    thread.start()
+                except RuntimeError:  # no more threads here (a pids limit)
+                    return False
+                self.thread = thread
+            self.waiting.append((offset, length))
             self.cv.notify()
+            return True
 
     def _run(self) -> None:
         try:
@@ -203,7 +218,7 @@ class _ReadAhead:
             self.closed = True
             self.cv.notify()
             thread = self.thread
-        if thread is not None:
+        if thread is not None and thread.ident is not None:
             thread.join()  # at most one piece to finish
         with self.cv:
             if self.fd >= 0:
@@ -323,6 +338,7 @@ class Env:
         self._set_mapsize(min(size * 2, MAX_MAP_SIZE))
 
     def _set_mapsize(self, size: int) -> None:
+        self._stop_warmers()  # they read the map without the caller knowing
         self._map_ranges = None  # LMDB maps the file anew
         self.env.set_mapsize(size)
 
@@ -393,7 +409,7 @@ class Env:
             return
         try:
             self._read_ahead.ask(offset, length)
-        except OSError:
+        except (OSError, RuntimeError):
             pass
 
     def warm_keys(self, db: str, keys: Sequence[bytes],
@@ -410,38 +426,61 @@ class Env:
         256 MiB (3,720 chunks) spent 86% of its waits there, with the chunks themselves
         read ahead; several threads keep several of those reads in flight."""
         stop = threading.Event()
+        started: list[threading.Thread] = []
+
+        def done() -> None:
+            stop.set()
+            for t in started:
+                t.join()
+
         if self._warm_closed:
-            return lambda: None
+            return done
         dbi = self.db(db)
 
         def run(part: Sequence[bytes]) -> None:
             try:
-                with self.read() as txn:
+                # Not ``read()``: a warm thread never remaps the store (MapResizedError
+                # after another process grew it: it stops), and ``_set_mapsize`` stops
+                # the warm threads before it remaps (a thread in a lookup would read
+                # unmapped memory).
+                txn = self.env.begin(write=False)
+                try:
                     cur = txn.cursor(db=dbi)
                     for key in part:
                         if stop.is_set():
                             return
                         cur.set_key(key)
-            except lmdb.Error:
-                pass  # an optimisation only
+                finally:
+                    txn.abort()
+            except Exception:  # noqa: BLE001, S110 - an optimisation only (readers full...)
+                pass
 
-        workers = [threading.Thread(target=run, args=(keys[i::threads],), daemon=True,
-                                    name="layerstore warm keys") for i in range(threads)]
         with self._warm_lock:
             self._warmers = [w for w in self._warmers if w[1].is_alive()]
-            if self._warm_closed:
-                return lambda: None
-            for t in workers:
-                t.start()
+            room = WARM_THREADS_MAX - len(self._warmers)
+            if self._warm_closed or room <= 0:
+                return done  # enough lookups going on: this reader does its own
+            n = min(threads, room)
+            for i in range(n):
+                t = threading.Thread(target=run, args=(keys[i::n],), daemon=True,
+                                     name="layerstore warm keys")
+                try:
+                    t.start()
+                except RuntimeError:  # no more threads here (a pids limit)
+                    break
+                started.append(t)
                 self._warmers.append((stop, t))
-
-        def done() -> None:
-            stop.set()
-            for t in workers:
-                if t.ident is not None:
-                    t.join()
-
         return done
+
+    def _stop_warmers(self) -> None:
+        """Stop the ``warm_keys`` threads and wait for them (each is at most one page
+        read from stopping)."""
+        with self._warm_lock:
+            warmers, self._warmers = self._warmers, []
+        for stop, _ in warmers:
+            stop.set()
+        for _, t in warmers:
+            t.join()
 
     def start_writeback(self) -> None:
         """Start writing the data file's dirty pages to disk, without waiting
@@ -465,14 +504,14 @@ class Env:
     def close(self) -> None:
         """Make every commit durable, then close."""
         self._map_ranges = []  # never madvise an address range that is not ours any more
-        self._read_ahead.close()
-        with self._warm_lock:
+        try:
+            self._read_ahead.close()
             self._warm_closed = True
-            warmers, self._warmers = self._warmers, []
-        for stop, t in warmers:
-            stop.set()
-        for stop, t in warmers:
-            t.join()
+            self._stop_warmers()
+        finally:
+            self._close_env()
+
+    def _close_env(self) -> None:
         try:
             self.env.sync(True)
         except lmdb.Error:
