@@ -380,3 +380,24 @@ def test_no_thread_to_start_is_no_error(tmp_path: Path, monkeypatch):
     env.warm_keys("chunks", keys)()
     env.close()
     assert _threads("layerstore read-ahead") == []
+
+
+def test_locate_map_reads_proc_maps_once(tmp_path: Path, monkeypatch):
+    """The daemon's warm-up finds the map (``Env.locate_map``), so a first copy-up does
+    not read /proc/self/maps (~0.7 ms) itself."""
+    import layerstore.store.txn as txn_mod
+
+    env = Env(tmp_path / "db")
+    try:
+        env.write(lambda txn: txn.put(b"k", os.urandom(100_000), db=env.db("chunks")))
+        env.locate_map()
+        monkeypatch.setattr(txn_mod, "_mapped_ranges", lambda path: pytest.fail("read again"))
+        with env.read(buffers=True) as txn:
+            value = txn.get(b"k", db=env.db("chunks"))
+            at = env.map_offset(value)
+            assert at is not None
+            with open(tmp_path / "db" / "data.mdb", "rb") as f:
+                f.seek(at)
+                assert f.read(64) == bytes(value[:64])
+    finally:
+        env.close()

@@ -360,6 +360,9 @@ def _warm_up(view: MergedLowers, fs: Any) -> None:
     directory took 210-240 us, one after this 25-30 us), and the root's entries are
     what any use of a container reaches first. Costs a few ms of the mount's time."""
     try:
+        store = getattr(view.layers, "store", None)
+        if store is not None:
+            store.env.locate_map()  # what every copy-up out of the store looks at first
         if fs is not None:
             entries = fs.readdir(b"/")
             # and what a first metadata change asks for: a lookup below the root, and
