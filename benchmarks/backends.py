@@ -165,7 +165,7 @@ class Backend:
         for child in os.listdir(path):
             common.rmtree(path / child)
         self.spent.mkdir(parents=True, exist_ok=True)
-        os.rename(path, self.spent / f"{len(os.listdir(self.spent))}-{path.name}")
+        os.rename(path, self.spent / f"{os.urandom(6).hex()}-{path.name}")  # never taken
 
     # helpers for the overlay-style backends
     def _fresh_dirs(self) -> tuple[Path, Path]:
