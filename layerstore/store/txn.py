@@ -41,7 +41,6 @@ MAX_MAP_SIZE = 1 << 44
 
 _MADV_DONTNEED = 4
 _SYNC_FILE_RANGE_WRITE = 2
-#: ``Env.read_ahead`` asks the kernel for at most this much at a time
 #: what the read-ahead thread reads at a time, and how many requests may wait for it
 READ_AHEAD_PIECE = 4 << 20
 READ_AHEAD_WAITING = 4
@@ -101,6 +100,15 @@ def buffer_address(buf: Any) -> int:
 
         _buffer_address = address
     return int(_buffer_address(buf))
+
+
+def _in_page_cache(addr: int) -> bool:
+    """Whether the page of a file map at ``addr`` (page-aligned) is in the page cache:
+    mincore of that one page."""
+    import ctypes
+
+    vec = ctypes.create_string_buffer(1)
+    return bool(_c().mincore(addr, PAGE, vec) == 0 and vec.raw[0] & 1)
 
 
 def _madvise(ranges: list[tuple[int, int]], advice: int) -> None:
@@ -393,12 +401,7 @@ class Env:
                 return False
             lo, hi = ranges[0]
             addr = lo + offset - offset % PAGE
-            if addr >= hi:
-                return False
-            import ctypes
-
-            vec = ctypes.create_string_buffer(1)
-            return _c().mincore(addr, PAGE, vec) == 0 and vec.raw[0] & 1 == 1
+            return addr < hi and _in_page_cache(addr)
         except (OSError, AttributeError):
             return False
 
