@@ -83,7 +83,8 @@ def chunk_offsets(view: MergedLowers, vpath: bytes) -> list[tuple[int, int]]:
             assert off is not None
             with open(env.path / "data.mdb", "rb") as f:
                 f.seek(off)
-                assert f.read(64) == bytes(value[:64])  # the offset is where the value is
+                n = min(64, len(value))
+                assert f.read(n) == bytes(value[:n])  # the offset is where the value is
             out.append((off, len(value)))
     return out
 
@@ -187,7 +188,10 @@ def test_full_copy_up_asks_ahead_and_not_past_the_file(lowers: MergedLowers, tmp
     try:
         fh = ofs.open(b"/small", os.O_WRONLY)
         ofs.release(fh)
-        assert asked == []  # one chunk: nothing to ask for
+        small = chunk_offsets(lowers, b"/small")
+        assert len(small) == 1 and len(asked) <= 1  # one chunk: asked for, no more
+        assert covered(asked, small) == []
+        del asked[:]
         fh = ofs.open(b"/huge", os.O_WRONLY)
         ofs.release(fh)
     finally:
@@ -195,10 +199,10 @@ def test_full_copy_up_asks_ahead_and_not_past_the_file(lowers: MergedLowers, tmp
     by_copy = list(asked)
     assert (tmp_path / "u/huge").read_bytes() == read_seq(lowers, b"/huge", 1 << 20)
     offs = chunk_offsets(lowers, b"/huge")
-    assert len(by_copy) > 2
+    assert by_copy  # the stretch the file's places cover: one request here
     assert sum(n for _, n in by_copy) <= 1.1 * (offs[-1][0] + offs[-1][1] - offs[0][0])
     assert all(a + n <= b for (a, n), (b, _) in zip(by_copy, by_copy[1:]))
-    assert covered(by_copy, offs)[1:] == []  # all but the first chunk asked for ahead
+    assert covered(by_copy, offs) == []  # all of them asked for, from the places
 
 
 def test_a_store_behind_a_symlink_still_finds_its_map(cli, root: Path, tmp_path: Path):

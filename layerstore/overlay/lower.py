@@ -35,10 +35,11 @@ from bisect import bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..digest import blake3_raw
 from ..errors import IntegrityError, NoEntryError, OverlayError
-from ..store import Store
+from ..store import Store, places
 from ..store.chunks import decode_chunk
 from ..store.layers import list_dir, lookup, walk
 from ..store.records import (
@@ -70,8 +71,12 @@ GUESS_SLACK = 64 << 10
 #: files whose reading ``StoreLayers`` follows at once (the table starts again beyond)
 MAX_READING = 4096
 
-#: bytes handed to one pwritev when a file is copied out of the store
+#: bytes handed to one pwritev when a file is copied out of the store, and how many
+#: such batches ahead of the one being copied are asked for from the store's file
 COPY_BATCH = 8 << 20
+COPY_AHEAD = 2
+#: values of a file this close in data.mdb are asked for as one stretch
+SPAN_GAP = 64 << 10
 #: a copy-up of a file of this many chunks or more has their keys looked up ahead
 #: (``Env.warm_keys``), and so has a first read of a file of ``WARM_KEYS_READ_FROM``
 #: (four threads cost ~0.2-0.4 ms: a read of a file warm in the store may be over
@@ -354,6 +359,11 @@ class StoreLayers:
             return
         rec, _ = self._file(entry.digest)
         env = self.store.env
+        with env.read(buffers=True) as txn:
+            spots = places.load(txn, env, entry.digest, rec)
+            if spots is not None:
+                self._copy_placed(rec, env, txn, fd, spots)
+                return
         stop = env.warm_keys("chunks", [d for d, _ in rec.chunks]) \
             if len(rec.chunks) >= WARM_KEYS_FROM else None
         try:
@@ -363,27 +373,123 @@ class StoreLayers:
                 stop()
 
     def _copy_chunks(self, rec: FileRecord, env: Env, fd: int) -> None:
-        off = 0
+        """``copy_to`` for a file without recorded places: its chunks are looked up a
+        few batches ahead of the copy (``Env.value_locator``) and asked for."""
         with env.read(buffers=True) as txn:
+            where = env.value_locator(txn, "chunks")
+            if where is None:
+                self._copy_chunks_following(rec, env, txn, fd)
+                return
             db = env.db("chunks")
-            batch: list[memoryview | bytes] = []
+            # the chunks in batches of COPY_BATCH bytes; the values of the next
+            # COPY_AHEAD batches are located (B-tree only) and asked for before the
+            # copy of a batch touches its values
+            batches: list[list[int]] = [[]]
             size = 0
-            runs = _Runs(2 * COPY_BATCH)  # what data.mdb is asked for (see _read_ahead)
-            left = rec.size  # bytes of the file after the chunk
-            for i, (d, n) in enumerate(rec.chunks):
-                value = txn.get(d, db=db)
+            for i, (_, n) in enumerate(rec.chunks):
+                if size >= COPY_BATCH:
+                    batches.append([])
+                    size = 0
+                batches[-1].append(i)
+                size += n
+            located: list[tuple[int, int]] = []
+
+            def ask(batch: list[int]) -> None:
+                spots = []
+                for i in batch:
+                    spot = where(rec.chunks[i][0])
+                    if spot is None:
+                        raise IntegrityError(f"chunk {rec.chunks[i][0].hex()[:16]} is missing")
+                    spots.append(spot)
+                located.extend(spots)
+                for start, stop in _spans(spots):
+                    env.read_ahead(start, stop - start)
+
+            for batch in batches[:COPY_AHEAD]:
+                ask(batch)
+            off = 0
+            for k, batch in enumerate(batches):
+                if k + COPY_AHEAD < len(batches):
+                    ask(batches[k + COPY_AHEAD])
+                bufs: list[memoryview | bytes] = []
+                for i in batch:
+                    at, n = located[i]
+                    env.wait_read(at, at + n)
+                    value = txn.get(rec.chunks[i][0], db=db)
+                    if value is None:
+                        raise IntegrityError(f"chunk {rec.chunks[i][0].hex()[:16]} is missing")
+                    bufs.append(decode_chunk(value))
+                off = _pwrite_all(fd, bufs, off)
+
+    def _copy_placed(self, rec: FileRecord, env: Env, txn: Any, fd: int,
+                     spots: list[tuple[int, int]]) -> None:
+        """``_copy_chunks`` for a file whose chunks' places are recorded (``places``):
+        no lookup, and all of it asked for at once (``Env.read_ahead`` reads a large
+        stretch in its thread; each batch waits for what it needs of it)."""
+        view = env.map_view()
+        if view is None:
+            self._copy_chunks_following(rec, env, txn, fd)
+            return
+        for start, stop in _spans([s for s in spots if s[0] >= 0]):
+            env.read_ahead(start, stop - start)
+        db = env.db("chunks")
+        off, size = 0, 0
+        bufs: list[memoryview | bytes] = []
+        last = len(spots) - 1
+        for i, (at, n) in enumerate(spots):
+            if at >= 0:
+                env.wait_read(at, at + n)
+            if at >= 0 and places.fits(view, at, n):
+                value = view[at:at + n]
+            else:  # a small value, in its leaf page (or a place that does not fit)
+                value = txn.get(rec.chunks[i][0], db=db)
                 if value is None:
-                    raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
-                left -= n
-                at = env.map_offset(value)
-                request = None if at is None or left <= 0 else runs.after(at + len(value), left)
-                if request is not None:
-                    env.read_ahead(*request)
-                batch.append(decode_chunk(value))
-                size += len(batch[-1])
-                if size >= COPY_BATCH or i == len(rec.chunks) - 1:
-                    off = _pwrite_all(fd, batch, off)
-                    batch, size = [], 0
+                    raise IntegrityError(f"chunk {rec.chunks[i][0].hex()[:16]} is missing")
+            bufs.append(decode_chunk(value))
+            size += rec.chunks[i][1]
+            if size >= COPY_BATCH or i == last:
+                off = _pwrite_all(fd, bufs, off)
+                bufs, size = [], 0
+
+    def _copy_chunks_following(self, rec: FileRecord, env: Env, txn: Any, fd: int) -> None:
+        """``_copy_chunks`` where values cannot be located before they are read: each
+        chunk's place tells where the next ones probably are (``_Runs``)."""
+        off = 0
+        db = env.db("chunks")
+        batch: list[memoryview | bytes] = []
+        size = 0
+        runs = _Runs(2 * COPY_BATCH)  # what data.mdb is asked for (see _read_ahead)
+        left = rec.size  # bytes of the file after the chunk
+        for i, (d, n) in enumerate(rec.chunks):
+            value = txn.get(d, db=db)
+            if value is None:
+                raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
+            left -= n
+            at = env.map_offset(value)
+            request = None if at is None or left <= 0 else runs.after(at + len(value), left)
+            if request is not None:
+                env.read_ahead(*request)
+            batch.append(decode_chunk(value))
+            size += len(batch[-1])
+            if size >= COPY_BATCH or i == len(rec.chunks) - 1:
+                off = _pwrite_all(fd, batch, off)
+                batch, size = [], 0
+
+
+def _spans(spots: list[tuple[int, int]], gap: int = SPAN_GAP) -> list[tuple[int, int]]:
+    """The stretches of data.mdb that hold the values at ``spots`` ((offset, length),
+    in the order they are needed): values less than ``gap`` apart are one stretch
+    (each value starts a page of its own), and the stretches are in the order of
+    their first value."""
+    out: list[list[int]] = []
+    for at, n in spots:
+        for span in reversed(out):  # most often the last one
+            if span[0] - gap <= at <= span[1] + gap:
+                span[0], span[1] = min(span[0], at), max(span[1], at + n)
+                break
+        else:
+            out.append([at, at + n])
+    return [(a, b) for a, b in out]
 
 
 def _next_request(asked: int, at: int, window: int, left: int) -> tuple[int, int] | None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from ..digest import blake3_hasher, blake3_raw
 from ..errors import IntegrityError
+from . import places
 from .chunks import decode_chunk
 from .gc import mark
 from .layers import iter_layer_values
@@ -140,6 +141,9 @@ def check(env: Env, tick: Callable[[int], None] | None = None) -> CheckResult:
                         bad(f"layer {name}: file content {e.digest.hex()[:16]} missing or damaged")
                 if count != rec_l.entry_count:
                     bad(f"layer {name}: has {count} entries, its record says {rec_l.entry_count}")
+        # where files' chunks lie (a hint readers use at the current generation)
+        for msg in places.check(txn, env):
+            bad(msg)
         # images: config hashes to the id; layers exist
         image_ids = set()
         with txn.cursor(db=env.db("images")) as cur:

@@ -27,6 +27,7 @@ import zstandard
 
 from ..digest import blake3_hasher, blake3_raw
 from ..errors import IntegrityError
+from .places import put_places
 from .records import FileRecord
 from .txn import Env
 
@@ -261,6 +262,9 @@ class ChunkBatch:
                 for i in range(0, len(items), RELEASE_EVERY):
                     cur.putmulti(items[i:i + RELEASE_EVERY], overwrite=False)
                     env.release_map()
+            # where the chunks of the files lie, for readers of whole files
+            # (``places``), in the transaction that stores the file records
+            put_places(txn, env, [(d, FileRecord.decode(v)) for d, v in file_items])
 
         env.write(put)
         env.release_map()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import lmdb
 
+from . import places
 from .images import all_images
 from .layers import iter_layer_values
 from .records import Entry, FileRecord, LayerRecord, layer_prefix
@@ -123,12 +124,25 @@ def collect(env: Env, root: Path | None = None, tick: Callable[[int], None] | No
         env.write(drop_layer(no, None))
     for i in range(0, len(dead_files), SWEEP_BATCH):
         part = dead_files[i:i + SWEEP_BATCH]
-        env.write(lambda txn, part=part: [txn.delete(k, db=env.db("files")) for k in part])
+        env.write(lambda txn, part=part: [
+            (txn.delete(k, db=env.db("files")), txn.delete(k, db=env.db("places")))
+            for k in part])
     result.files = len(dead_files)
+
+    def drop_chunks(part: list[bytes]) -> Callable[[lmdb.Transaction], None]:
+        def fn(txn: lmdb.Transaction) -> None:
+            # their pages will hold other values: the places recorded so far are not
+            # to be used again (``places``)
+            places.bump_generation(txn, env)
+            for k in part:
+                txn.delete(k, db=env.db("chunks"))
+        return fn
+
     for i in range(0, len(dead_chunks), SWEEP_BATCH):
-        part = [k for k, _ in dead_chunks[i:i + SWEEP_BATCH]]
-        env.write(lambda txn, part=part: [txn.delete(k, db=env.db("chunks")) for k in part])
+        env.write(drop_chunks([k for k, _ in dead_chunks[i:i + SWEEP_BATCH]]))
     result.chunks = len(dead_chunks)
+    if dead_chunks:
+        places.refresh(env)
     result.bytes = sum(n for _, n in dead_chunks)
     if root is not None:
         for p in (root / "tmp").glob("import-*"):

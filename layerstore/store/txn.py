@@ -19,6 +19,7 @@ import contextlib
 import errno
 import os
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -31,7 +32,8 @@ from ..errors import StoreAccessError, StoreError
 T = TypeVar("T")
 
 #: One named database per record type (DESIGN.md §2).
-DBS = ("chunks", "files", "entries", "layers", "images", "names", "containers", "meta")
+DBS = ("chunks", "files", "entries", "layers", "images", "names", "containers", "meta",
+       "places")
 
 #: Initial map size. On 64-bit Linux it is only reserved address space; the file grows
 #: as pages are written, and the map doubles on ``MapFullError``.
@@ -46,6 +48,8 @@ READ_AHEAD_PIECE = 4 << 20
 READ_AHEAD_WAITING = 4
 #: a request up to this size is a posix_fadvise(WILLNEED) in the caller's thread
 READ_AHEAD_INLINE = 2 << 20
+#: the longest a reader waits for the read-ahead thread to reach what it needs (s)
+READ_AHEAD_WAIT = 2.0
 #: threads looking up the keys a reader of many chunks will ask for (``Env.warm_keys``),
 #: and at most this many of them at once in a process (each holds a reader slot)
 WARM_THREADS = 4
@@ -100,6 +104,48 @@ def buffer_address(buf: Any) -> int:
 
         _buffer_address = address
     return int(_buffer_address(buf))
+
+
+#: where a py-lmdb ``Cursor`` keeps its current value, as an MDB_val (size, then
+#: address), bytes into the object; found once per process (``_value_slot``), -1 if not
+_VALUE_SLOT: int | None = None
+
+
+def _value_slot(txn: lmdb.Transaction, dbi: Any) -> int:
+    """Where a cursor object keeps the MDB_val of its current value (-1: unknown).
+
+    py-lmdb touches every page of a value before it hands the value over (its
+    ``preload``, in ``get`` and ``Cursor.value``), so a reader learns where a value
+    lies only after reading all of it: one 4 KiB page fault at a time when the store
+    is cold (the map has no readahead). A cursor put on a key (``set_key``) reads
+    only the B-tree, and keeps the value's size and address in its object. Found here
+    by looking, in the object's own memory, for the (size, address) of a value whose
+    address is known (one got through ``Cursor.value``), on two entries. Any other
+    layout (another py-lmdb) finds no single place, and readers go on without it."""
+    global _VALUE_SLOT
+    if _VALUE_SLOT is not None:
+        return _VALUE_SLOT
+    import ctypes
+    import struct
+
+    def places(cur: Any) -> set[int]:
+        value = cur.value()
+        want = (len(value), buffer_address(value))
+        size = type(cur).__basicsize__
+        raw = ctypes.string_at(id(cur), size)
+        return {o for o in range(0, size - 15, 8) if struct.unpack_from("=QQ", raw, o) == want}
+
+    try:
+        cur = txn.cursor(db=dbi)
+        if not cur.first() or not isinstance(cur.value(), memoryview):
+            return -1  # nothing to learn from (yet): not remembered
+        found = places(cur)
+        if cur.last():
+            found &= places(cur)
+        _VALUE_SLOT = found.pop() if len(found) == 1 else -1
+    except Exception:  # noqa: BLE001 - an optimisation only
+        _VALUE_SLOT = -1
+    return _VALUE_SLOT
 
 
 def _in_page_cache(addr: int) -> bool:
@@ -157,6 +203,8 @@ class _ReadAhead:
         self.thread: threading.Thread | None = None
         self.fd = -1  #: data.mdb (-2: closed)
         self.closed = False
+        #: [where the thread is, end] of the request it reads now (None: none)
+        self.current: list[int] | None = None
 
     def _fd(self) -> int:
         with self.cv:
@@ -207,8 +255,10 @@ class _ReadAhead:
                         self.cv.wait()
                     if self.closed:
                         return
-                    offset, length = self.waiting.popleft()
-                end = offset + length
+                    offset, length = self.waiting[0]
+                    end = offset + length
+                    self.current = [offset, end]  # before it leaves ``waiting``: see wait_for
+                    self.waiting.popleft()
                 try:
                     src = self._fd()
                     while offset < end and not self.closed:
@@ -216,10 +266,42 @@ class _ReadAhead:
                         if n <= 0:
                             break  # past the end of the file
                         offset += n
+                        with self.cv:
+                            self.current = [offset, end]
+                            self.cv.notify_all()
                 except OSError:
                     pass  # an optimisation only: the reader reads what it needs anyway
+                finally:
+                    with self.cv:
+                        self.current = None
+                        self.cv.notify_all()
         finally:
             os.close(null)
+
+    def _ahead(self, offset: int, end: int) -> bool:
+        """Whether the thread is still to read some of [offset, end) (holding ``cv``)."""
+        cur = self.current
+        if cur is not None and cur[0] < end and offset < cur[1]:
+            return True
+        return any(o < end and offset < o + n for o, n in self.waiting)
+
+    def wait_for(self, offset: int, end: int, timeout: float = READ_AHEAD_WAIT) -> None:
+        """Wait until the thread has read what it was asked for of [offset, end), if
+        anything: a reader that touched those pages first would read them one page
+        fault (4 KiB) at a time, in its own thread, and the thread would then find
+        them there (5,000 such faults made a cold 256 MiB copy-up 2x fuse-overlayfs's
+        time). Gives up after ``timeout`` seconds: the pages are read anyway."""
+        if self.current is None and not self.waiting:
+            return  # idle (read without the lock: a request is in one or the other)
+        with self.cv:
+            if not self._ahead(offset, end):
+                return
+            deadline = time.monotonic() + timeout
+            while not self.closed and self._ahead(offset, end):
+                left = deadline - time.monotonic()
+                if left <= 0 or not (self.thread and self.thread.is_alive()):
+                    return
+                self.cv.wait(left)
 
     def close(self) -> None:
         with self.cv:
@@ -392,6 +474,71 @@ class Env:
                 return addr - lo
         return None
 
+    def value_address(self, txn: lmdb.Transaction,
+                      db: str) -> Callable[[bytes], tuple[int, int] | None] | None:
+        """A function that says where the value of a key of ``db`` is in memory, as
+        (address, length), or None if the key is not there. It reads the B-tree and not
+        the value (see ``_value_slot``). Valid while ``txn`` is open (a read transaction
+        opened with ``buffers``, or a write transaction). None if this py-lmdb keeps its
+        cursors otherwise."""
+        import ctypes
+
+        dbi = self.db(db)
+        slot = _VALUE_SLOT
+        if slot is None:  # learnt in a read transaction of its own (py-lmdb's MDB_NOTLS)
+            with self.read(buffers=True) as rtxn:
+                for name in (db, "meta"):
+                    slot = _value_slot(rtxn, self.db(name))
+                    if _VALUE_SLOT is not None:
+                        break
+        if slot < 0:
+            return None
+        cur = txn.cursor(db=dbi)
+        val = (ctypes.c_uint64 * 2).from_address(id(cur) + slot)
+
+        def address(key: bytes) -> tuple[int, int] | None:
+            return (val[1], val[0]) if cur.set_key(key) else None
+
+        return address
+
+    def value_locator(self, txn: lmdb.Transaction,
+                      db: str) -> Callable[[bytes], tuple[int, int] | None] | None:
+        """A function that says where the value of a key of ``db`` lies in data.mdb, as
+        (offset, length), or None if the key is not there, without reading the value
+        (``value_address``): a reader can ask for all of a file's chunks before it
+        touches the first. Valid while ``txn`` (a ``buffers`` read transaction) is
+        open. None if values cannot be found so, or the map is not found."""
+        address = self.value_address(txn, db)
+        ranges = self._ranges()
+        if address is None or len(ranges) != 1:
+            return None
+        lo, hi = ranges[0]
+
+        def where(key: bytes) -> tuple[int, int] | None:
+            got = address(key)
+            if got is None or not lo <= got[0] <= got[0] + got[1] <= hi:
+                return None
+            return got[0] - lo, got[1]
+
+        return where
+
+    def map_view(self) -> memoryview | None:
+        """The map of data.mdb as bytes (no copy), up to the file's end: a read
+        transaction open now finds all of its pages in it. Valid until the map moves
+        (``_set_mapsize``), like the values of a ``buffers`` transaction; None if the
+        map is not found."""
+        import ctypes
+
+        ranges = self._ranges()
+        if len(ranges) != 1:
+            return None
+        lo, hi = ranges[0]
+        try:
+            size = min(hi - lo, os.stat(self._data_path).st_size)
+        except OSError:
+            return None
+        return memoryview((ctypes.c_char * size).from_address(lo)).cast("B")
+
     def _resident(self, offset: int) -> bool:
         """Whether the page of data.mdb at ``offset`` is in the page cache (mincore of
         one page of the map); False when unsure."""
@@ -420,6 +567,11 @@ class Env:
             self._read_ahead.ask(offset, length)
         except (OSError, RuntimeError):
             pass
+
+    def wait_read(self, offset: int, end: int) -> None:
+        """Wait until the read-ahead thread has read data.mdb[offset, end), if it is to
+        read some of it (``_ReadAhead.wait_for``); at once otherwise."""
+        self._read_ahead.wait_for(offset, end)
 
     def warm_keys(self, db: str, keys: Sequence[bytes],
                   threads: int = WARM_THREADS) -> Callable[[], None]:

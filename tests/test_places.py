@@ -1,0 +1,178 @@
+"""Where a file's chunks lie in data.mdb (``store.places``), and the copy-up that uses it.
+
+The places are a hint kept with each file record of two chunks or more: a full copy-up
+reads the values straight from the map, with no B-tree lookup, and asks for all of
+them at once. They are used only at the generation ``gc`` last left, and each page is
+checked before it is read; ``check`` names a record that is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+from helpers_images import reg, tar_bytes
+
+from conftest import assert_clean, run_cli
+from layerstore.overlay.fs import FULL, OverlayFS
+from layerstore.overlay.lower import MergedLowers, StoreLayers
+from layerstore.store import Store, places
+from layerstore.store import txn as txn_mod
+from layerstore.store.images import resolve
+from layerstore.store.records import FileRecord
+
+rnd = random.Random(11)
+BIG = rnd.randbytes(6 << 20)
+OTHER = rnd.randbytes(3 << 20)
+# compressible: stored zstd-compressed, so copy-up decodes what it reads from the map
+TEXT = b"".join(b"line %d of a text file that compresses well\n" % i for i in range(60_000))
+
+
+@pytest.fixture
+def imported(cli, tmp_path: Path, root: Path):
+    tar = tmp_path / "a.tar"
+    tar.write_bytes(tar_bytes([reg("big", BIG), reg("text", TEXT), reg("small", b"x" * 100)]))
+    cli("import", tar, "--tag", "a:1")
+    tar2 = tmp_path / "b.tar"
+    tar2.write_bytes(tar_bytes([reg("other", OTHER)]))
+    cli("import", tar2, "--tag", "b:1")
+    return root
+
+
+def view(store: Store, ref: str) -> MergedLowers:
+    with store.env.read() as txn:
+        img = resolve(txn, store.env, ref)
+    return MergedLowers(StoreLayers(store, img.diff_ids))
+
+
+def chunk_places(store: Store, vpath: bytes, ref: str = "a:1") -> tuple[list, list]:
+    """(recorded places, where the values really are) of a lower file's chunks."""
+    v = view(store, ref)
+    digest = v.resolve(vpath).entry.digest
+    env = store.env
+    with env.read(buffers=True) as txn:
+        rec = FileRecord.decode(txn.get(digest, db=env.db("files")))
+        recorded = places.load(txn, env, digest, rec)
+        real = []
+        for d, _ in rec.chunks:
+            value = txn.get(d, db=env.db("chunks"))
+            real.append((env.map_offset(value), len(value)))
+    return recorded, real
+
+
+def copy_up(store: Store, ref: str, vpath: bytes, tmp_path: Path) -> bytes:
+    for d in ("u", "w"):
+        (tmp_path / d).mkdir(parents=True, exist_ok=True)
+    ofs = OverlayFS(view(store, ref), tmp_path / "u", tmp_path / "w", FULL)
+    try:
+        ofs.release(ofs.open(vpath, os.O_WRONLY))
+    finally:
+        ofs.close()
+    return (tmp_path / "u" / vpath.lstrip(b"/").decode()).read_bytes()
+
+
+def test_import_records_where_each_chunk_is(imported: Path):
+    with Store.open(imported) as store:
+        for vpath in (b"/big", b"/text"):
+            recorded, real = chunk_places(store, vpath)
+            assert recorded is not None and len(recorded) > 10
+            placed = [(r, q) for r, q in zip(recorded, real) if r[0] >= 0]
+            # values under ~2 KB (a small tail; text compressed well) are kept in their
+            # leaf page, and looked up by key
+            assert placed and all(r == q for r, q in placed)
+            assert all(n < places.OVERFLOW_FROM for (at, n) in recorded if at < 0)
+            if vpath == b"/big":
+                assert len(placed) >= len(real) - 1
+        with store.env.read() as txn:
+            assert places.check(txn, store.env) == []
+            assert places.generation(txn, store.env) == 0
+    assert_clean(imported)
+
+
+def test_full_copy_up_from_the_places_reads_no_chunk_by_key(imported: Path, tmp_path: Path,
+                                                            monkeypatch):
+    with Store.open(imported) as store:
+        looked_up = []
+        real = txn_mod.Env.value_locator
+        monkeypatch.setattr(txn_mod.Env, "value_locator",
+                            lambda self, *a: looked_up.append(a) or real(self, *a))
+        assert copy_up(store, "a:1", b"/big", tmp_path / "1") == BIG
+        assert copy_up(store, "a:1", b"/text", tmp_path / "2") == TEXT
+        assert looked_up == []  # both came through their places
+
+
+def test_a_record_of_another_generation_is_not_used(imported: Path, tmp_path: Path):
+    with Store.open(imported) as store:
+        store.env.write(lambda txn: places.bump_generation(txn, store.env))
+        recorded, _ = chunk_places(store, b"/big")
+        assert recorded is None
+        assert copy_up(store, "a:1", b"/big", tmp_path) == BIG  # by key, as before
+        with store.env.read() as txn:
+            assert places.check(txn, store.env) == []  # stale, so not checked
+    assert_clean(imported)
+
+
+def test_a_place_that_does_not_fit_its_page_is_read_by_key(imported: Path, tmp_path: Path):
+    """A record whose pages do not hold the values it names (here: each chunk's place
+    moved by one page) costs lookups, never wrong content; ``check`` names it."""
+    with Store.open(imported) as store:
+        v = view(store, "a:1")
+        digest = v.resolve(b"/big").entry.digest
+        env = store.env
+
+        def spoil(txn):
+            gen, pages, sizes = places.decode(txn.get(digest, db=env.db("places")))
+            txn.put(digest, places.encode(gen, [p + 1 for p in pages], list(sizes)),
+                    db=env.db("places"))
+
+        env.write(spoil)
+        assert copy_up(store, "a:1", b"/big", tmp_path) == BIG
+        with env.read() as txn:
+            assert any("wrong pages" in m for m in places.check(txn, env))
+    p = run_cli("check", root=imported, check=False)
+    assert p.returncode != 0 and "wrong pages" in p.stdout + p.stderr
+
+
+def test_gc_moves_to_a_new_generation_and_records_places_again(cli, imported: Path,
+                                                                tmp_path: Path):
+    cli("rmi", "b:1")
+    cli("gc")
+    with Store.open(imported) as store:
+        with store.env.read() as txn:
+            assert places.generation(txn, store.env) == 1
+            n = txn.stat(store.env.db("places"))["entries"]
+        assert n == 2  # big and text; other's went with its file
+        recorded, real = chunk_places(store, b"/big")
+        assert recorded is not None
+        assert all(r == q for r, q in zip(recorded, real) if r[0] >= 0)
+        assert copy_up(store, "a:1", b"/big", tmp_path) == BIG
+    assert_clean(imported)
+
+
+def test_without_the_cursor_layout_copy_up_looks_chunks_up(imported: Path, tmp_path: Path,
+                                                          monkeypatch):
+    """Another py-lmdb, whose cursors keep their value elsewhere: no places are
+    recorded or read, and copy-up finds each chunk by key, one after the other."""
+    monkeypatch.setattr(txn_mod, "_VALUE_SLOT", -1)
+    with Store.open(imported) as store:
+        env = store.env
+        with env.read(buffers=True) as txn:
+            assert env.value_locator(txn, "chunks") is None
+        env.write(lambda txn: places.bump_generation(txn, env))  # the records: stale
+        assert copy_up(store, "a:1", b"/big", tmp_path / "1") == BIG
+        assert copy_up(store, "a:1", b"/text", tmp_path / "2") == TEXT
+
+
+def test_the_value_slot_is_found_on_this_py_lmdb(store: Store):
+    store.env.write(lambda txn: txn.put(b"k" * 32, b"v" * 5000, db=store.env.db("chunks")))
+    with store.env.read(buffers=True) as txn:
+        where = store.env.value_locator(txn, "chunks")
+        assert where is not None
+        at, n = where(b"k" * 32)
+        assert n == 5000
+        with open(store.env.path / "data.mdb", "rb") as f:
+            f.seek(at)
+            assert f.read(n) == b"v" * 5000
+        assert where(b"z" * 32) is None
