@@ -188,10 +188,7 @@ def test_full_copy_up_asks_ahead_and_not_past_the_file(lowers: MergedLowers, tmp
     try:
         fh = ofs.open(b"/small", os.O_WRONLY)
         ofs.release(fh)
-        small = chunk_offsets(lowers, b"/small")
-        assert len(small) == 1 and len(asked) <= 1  # one chunk: asked for, no more
-        assert covered(asked, small) == []
-        del asked[:]
+        assert asked == []  # one chunk: nothing to ask for
         fh = ofs.open(b"/huge", os.O_WRONLY)
         ofs.release(fh)
     finally:

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..digest import blake3_raw
-from ..errors import IntegrityError, NoEntryError, OverlayError
+from ..errors import IntegrityError, NoEntryError, OverlayError, StoreError
 from ..store import Store, places
 from ..store.chunks import decode_chunk
 from ..store.layers import list_dir, lookup, walk
@@ -360,6 +360,9 @@ class StoreLayers:
         rec, _ = self._file(entry.digest)
         env = self.store.env
         with env.read(buffers=True) as txn:
+            if len(rec.chunks) == 1:  # one value: nothing to find or ask for ahead
+                self._copy_chunks_following(rec, env, txn, fd)
+                return
             spots = places.load(txn, env, entry.digest, rec)
             if spots is not None:
                 self._copy_placed(rec, env, txn, fd, spots)
@@ -422,32 +425,41 @@ class StoreLayers:
                 off = _pwrite_all(fd, bufs, off)
 
     def _copy_placed(self, rec: FileRecord, env: Env, txn: Any, fd: int,
-                     spots: list[tuple[int, int]]) -> None:
+                     spots: list[tuple[int, int, int]]) -> None:
         """``_copy_chunks`` for a file whose chunks' places are recorded (``places``):
         no lookup, and all of it asked for at once (``Env.read_ahead`` reads a large
         stretch in its thread; each batch waits for what it needs of it)."""
+        epoch = env.map_epoch
         view = env.map_view()
         if view is None:
             self._copy_chunks_following(rec, env, txn, fd)
             return
-        for start, stop in _spans([s for s in spots if s[0] >= 0]):
+        for start, stop in _spans([(at, n) for at, n, _ in spots if at >= 0]):
             env.read_ahead(start, stop - start)
         db = env.db("chunks")
         off, size = 0, 0
         bufs: list[memoryview | bytes] = []
         last = len(spots) - 1
-        for i, (at, n) in enumerate(spots):
+        for i, (at, n, fp) in enumerate(spots):
+            d, length = rec.chunks[i]
+            data = None
             if at >= 0:
                 env.wait_read(at, at + n)
-            if at >= 0 and places.fits(view, at, n):
-                value = view[at:at + n]
-            else:  # a small value, in its leaf page (or a place that does not fit)
-                value = txn.get(rec.chunks[i][0], db=db)
+                if places.fits(view, at, n, fp):
+                    data = decode_chunk(view[at:at + n])
+            if data is None or len(data) != length:
+                # a small value, in its leaf page, or a place that does not fit
+                value = txn.get(d, db=db)
                 if value is None:
-                    raise IntegrityError(f"chunk {rec.chunks[i][0].hex()[:16]} is missing")
-            bufs.append(decode_chunk(value))
-            size += rec.chunks[i][1]
+                    raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
+                data = decode_chunk(value)
+            bufs.append(data)
+            size += length
             if size >= COPY_BATCH or i == last:
+                if env.map_epoch != epoch:
+                    # another thread mapped data.mdb anew (the store grew): the views
+                    # in ``bufs`` may point at other pages now
+                    raise StoreError("the store's map moved during a copy-up; try again")
                 off = _pwrite_all(fd, bufs, off)
                 bufs, size = [], 0
 

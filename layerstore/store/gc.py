@@ -141,7 +141,7 @@ def collect(env: Env, root: Path | None = None, tick: Callable[[int], None] | No
     for i in range(0, len(dead_chunks), SWEEP_BATCH):
         env.write(drop_chunks([k for k, _ in dead_chunks[i:i + SWEEP_BATCH]]))
     result.chunks = len(dead_chunks)
-    if dead_chunks:
+    if dead_chunks or places.stale(env):
         places.refresh(env)
     result.bytes = sum(n for _, n in dead_chunks)
     if root is not None:

@@ -18,8 +18,12 @@ and it looks the chunks up as before. A place is never trusted for content: a wr
 one costs time, and a reader that finds one falls back to the lookups.
 
 Record (db ``places``, key = file digest): ``<QI`` generation, count; then ``count``
-page numbers (``<Q``, 0 = not in pages of its own: a small tail chunk) and ``count``
-value lengths (``<I``).
+page numbers (``<Q``, 0 = not in pages of its own: a small tail chunk), ``count``
+value lengths (``<I``) and ``count`` fingerprints (``<Q``: the value's bytes 1-4 and
+its last 4, which a reader compares before it uses the value: a page that another
+value took since, as a gc by a layerstore that does not know this record could leave,
+is told apart; and a value whose payload is not as long as the file record says is
+looked up by key).
 """
 
 from __future__ import annotations
@@ -58,56 +62,68 @@ def bump_generation(txn: lmdb.Transaction, env: Env) -> None:
     txn.put(GENERATION_KEY, str(generation(txn, env) + 1).encode(), db=env.db("meta"))
 
 
-def encode(gen: int, pages: list[int], sizes: list[int]) -> bytes:
-    return _HEAD.pack(gen, len(pages)) + array("Q", pages).tobytes() + array("I", sizes).tobytes()
+def encode(gen: int, pages: list[int], sizes: list[int], prints: list[int]) -> bytes:
+    return (_HEAD.pack(gen, len(pages)) + array("Q", pages).tobytes()
+            + array("I", sizes).tobytes() + array("Q", prints).tobytes())
 
 
-def decode(value: bytes | memoryview) -> tuple[int, array[int], array[int]]:
+def decode(value: bytes | memoryview) -> tuple[int, array[int], array[int], array[int]]:
     gen, n = _HEAD.unpack_from(value, 0)
-    if len(value) != _HEAD.size + 12 * n:
+    if len(value) != _HEAD.size + 20 * n:
         raise ValueError("places record of the wrong length")
-    pages, sizes = array("Q"), array("I")
-    pages.frombytes(bytes(value[_HEAD.size:_HEAD.size + 8 * n]))
-    sizes.frombytes(bytes(value[_HEAD.size + 8 * n:]))
-    return gen, pages, sizes
+    pages, sizes, prints = array("Q"), array("I"), array("Q")
+    at = _HEAD.size
+    pages.frombytes(bytes(value[at:at + 8 * n]))
+    sizes.frombytes(bytes(value[at + 8 * n:at + 12 * n]))
+    prints.frombytes(bytes(value[at + 12 * n:]))
+    return gen, pages, sizes, prints
 
 
-def page_finder(txn: lmdb.Transaction, env: Env) -> Callable[[bytes], tuple[int, int]] | None:
-    """A function giving (page number, length) of the chunk value of a digest, in any
+def fingerprint(head: bytes, tail: bytes) -> int:
+    """Of a value, from its bytes 1-4 (after the codec byte) and its last 4."""
+    return int.from_bytes(head + tail, "little")
+
+
+def page_finder(txn: lmdb.Transaction,
+                env: Env) -> Callable[[bytes], tuple[int, int, int]] | None:
+    """A function giving (page number, length, fingerprint) of the chunk value of a digest, in any
     transaction (read or write): page 0 when the value is not in pages of its own.
     It reads the B-tree and the value's page header, not the value. None when values
     cannot be found without reading them (``Env.value_address``)."""
-    address = env.value_address(txn, "chunks")
+    address = env.value_address(txn, "chunks") if env.pages_known() else None
     if address is None:
         return None
     import ctypes
 
-    def find(digest: bytes) -> tuple[int, int]:
+    def find(digest: bytes) -> tuple[int, int, int]:
         got = address(digest)
         if got is None:
             raise KeyError(digest)
         addr, size = got
         if size < OVERFLOW_FROM:
-            return 0, size
+            return 0, size, 0
         pgno, _, flags, count = _PAGE_HEAD.unpack(ctypes.string_at(addr - PAGE_HEADER, 16))
         if not flags & P_OVERFLOW or count != -(-(size + PAGE_HEADER) // PAGE):
-            return 0, size
-        return pgno, size
+            return 0, size, 0
+        return pgno, size, fingerprint(ctypes.string_at(addr + 1, 4),
+                                       ctypes.string_at(addr + size - 4, 4))
 
     return find
 
 
-def make(find: Callable[[bytes], tuple[int, int]], gen: int, rec: FileRecord) -> bytes | None:
+def make(find: Callable[[bytes], tuple[int, int, int]], gen: int,
+         rec: FileRecord) -> bytes | None:
     """The record of one file's places, or None if a chunk is missing."""
-    pages, sizes = [], []
+    pages, sizes, prints = [], [], []
     for d, _ in rec.chunks:
         try:
-            pgno, size = find(d)
+            pgno, size, fp = find(d)
         except KeyError:
             return None
         pages.append(pgno)
         sizes.append(size)
-    return encode(gen, pages, sizes)
+        prints.append(fp)
+    return encode(gen, pages, sizes, prints)
 
 
 def put_places(txn: lmdb.Transaction, env: Env, files: Iterable[tuple[bytes, FileRecord]]) -> None:
@@ -147,35 +163,48 @@ def refresh(env: Env, batch: int = 2048) -> int:
     return done
 
 
+def stale(env: Env) -> bool:
+    """Whether a record of another generation is left (a gc killed before its
+    ``refresh``): the next gc makes them again, even with nothing to sweep."""
+    with env.read() as txn:
+        gen = generation(txn, env)
+        return any(_HEAD.unpack_from(v, 0)[0] != gen for v in
+                   txn.cursor(db=env.db("places")).iternext(keys=False))
+
+
 def load(txn: lmdb.Transaction, env: Env, digest: bytes,
-         rec: FileRecord) -> list[tuple[int, int]] | None:
+         rec: FileRecord) -> list[tuple[int, int, int]] | None:
     """Where each chunk value of a file lies, as (offset in data.mdb, length; offset
     -1 for one to look up); None if the file has no record, or one made at another
     generation. Each place is to be checked (``fits``) when its page is read, not
     here: that would read the first page of every chunk, 4 KiB at a time, before
     any of them is asked for."""
+    if not env.pages_known():
+        return None
     value = txn.get(digest, db=env.db("places"))
     if value is None:
         return None
     try:
-        gen, pages, sizes = decode(value)
+        gen, pages, sizes, prints = decode(value)
     except (ValueError, struct.error):
         return None
     if gen != generation(txn, env) or len(pages) != len(rec.chunks):
         return None
-    return [(pgno * PAGE + PAGE_HEADER if pgno else -1, size)
-            for pgno, size in zip(pages, sizes)]
+    return [(pgno * PAGE + PAGE_HEADER if pgno else -1, size, fp)
+            for pgno, size, fp in zip(pages, sizes, prints)]
 
 
-def fits(view: memoryview, at: int, size: int) -> bool:
+def fits(view: memoryview, at: int, size: int, fp: int) -> bool:
     """Whether the map ``view`` has, at ``at``, the start of an overflow value of
-    ``size`` bytes: the page header before it names its own page, the overflow flag
-    and the page count such a value takes."""
+    ``size`` bytes with fingerprint ``fp``: the page header before it names its own
+    page, the overflow flag and the page count such a value takes."""
     pgno, rem = divmod(at - PAGE_HEADER, PAGE)
-    if rem or at + size > len(view):
+    if rem or at + size > len(view) or size < 8:
         return False
     got, _, flags, count = _PAGE_HEAD.unpack_from(view, at - PAGE_HEADER)
-    return got == pgno and bool(flags & P_OVERFLOW) and count == -(-(size + PAGE_HEADER) // PAGE)
+    return (got == pgno and bool(flags & P_OVERFLOW)
+            and count == -(-(size + PAGE_HEADER) // PAGE)
+            and fingerprint(bytes(view[at + 1:at + 5]), bytes(view[at + size - 4:at + size])) == fp)
 
 
 def check(txn: lmdb.Transaction, env: Env) -> list[str]:
@@ -191,7 +220,7 @@ def check(txn: lmdb.Transaction, env: Env) -> list[str]:
             bad.append(f"places of file {k.hex()[:16]}: the file is missing")
             continue
         try:
-            g, _, _ = decode(v)
+            g = decode(v)[0]
         except (ValueError, struct.error):
             bad.append(f"places of file {k.hex()[:16]} do not decode")
             continue

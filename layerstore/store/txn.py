@@ -291,8 +291,9 @@ class _ReadAhead:
         fault (4 KiB) at a time, in its own thread, and the thread would then find
         them there (5,000 such faults made a cold 256 MiB copy-up 2x fuse-overlayfs's
         time). Gives up after ``timeout`` seconds: the pages are read anyway."""
-        if self.current is None and not self.waiting:
-            return  # idle (read without the lock: a request is in one or the other)
+        if not self.waiting and self.current is None:
+            return  # idle (read without the lock, in this order: a request is made
+            # ``current`` before it leaves ``waiting``)
         with self.cv:
             if not self._ahead(offset, end):
                 return
@@ -306,7 +307,7 @@ class _ReadAhead:
     def close(self) -> None:
         with self.cv:
             self.closed = True
-            self.cv.notify()
+            self.cv.notify_all()
             thread = self.thread
         if thread is not None and thread.ident is not None:
             thread.join()  # at most one piece to finish
@@ -323,6 +324,9 @@ class Env:
         self.path = path
         #: where data.mdb is mapped; found again after anything that remaps it
         self._map_ranges: list[tuple[int, int]] | None = None
+        #: counts the times this process mapped data.mdb anew (``_set_mapsize``)
+        self.map_epoch = 0
+        self._pages_known: bool | None = None
         #: data.mdb as /proc/self/maps names it (symlinks resolved)
         self._data_path = os.path.realpath(path / "data.mdb")
         self._read_ahead = _ReadAhead(self._data_path)
@@ -430,6 +434,7 @@ class Env:
     def _set_mapsize(self, size: int) -> None:
         self._stop_warmers()  # they read the map without the caller knowing
         self._map_ranges = None  # LMDB maps the file anew
+        self.map_epoch += 1  # readers of ``map_view`` see it moved (``places``)
         self.env.set_mapsize(size)
 
     def locate_map(self) -> None:
@@ -487,7 +492,9 @@ class Env:
         slot = _VALUE_SLOT
         if slot is None:  # learnt in a read transaction of its own (py-lmdb's MDB_NOTLS)
             with self.read(buffers=True) as rtxn:
-                for name in (db, "meta"):
+                # meta first: its values are a few bytes (a chunk is read whole, and
+                # cold that is 4 KiB at a time)
+                for name in ("meta", db):
                     slot = _value_slot(rtxn, self.db(name))
                     if _VALUE_SLOT is not None:
                         break
@@ -521,6 +528,18 @@ class Env:
             return got[0] - lo, got[1]
 
         return where
+
+    def pages_known(self) -> bool:
+        """Whether data.mdb's pages are laid out as ``places`` reads them: LMDB 0.9's
+        format (py-lmdb 3 can also open 1.0's, whose page header is longer) and 4 KiB
+        pages."""
+        if self._pages_known is None:
+            try:
+                self._pages_known = (self.env.lib_version()[:2] == (0, 9)
+                                     and self.env.stat()["psize"] == PAGE)
+            except (AttributeError, lmdb.Error):
+                self._pages_known = False
+        return self._pages_known
 
     def map_view(self) -> memoryview | None:
         """The map of data.mdb as bytes (no copy), up to the file's end: a read
