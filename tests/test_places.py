@@ -13,9 +13,9 @@ import random
 from pathlib import Path
 
 import pytest
+from conftest import assert_clean, run_cli
 from helpers_images import reg, tar_bytes
 
-from conftest import assert_clean, run_cli
 from layerstore.overlay.fs import FULL, OverlayFS
 from layerstore.overlay.lower import MergedLowers, StoreLayers
 from layerstore.store import Store, places
@@ -206,6 +206,6 @@ def test_gc_makes_records_left_stale_by_a_killed_gc_again(cli, imported: Path):
     cli("gc")  # nothing to sweep
     with Store.open(imported) as store:
         assert not places.stale(store.env)
-        recorded, real = chunk_places(store, b"/big")
+        recorded, _ = chunk_places(store, b"/big")
         assert recorded is not None
     assert_clean(imported)

@@ -20,6 +20,7 @@ from helpers_images import reg, tar_bytes
 from layerstore.overlay.fs import FULL, OverlayFS
 from layerstore.overlay.lower import READ_AHEAD, MergedLowers, StoreLayers, _next_request, _Runs
 from layerstore.store import Store
+from layerstore.store.chunks import decode_chunk
 from layerstore.store.images import resolve
 from layerstore.store.txn import READ_AHEAD_INLINE, WARM_THREADS_MAX, Env
 
@@ -89,6 +90,12 @@ def chunk_offsets(view: MergedLowers, vpath: bytes) -> list[tuple[int, int]]:
     return out
 
 
+def no_places(monkeypatch) -> None:
+    """Read as a store without ``places`` records is read (LMDB 1.0's file format,
+    another py-lmdb): what a chunk's place tells about the next ones."""
+    monkeypatch.setattr(StoreLayers, "_placed", lambda self, digest, rec: None)
+
+
 def read_seq(view: MergedLowers, vpath: bytes, piece: int, start: int = 0) -> bytes:
     node = view.resolve(vpath)
     out, off = [], start
@@ -109,6 +116,7 @@ def test_import_keeps_a_files_chunks_in_order(lowers: MergedLowers):
 
 
 def test_a_sequential_reader_asks_ahead_within_the_file(lowers: MergedLowers, monkeypatch):
+    no_places(monkeypatch)
     asked = spy(lowers, monkeypatch)
     data = read_seq(lowers, b"/big", 128 << 10)
     assert len(data) == BIG
@@ -130,6 +138,7 @@ def test_a_sequential_reader_asks_ahead_within_the_file(lowers: MergedLowers, mo
 
 
 def test_reading_again_from_the_start_asks_again(lowers: MergedLowers, monkeypatch):
+    no_places(monkeypatch)
     read_seq(lowers, b"/big", 128 << 10)
     lowers.layers._chunks.clear()  # the chunk cache forgot the file
     asked = spy(lowers, monkeypatch)
@@ -140,6 +149,7 @@ def test_reading_again_from_the_start_asks_again(lowers: MergedLowers, monkeypat
 
 
 def test_a_tail_stored_earlier_is_asked_for_too(lowers: MergedLowers, root: Path, monkeypatch):
+    no_places(monkeypatch)
     store = lowers.layers.store
     with store.env.read() as txn:
         img = resolve(txn, store.env, "ra:2")
@@ -158,6 +168,7 @@ def test_a_tail_stored_earlier_is_asked_for_too(lowers: MergedLowers, root: Path
 
 
 def test_random_reads_ask_only_where_the_chunk_is(lowers: MergedLowers, monkeypatch):
+    no_places(monkeypatch)
     asked = spy(lowers, monkeypatch)
     node = lowers.resolve(b"/big")
     offs = chunk_offsets(lowers, b"/big")
@@ -402,3 +413,73 @@ def test_locate_map_reads_proc_maps_once(tmp_path: Path, monkeypatch):
                 assert f.read(64) == bytes(value[:64])
     finally:
         env.close()
+
+
+# --- reads of a file whose chunks' places are recorded (``StoreLayers._read_placed``) ---
+
+
+def test_a_sequential_reader_of_a_placed_file_asks_for_each_stretch_once(
+        lowers: MergedLowers, monkeypatch):
+    asked = spy(lowers, monkeypatch)
+    fetched: list[bytes] = []
+    real = lowers.layers._fetch
+    monkeypatch.setattr(lowers.layers, "_fetch", lambda d, **kw: fetched.append(d) or real(d, **kw))
+    data = read_seq(lowers, b"/huge", 128 << 10)
+    assert data == read_seq_by_key(lowers, b"/huge")
+    offs = chunk_offsets(lowers, b"/huge")
+    assert covered(asked, offs) == []  # every chunk asked for ahead of its reads
+    assert all(a + n <= b for (a, n), (b, _) in zip(asked, asked[1:]))  # forward, once
+    assert sum(n for _, n in asked) <= 1.1 * (offs[-1][0] + offs[-1][1] - offs[0][0])
+    assert len(fetched) <= 1  # from the map, not looked up (but a small tail)
+    # again from the start: asked for again (the pages may have gone meanwhile)
+    del asked[:]
+    assert read_seq(lowers, b"/huge", 1 << 20) == data
+    assert covered(asked, offs) == []
+
+
+def test_random_reads_of_a_placed_file_ask_for_nothing(lowers: MergedLowers, monkeypatch):
+    asked = spy(lowers, monkeypatch)
+    node = lowers.resolve(b"/big")
+    want = read_seq_by_key(lowers, b"/big")
+    for off in (5 << 20, 1 << 20, 19 << 19, 3 << 20, 29 << 18, BIG - 100):
+        assert lowers.read(node, off, 4096) == want[off:off + 4096]
+    assert asked == []  # the pages the reads need, no more
+
+
+def test_a_place_that_does_not_fit_is_read_by_key(lowers: MergedLowers, monkeypatch):
+    layers = lowers.layers
+    node = lowers.resolve(b"/big")
+    rec, _ = layers._file(node.entry.digest)
+    pl = layers._placed(node.entry.digest, rec)
+    assert pl is not None
+    at, n, fp = pl.spots[3]
+    pl.spots[3] = (at, n, fp ^ 1)  # as if another value had taken its pages
+    assert read_seq(lowers, b"/big", 1 << 20) == read_seq_by_key(lowers, b"/big")
+    assert pl.state[3] == 2 and pl.state[4] == 1
+
+
+def test_a_map_moved_during_a_read_is_read_again_by_key(lowers: MergedLowers, monkeypatch):
+    layers = lowers.layers
+    env = layers.store.env
+    real = env.map_view
+
+    def moving() -> memoryview | None:
+        env.map_epoch += 1  # another thread remapped data.mdb while this read ran
+        return real()
+
+    monkeypatch.setattr(env, "map_view", moving)
+    called: list[int] = []
+    real_placed = layers._read_placed
+    monkeypatch.setattr(layers, "_read_placed",
+                        lambda *a: called.append(1) or real_placed(*a))
+    assert read_seq(lowers, b"/big", 1 << 20) == read_seq_by_key(lowers, b"/big")
+    assert called
+
+
+def read_seq_by_key(view: MergedLowers, vpath: bytes) -> bytes:
+    """A lower file's content from its chunks, each looked up by key."""
+    env = view.layers.store.env
+    rec, _ = view.layers._file(view.resolve(vpath).entry.digest)
+    with env.read() as txn:
+        return b"".join(bytes(decode_chunk(txn.get(d, db=env.db("chunks"))))
+                        for d, _ in rec.chunks)

@@ -31,7 +31,7 @@ from __future__ import annotations
 import os
 import stat
 import threading
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -40,7 +40,7 @@ from typing import Any
 from ..digest import blake3_raw
 from ..errors import IntegrityError, NoEntryError, OverlayError, StoreError
 from ..store import Store, places
-from ..store.chunks import decode_chunk
+from ..store.chunks import CODEC_RAW, decode_chunk
 from ..store.layers import list_dir, lookup, walk
 from ..store.records import (
     BLK,
@@ -70,6 +70,8 @@ FRONTIER_SLACK = 2 << 20
 GUESS_SLACK = 64 << 10
 #: files whose reading ``StoreLayers`` follows at once (the table starts again beyond)
 MAX_READING = 4096
+#: how much of a file with places a sequential reader has asked for ahead of its reads
+PLACED_AHEAD = 32 << 20
 
 #: bytes handed to one pwritev when a file is copied out of the store, and how many
 #: such batches ahead of the one being copied are asked for from the store's file
@@ -95,6 +97,17 @@ class _Reading:
     first: tuple[int, int] | None = None  #: (file offset, offset in data.mdb) of a chunk
     anchor: tuple[int, int] | None = None  #: the same for the last chunk fetched
     warmed: bool = False  #: the file's chunk keys were looked up ahead (``Env.warm_keys``)
+    asked_chunks: int = 0  #: with places: the file's chunks before this one are asked for
+
+
+@dataclass
+class _Placed:
+    """A file's chunks as its ``places`` record says (``StoreLayers._read_placed``)."""
+
+    spots: list[tuple[int, int, int]]  #: (offset in data.mdb or -1, length, fingerprint)
+    #: per chunk: 0 not looked at yet, 1 a raw value that fits its place (read from the
+    #: map), 2 anything else (read as before: fetched, decoded, cached)
+    state: bytearray
 
 
 def ino_of(*parts: bytes) -> int:
@@ -164,6 +177,8 @@ class StoreLayers:
         self._groups: dict[int, dict[int, list[bytes]]] = {}
         #: file digest -> how it is being read (see ``_read_ahead``)
         self._ahead: dict[bytes, _Reading] = {}
+        #: file digest -> its chunks' places, or None if it has none (``_placed``)
+        self._places: dict[bytes, _Placed | None] = {}
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -260,6 +275,79 @@ class StoreLayers:
                 r = self._ahead[digest] = _Reading()
             return r
 
+    def _placed(self, digest: bytes, rec: FileRecord) -> _Placed | None:
+        """A file's places (``store.places``), loaded once per file. A file of an image
+        that is mounted is live: ``gc`` never deletes its chunks, so their places hold
+        for as long as the view is used (each is still checked once, ``_read_placed``)."""
+        with self._lock:
+            if digest in self._places:
+                return self._places[digest]
+        env = self.store.env
+        with env.read() as txn:
+            spots = places.load(txn, env, digest, rec)
+        got = None if spots is None else _Placed(spots, bytearray(len(spots)))
+        with self._lock:
+            if len(self._places) >= MAX_READING:
+                self._places.clear()
+            self._places[digest] = got
+        return got
+
+    def _read_placed(self, r: _Reading, rec: FileRecord, starts: list[int], pl: _Placed,
+                     offset: int, end: int) -> bytes | None:
+        """``read`` of a file whose chunks' places are known: a raw chunk is sliced
+        straight out of the map (no lookup, only the pages asked for are touched, one
+        copy into the reply), after the read-ahead thread has passed it; a sequential
+        reader asks for ``PLACED_AHEAD`` bytes of the file ahead at a time. None if the
+        map moved meanwhile (the caller reads as before)."""
+        env = self.store.env
+        epoch = env.map_epoch
+        view = env.map_view()
+        if view is None:
+            return None
+        i = bisect_right(starts, offset) - 1
+        with self._lock:
+            if offset == 0:  # (again) from the start: what was asked for may be gone
+                r.frontier, r.asked_chunks = 0, 0
+            forward = offset == 0 or abs(offset - r.frontier) <= FRONTIER_SLACK
+            r.frontier = max(r.frontier, end)
+            ask = None
+            if forward and r.asked_chunks < len(starts) \
+                    and starts[r.asked_chunks] < end + PLACED_AHEAD // 2:
+                ask = (max(r.asked_chunks, i), bisect_left(starts, end + PLACED_AHEAD))
+                r.asked_chunks = ask[1]
+        if ask is not None:
+            for a, b in _spans([(at, n) for at, n, _ in pl.spots[ask[0]:ask[1]] if at >= 0]):
+                env.read_ahead(a, b - a)
+        pieces: list[bytes | memoryview] = []
+        while i < len(starts) and starts[i] < end:
+            d, n = rec.chunks[i]
+            at, vlen, fp = pl.spots[i]
+            lo = max(offset - starts[i], 0)
+            hi = min(end - starts[i], n)
+            state = pl.state[i]
+            if state == 0:
+                if at >= 0 and vlen == n + 1:
+                    env.wait_read(at, at + vlen)
+                    state = 1 if (places.fits(view, at, vlen, fp)
+                                  and view[at] == CODEC_RAW) else 2
+                else:
+                    state = 2
+                pl.state[i] = state
+            if state == 1:
+                env.wait_read(at + 1 + lo, at + 1 + hi)
+                pieces.append(view[at + 1 + lo:at + 1 + hi])
+            else:
+                data = self._cached(d)
+                if data is None:
+                    data = self._fetch(d, locate=False)[0]
+                pieces.append(data[lo:hi] if (lo, hi) != (0, n) else data)
+            i += 1
+        out = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) \
+            else b"".join(pieces)
+        if env.map_epoch != epoch:
+            return None  # another thread mapped data.mdb anew: the views may be stale
+        return out
+
     def _guess(self, r: _Reading, pos: int, n: int) -> None:
         """Before fetching the chunk at file offset ``pos`` (``n`` bytes) from the store:
         ask for where it probably is, from where an earlier chunk of the same file was
@@ -321,6 +409,12 @@ class StoreLayers:
             return data if offset == 0 and size >= len(data) else data[offset:offset + size]
         rec, starts = self._file(entry.digest)
         r = self._reading(entry.digest)
+        end = min(offset + size, rec.size)
+        pl = self._placed(entry.digest, rec) if len(rec.chunks) > 1 else None
+        if pl is not None:
+            got = self._read_placed(r, rec, starts, pl, offset, end)
+            if got is not None:
+                return got
         if len(rec.chunks) >= WARM_KEYS_READ_FROM and (not r.warmed or (
                 offset == 0 and self._cached(rec.chunks[0][0]) is None)):
             # a first read of a big file, or a read from its start that finds nothing
@@ -328,7 +422,6 @@ class StoreLayers:
             # readers at a time: ``Env.warm_keys`` starts no more than its maximum)
             r.warmed = True
             self.store.env.warm_keys("chunks", [d for d, _ in rec.chunks])
-        end = min(offset + size, rec.size)
         i = bisect_right(starts, offset) - 1
         out = []
         at_end = None
