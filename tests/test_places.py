@@ -28,12 +28,15 @@ BIG = rnd.randbytes(6 << 20)
 OTHER = rnd.randbytes(3 << 20)
 # compressible: stored zstd-compressed, so copy-up decodes what it reads from the map
 TEXT = b"".join(b"line %d of a text file that compresses well\n" % i for i in range(60_000))
+#: raw chunks, then compressed ones, then raw again
+MIXED = rnd.randbytes(1 << 20) + TEXT[:1 << 20] + rnd.randbytes(1 << 20)
 
 
 @pytest.fixture
 def imported(cli, tmp_path: Path, root: Path):
     tar = tmp_path / "a.tar"
-    tar.write_bytes(tar_bytes([reg("big", BIG), reg("text", TEXT), reg("small", b"x" * 100)]))
+    tar.write_bytes(tar_bytes([reg("big", BIG), reg("text", TEXT), reg("small", b"x" * 100),
+                               reg("mixed", MIXED)]))
     cli("import", tar, "--tag", "a:1")
     tar2 = tmp_path / "b.tar"
     tar2.write_bytes(tar_bytes([reg("other", OTHER)]))
@@ -144,7 +147,7 @@ def test_gc_moves_to_a_new_generation_and_records_places_again(cli, imported: Pa
         with store.env.read() as txn:
             assert places.generation(txn, store.env) == 1
             n = txn.stat(store.env.db("places"))["entries"]
-        assert n == 2  # big and text; other's went with its file
+        assert n == 3  # big, text and mixed; other's went with its file
         recorded, real = chunk_places(store, b"/big")
         assert recorded is not None
         assert all(r == q for r, q in zip(recorded, real) if r[0] >= 0)
@@ -209,3 +212,45 @@ def test_gc_makes_records_left_stale_by_a_killed_gc_again(cli, imported: Path):
         recorded, _ = chunk_places(store, b"/big")
         assert recorded is not None
     assert_clean(imported)
+
+
+def read_all(v: MergedLowers, vpath: bytes, piece: int = 128 << 10) -> bytes:
+    node = v.resolve(vpath)
+    out, off = [], 0
+    while b := v.read(node, off, piece):
+        out.append(b)
+        off += len(b)
+    return b"".join(out)
+
+
+def test_a_read_of_raw_and_compressed_chunks_is_one_transaction(imported: Path, monkeypatch):
+    """Raw chunks come from the map, compressed ones are looked up, in the same read
+    transaction: a second one could map the store anew (another process grew it)
+    under the map slices the read holds."""
+    with Store.open(imported) as store:
+        v = view(store, "a:1")
+        env = store.env
+        assert read_all(v, b"/mixed") == MIXED
+        opened = []
+        real = env.read
+        monkeypatch.setattr(env, "read", lambda *a, **kw: opened.append(1) or real(*a, **kw))
+        v.layers._chunks.clear()
+        node = v.resolve(b"/mixed")
+        across = v.read(node, (1 << 20) - 4096, 8192)  # the last raw page, a compressed one
+        assert across == MIXED[(1 << 20) - 4096:(1 << 20) + 4096]
+        assert len(opened) == 1
+        pl = v.layers._places[node.entry.digest]
+        assert pl is not None and 1 in pl.state and 2 in pl.state
+
+
+def test_places_of_an_older_generation_are_forgotten_by_a_reader(imported: Path):
+    """A gc (another process) moved the store to a new generation while a view read a
+    file through its places: the next read forgets them and looks the chunks up."""
+    with Store.open(imported) as store:
+        v = view(store, "a:1")
+        assert read_all(v, b"/big") == BIG
+        digest = v.resolve(b"/big").entry.digest
+        assert v.layers._places[digest] is not None
+        store.env.write(lambda txn: places.bump_generation(txn, store.env))
+        assert read_all(v, b"/big") == BIG
+        assert v.layers._places[digest] is None  # its record is of the old generation

@@ -18,7 +18,14 @@ import pytest
 from helpers_images import reg, tar_bytes
 
 from layerstore.overlay.fs import FULL, OverlayFS
-from layerstore.overlay.lower import READ_AHEAD, MergedLowers, StoreLayers, _next_request, _Runs
+from layerstore.overlay.lower import (
+    PLACED_AHEAD_FIRST,
+    READ_AHEAD,
+    MergedLowers,
+    StoreLayers,
+    _next_request,
+    _Runs,
+)
 from layerstore.store import Store
 from layerstore.store.chunks import decode_chunk
 from layerstore.store.images import resolve
@@ -431,19 +438,40 @@ def test_a_sequential_reader_of_a_placed_file_asks_for_each_stretch_once(
     assert all(a + n <= b for (a, n), (b, _) in zip(asked, asked[1:]))  # forward, once
     assert sum(n for _, n in asked) <= 1.1 * (offs[-1][0] + offs[-1][1] - offs[0][0])
     assert len(fetched) <= 1  # from the map, not looked up (but a small tail)
+    # 4 MiB of the file first (a reader that stops early asks for little), then more
+    assert asked[0][1] <= PLACED_AHEAD_FIRST + (1 << 20)
+    assert max(n for _, n in asked) > 2 * PLACED_AHEAD_FIRST
     # again from the start: asked for again (the pages may have gone meanwhile)
     del asked[:]
     assert read_seq(lowers, b"/huge", 1 << 20) == data
     assert covered(asked, offs) == []
 
 
-def test_random_reads_of_a_placed_file_ask_for_nothing(lowers: MergedLowers, monkeypatch):
+def test_random_reads_of_a_placed_file_ask_only_for_their_chunks(lowers: MergedLowers,
+                                                                 monkeypatch):
+    """A reader that jumps about asks for the value of each chunk it reads the first
+    time (its header, first and last page are looked at then: one request rather than
+    three 4 KiB faults), and for nothing else; the data comes from the map."""
     asked = spy(lowers, monkeypatch)
+    fetched: list[bytes] = []
+    real = lowers.layers._fetch
+    monkeypatch.setattr(lowers.layers, "_fetch", lambda d, **kw: fetched.append(d) or real(d, **kw))
     node = lowers.resolve(b"/big")
     want = read_seq_by_key(lowers, b"/big")
-    for off in (5 << 20, 1 << 20, 19 << 19, 3 << 20, 29 << 18, BIG - 100):
+    offs = chunk_offsets(lowers, b"/big")
+    rec, starts = lowers.layers._file(node.entry.digest)
+    reads = (5 << 20, 1 << 20, 19 << 19, 3 << 20, 29 << 18, BIG - 100)
+    for off in reads:
         assert lowers.read(node, off, 4096) == want[off:off + 4096]
-    assert asked == []  # the pages the reads need, no more
+    read_chunks = {bisect_right(starts, off) - 1 for off in reads}
+    read_chunks |= {bisect_right(starts, min(off + 4095, BIG - 1)) - 1 for off in reads}
+    for o, n in asked:  # each request lies within the value of a chunk that was read
+        assert any(at - 4096 <= o and o + n <= at + vlen for i, (at, vlen) in enumerate(offs)
+                   if i in read_chunks), (o, n)
+    assert len(asked) <= 2 * len(read_chunks)
+    pl = lowers.layers._places[node.entry.digest]
+    assert pl is not None and all(pl.state[i] == 1 for i in read_chunks)
+    assert fetched == []
 
 
 def test_a_place_that_does_not_fit_is_read_by_key(lowers: MergedLowers, monkeypatch):
@@ -463,9 +491,9 @@ def test_a_map_moved_during_a_read_is_read_again_by_key(lowers: MergedLowers, mo
     env = layers.store.env
     real = env.map_view
 
-    def moving() -> memoryview | None:
+    def moving(need: int = 0) -> memoryview | None:
         env.map_epoch += 1  # another thread remapped data.mdb while this read ran
-        return real()
+        return real(need)
 
     monkeypatch.setattr(env, "map_view", moving)
     called: list[int] = []

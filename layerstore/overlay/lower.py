@@ -56,7 +56,7 @@ from ..store.records import (
     join_vpath,
     split_vpath,
 )
-from ..store.txn import Env
+from ..store.txn import PAGE, Env
 
 #: decoded chunks kept in memory, bytes
 CHUNK_CACHE_BYTES = 64 << 20
@@ -70,8 +70,12 @@ FRONTIER_SLACK = 2 << 20
 GUESS_SLACK = 64 << 10
 #: files whose reading ``StoreLayers`` follows at once (the table starts again beyond)
 MAX_READING = 4096
-#: how much of a file with places a sequential reader has asked for ahead of its reads
+#: how much of a file with places a sequential reader asks for ahead of its reads: the
+#: first request, and the most one grows to (each next one is twice the last)
+PLACED_AHEAD_FIRST = 4 << 20
 PLACED_AHEAD = 32 << 20
+#: the places of at most this many chunks are kept (``StoreLayers._placed``)
+MAX_PLACED_CHUNKS = 1 << 20
 
 #: bytes handed to one pwritev when a file is copied out of the store, and how many
 #: such batches ahead of the one being copied are asked for from the store's file
@@ -98,12 +102,14 @@ class _Reading:
     anchor: tuple[int, int] | None = None  #: the same for the last chunk fetched
     warmed: bool = False  #: the file's chunk keys were looked up ahead (``Env.warm_keys``)
     asked_chunks: int = 0  #: with places: the file's chunks before this one are asked for
+    window: int = 0  #: with places: what the next request asks for (file bytes; it grows)
 
 
 @dataclass
 class _Placed:
     """A file's chunks as its ``places`` record says (``StoreLayers._read_placed``)."""
 
+    generation: int  #: the store's generation the places were made at (``places``)
     spots: list[tuple[int, int, int]]  #: (offset in data.mdb or -1, length, fingerprint)
     #: per chunk: 0 not looked at yet, 1 a raw value that fits its place (read from the
     #: map), 2 anything else (read as before: fetched, decoded, cached)
@@ -179,6 +185,7 @@ class StoreLayers:
         self._ahead: dict[bytes, _Reading] = {}
         #: file digest -> its chunks' places, or None if it has none (``_placed``)
         self._places: dict[bytes, _Placed | None] = {}
+        self._placed_chunks = 0  #: chunks of the files in ``_places``
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
@@ -258,12 +265,7 @@ class StoreLayers:
             at = env.map_offset(value) if locate else None
             data = bytes(decode_chunk(value))  # a raw chunk is a view into the map
             n = len(value)
-        with self._lock:
-            self._chunks[digest] = data
-            self._chunk_bytes += len(data)
-            while self._chunk_bytes > CHUNK_CACHE_BYTES and len(self._chunks) > 1:
-                _, old = self._chunks.popitem(last=False)
-                self._chunk_bytes -= len(old)
+        self._keep(digest, data)
         return data, at, n
 
     def _reading(self, digest: bytes) -> _Reading:
@@ -276,76 +278,127 @@ class StoreLayers:
             return r
 
     def _placed(self, digest: bytes, rec: FileRecord) -> _Placed | None:
-        """A file's places (``store.places``), loaded once per file. A file of an image
-        that is mounted is live: ``gc`` never deletes its chunks, so their places hold
-        for as long as the view is used (each is still checked once, ``_read_placed``)."""
+        """A file's places (``store.places``), loaded once per file and used while the
+        store's generation is the one they were loaded at (``_read_placed``)."""
         with self._lock:
             if digest in self._places:
                 return self._places[digest]
         env = self.store.env
         with env.read() as txn:
+            gen = places.generation(txn, env)
             spots = places.load(txn, env, digest, rec)
-        got = None if spots is None else _Placed(spots, bytearray(len(spots)))
+        got = None if spots is None else _Placed(gen, spots, bytearray(len(spots)))
         with self._lock:
-            if len(self._places) >= MAX_READING:
+            if len(self._places) >= MAX_READING or self._placed_chunks > MAX_PLACED_CHUNKS:
                 self._places.clear()
+                self._placed_chunks = 0
             self._places[digest] = got
+            self._placed_chunks += len(rec.chunks)
         return got
 
-    def _read_placed(self, r: _Reading, rec: FileRecord, starts: list[int], pl: _Placed,
-                     offset: int, end: int) -> bytes | None:
+    def _keep(self, digest: bytes, data: bytes) -> None:
+        """Put a decoded chunk in the chunk cache."""
+        with self._lock:
+            self._chunks[digest] = data
+            self._chunk_bytes += len(data)
+            while self._chunk_bytes > CHUNK_CACHE_BYTES and len(self._chunks) > 1:
+                _, old = self._chunks.popitem(last=False)
+                self._chunk_bytes -= len(old)
+
+    def _read_placed(self, digest: bytes, r: _Reading, rec: FileRecord, starts: list[int],
+                     pl: _Placed, offset: int, end: int) -> bytes | None:
         """``read`` of a file whose chunks' places are known: a raw chunk is sliced
-        straight out of the map (no lookup, only the pages asked for are touched, one
-        copy into the reply), after the read-ahead thread has passed it; a sequential
-        reader asks for ``PLACED_AHEAD`` bytes of the file ahead at a time. None if the
-        map moved meanwhile (the caller reads as before)."""
+        straight out of the map (no lookup, only the pages asked for, one copy into
+        the reply), after the read-ahead thread has passed it; other chunks are looked
+        up, decoded and cached as before. A sequential reader asks for the file ahead
+        through its places, 4 MiB at first, twice as much each time after, up to
+        ``PLACED_AHEAD``; another reader asks for the pieces it reads. All in one read
+        transaction, so no page it reads can be given to another value meanwhile
+        (a mounted image may be removed, ``rmi --force``, and its chunks swept). None
+        if the store's generation moved since the places were loaded (they are
+        forgotten) or the map moved meanwhile: the caller reads as before."""
         env = self.store.env
-        epoch = env.map_epoch
-        view = env.map_view()
-        if view is None:
-            return None
-        i = bisect_right(starts, offset) - 1
+        i0 = bisect_right(starts, offset) - 1
         with self._lock:
             if offset == 0:  # (again) from the start: what was asked for may be gone
-                r.frontier, r.asked_chunks = 0, 0
-            forward = offset == 0 or abs(offset - r.frontier) <= FRONTIER_SLACK
+                r.frontier, r.asked_chunks, r.window = 0, 0, 0
+            # the kernel sends a sequential reader's requests from several threads, so
+            # they come a little out of order, as far apart as its readahead window:
+            # a read within what was asked for, or near the furthest one, is forward
+            forward = offset == 0 or abs(offset - r.frontier) <= max(FRONTIER_SLACK, r.window) \
+                or (r.window and i0 < r.asked_chunks and offset >= r.frontier - r.window)
             r.frontier = max(r.frontier, end)
+            if not forward:
+                r.window = 0
             ask = None
-            if forward and r.asked_chunks < len(starts) \
-                    and starts[r.asked_chunks] < end + PLACED_AHEAD // 2:
-                ask = (max(r.asked_chunks, i), bisect_left(starts, end + PLACED_AHEAD))
+            if forward and (r.asked_chunks <= i0 or (
+                    r.asked_chunks < len(starts) and starts[r.asked_chunks] < end + r.window // 2)):
+                r.window = min(max(2 * r.window, PLACED_AHEAD_FIRST), PLACED_AHEAD)
+                ask = (max(r.asked_chunks, i0), bisect_left(starts, end + r.window))
                 r.asked_chunks = ask[1]
         if ask is not None:
             for a, b in _spans([(at, n) for at, n, _ in pl.spots[ask[0]:ask[1]] if at >= 0]):
                 env.read_ahead(a, b - a)
-        pieces: list[bytes | memoryview] = []
-        while i < len(starts) and starts[i] < end:
-            d, n = rec.chunks[i]
-            at, vlen, fp = pl.spots[i]
-            lo = max(offset - starts[i], 0)
-            hi = min(end - starts[i], n)
-            state = pl.state[i]
-            if state == 0:
-                if at >= 0 and vlen == n + 1:
-                    env.wait_read(at, at + vlen)
-                    state = 1 if (places.fits(view, at, vlen, fp)
-                                  and view[at] == CODEC_RAW) else 2
+        with env.read(buffers=True) as txn:
+            if places.generation(txn, env) != pl.generation:
+                with self._lock:
+                    self._places.pop(digest, None)
+                return None
+            epoch = env.map_epoch
+            j = bisect_left(starts, end)
+            view = env.map_view(max(at + n for at, n, _ in pl.spots[i0:j]))
+            if view is None:
+                return None
+            db = env.db("chunks")
+            parts: list[bytes | tuple[int, int]] = []
+            i = i0
+            while i < len(starts) and starts[i] < end:
+                d, n = rec.chunks[i]
+                at, vlen, fp = pl.spots[i]
+                lo = max(offset - starts[i], 0)
+                hi = min(end - starts[i], n)
+                state = pl.state[i]
+                if state == 0:
+                    if at >= 0 and vlen == n + 1:
+                        if not forward:
+                            # the header's page and the pages to read, asked for at
+                            # once; the header, the codec and half the fingerprint
+                            # (on that page) are checked, not the value's last page
+                            env.read_ahead(at - places.PAGE_HEADER, PAGE)
+                            env.read_ahead(at + 1 + lo, hi - lo)
+                        env.wait_read(at, at + vlen)
+                        state = 1 if (places.fits(view, at, vlen, fp, whole=forward)
+                                      and view[at] == CODEC_RAW) else 2
+                    else:
+                        state = 2
+                    pl.state[i] = state
+                if state == 1:
+                    parts.append((at + 1 + lo, at + 1 + hi))
                 else:
-                    state = 2
-                pl.state[i] = state
-            if state == 1:
-                env.wait_read(at + 1 + lo, at + 1 + hi)
-                pieces.append(view[at + 1 + lo:at + 1 + hi])
-            else:
-                data = self._cached(d)
-                if data is None:
-                    data = self._fetch(d, locate=False)[0]
-                pieces.append(data[lo:hi] if (lo, hi) != (0, n) else data)
-            i += 1
-        out = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) \
-            else b"".join(pieces)
-        if env.map_epoch != epoch:
-            return None  # another thread mapped data.mdb anew: the views may be stale
+                    data = self._cached(d)
+                    if data is None:
+                        value = txn.get(d, db=db)
+                        if value is None:
+                            raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
+                        data = bytes(decode_chunk(value))
+                        self._keep(d, data)
+                    parts.append(data[lo:hi] if (lo, hi) != (0, n) else data)
+                i += 1
+            # the map's pages last, right before the copy into the reply
+            pieces: list[bytes | memoryview] = []
+            for part in parts:
+                if isinstance(part, tuple):
+                    a, b = part
+                    if not forward and b - a > PAGE:
+                        env.read_ahead(a, b - a)
+                    env.wait_read(a, b)
+                    pieces.append(view[a:b])
+                else:
+                    pieces.append(part)
+            out = pieces[0] if len(pieces) == 1 and isinstance(pieces[0], bytes) \
+                else b"".join(pieces)
+            if env.map_epoch != epoch:
+                return None  # another thread mapped data.mdb anew: the views may be stale
         return out
 
     def _guess(self, r: _Reading, pos: int, n: int) -> None:
@@ -412,7 +465,7 @@ class StoreLayers:
         end = min(offset + size, rec.size)
         pl = self._placed(entry.digest, rec) if len(rec.chunks) > 1 else None
         if pl is not None:
-            got = self._read_placed(r, rec, starts, pl, offset, end)
+            got = self._read_placed(entry.digest, r, rec, starts, pl, offset, end)
             if got is not None:
                 return got
         if len(rec.chunks) >= WARM_KEYS_READ_FROM and (not r.warmed or (
@@ -523,7 +576,7 @@ class StoreLayers:
         no lookup, and all of it asked for at once (``Env.read_ahead`` reads a large
         stretch in its thread; each batch waits for what it needs of it)."""
         epoch = env.map_epoch
-        view = env.map_view()
+        view = env.map_view(max(at + n for at, n, _ in spots))
         if view is None:
             self._copy_chunks_following(rec, env, txn, fd)
             return

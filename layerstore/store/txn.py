@@ -48,8 +48,10 @@ READ_AHEAD_PIECE = 4 << 20
 READ_AHEAD_WAITING = 4
 #: a request up to this size is a posix_fadvise(WILLNEED) in the caller's thread
 READ_AHEAD_INLINE = 2 << 20
-#: the longest a reader waits for the read-ahead thread to reach what it needs (s)
+#: the longest a reader waits for the read-ahead thread to reach what it needs (s), and
+#: how far the thread may be from it (bytes still to read before) for a reader to wait
 READ_AHEAD_WAIT = 2.0
+READ_AHEAD_WAIT_BYTES = 64 << 20
 #: threads looking up the keys a reader of many chunks will ask for (``Env.warm_keys``),
 #: and at most this many of them at once in a process (each holds a reader slot)
 WARM_THREADS = 4
@@ -278,12 +280,18 @@ class _ReadAhead:
         finally:
             os.close(null)
 
-    def _ahead(self, offset: int, end: int) -> bool:
-        """Whether the thread is still to read some of [offset, end) (holding ``cv``)."""
+    def _ahead(self, offset: int, end: int) -> int | None:
+        """How many bytes the thread is to read before it has read [offset, end), if it
+        is to read some of it; None if not (holding ``cv``)."""
         cur = self.current
         if cur is not None and cur[0] < end and offset < cur[1]:
-            return True
-        return any(o < end and offset < o + n for o, n in self.waiting)
+            return end - cur[0]
+        before = cur[1] - cur[0] if cur is not None else 0
+        for o, n in self.waiting:
+            if o < end and offset < o + n:
+                return before + end - o
+            before += n
+        return None
 
     def wait_for(self, offset: int, end: int, timeout: float = READ_AHEAD_WAIT) -> None:
         """Wait until the thread has read what it was asked for of [offset, end), if
@@ -295,10 +303,11 @@ class _ReadAhead:
             return  # idle (read without the lock, in this order: a request is made
             # ``current`` before it leaves ``waiting``)
         with self.cv:
-            if not self._ahead(offset, end):
-                return
+            far = self._ahead(offset, end)
+            if far is None or far > READ_AHEAD_WAIT_BYTES:
+                return  # not asked for, or far behind other requests: read it now
             deadline = time.monotonic() + timeout
-            while not self.closed and self._ahead(offset, end):
+            while not self.closed and self._ahead(offset, end) is not None:
                 left = deadline - time.monotonic()
                 if left <= 0 or not (self.thread and self.thread.is_alive()):
                     return
@@ -327,6 +336,7 @@ class Env:
         #: counts the times this process mapped data.mdb anew (``_set_mapsize``)
         self.map_epoch = 0
         self._pages_known: bool | None = None
+        self._view: tuple[int, memoryview] | None = None  #: (map_epoch, ``map_view``)
         #: data.mdb as /proc/self/maps names it (symlinks resolved)
         self._data_path = os.path.realpath(path / "data.mdb")
         self._read_ahead = _ReadAhead(self._data_path)
@@ -435,7 +445,13 @@ class Env:
         self._stop_warmers()  # they read the map without the caller knowing
         self._map_ranges = None  # LMDB maps the file anew
         self.map_epoch += 1  # readers of ``map_view`` see it moved (``places``)
-        self.env.set_mapsize(size)
+        try:
+            self.env.set_mapsize(size)
+        finally:
+            # again: another thread may have read /proc/self/maps, or taken a view,
+            # between the lines above and the remap
+            self._map_ranges = None
+            self.map_epoch += 1
 
     def locate_map(self) -> None:
         """Find where data.mdb is mapped now, ahead of the first ``map_offset`` or
@@ -541,13 +557,18 @@ class Env:
                 self._pages_known = False
         return self._pages_known
 
-    def map_view(self) -> memoryview | None:
+    def map_view(self, need: int = 0) -> memoryview | None:
         """The map of data.mdb as bytes (no copy), up to the file's end: a read
         transaction open now finds all of its pages in it. Valid until the map moves
         (``_set_mapsize``), like the values of a ``buffers`` transaction; None if the
-        map is not found."""
+        map is not found. The last one is given again while the map has not moved and
+        it reaches ``need`` (a view costs a stat of data.mdb)."""
         import ctypes
 
+        epoch = self.map_epoch
+        last = self._view
+        if last is not None and last[0] == epoch and len(last[1]) >= need:
+            return last[1]
         ranges = self._ranges()
         if len(ranges) != 1:
             return None
@@ -556,7 +577,9 @@ class Env:
             size = min(hi - lo, os.stat(self._data_path).st_size)
         except OSError:
             return None
-        return memoryview((ctypes.c_char * size).from_address(lo)).cast("B")
+        view = memoryview((ctypes.c_char * size).from_address(lo)).cast("B")
+        self._view = (epoch, view)
+        return view
 
     def _resident(self, offset: int) -> bool:
         """Whether the page of data.mdb at ``offset`` is in the page cache (mincore of
@@ -684,6 +707,7 @@ class Env:
     def close(self) -> None:
         """Make every commit durable, then close."""
         self._map_ranges = []  # never madvise an address range that is not ours any more
+        self._view = None
         try:
             self._read_ahead.close()
             self._warm_closed = True
