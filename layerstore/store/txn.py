@@ -557,6 +557,15 @@ class Env:
                 self._pages_known = False
         return self._pages_known
 
+    def map_ranges(self) -> list[tuple[int, int]]:
+        """Where data.mdb is mapped in this process (start, end), found once."""
+        return list(self._ranges())
+
+    def pread(self, offset: int, n: int) -> bytes:
+        """``n`` bytes of data.mdb from ``offset``, read from the file (the map is not
+        touched)."""
+        return os.pread(self._read_ahead._fd(), n, offset)
+
     def map_view(self, need: int = 0) -> memoryview | None:
         """The map of data.mdb as bytes (no copy), up to the file's end: a read
         transaction open now finds all of its pages in it. Valid until the map moves
