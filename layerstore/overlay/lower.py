@@ -83,6 +83,9 @@ COPY_BATCH = 8 << 20
 COPY_AHEAD = 2
 #: values of a file this close in data.mdb are asked for as one stretch
 SPAN_GAP = 64 << 10
+#: a full copy-up of a file this big maps its chunks' pages a batch at a time before
+#: it reads them (``StoreLayers._map_batch``)
+MAP_AHEAD_FROM = 2 * COPY_BATCH
 #: a copy-up of a file of this many chunks or more has their keys looked up ahead
 #: (``Env.warm_keys``), and so has a first read of a file of ``WARM_KEYS_READ_FROM``
 #: (four threads cost ~0.2-0.4 ms: a read of a file warm in the store may be over
@@ -582,13 +585,42 @@ class StoreLayers:
             return
         for start, stop in _spans([(at, n) for at, n, _ in spots if at >= 0]):
             env.read_ahead(start, stop - start)
+        self._copy_spots(rec, env, txn, fd, spots, view, epoch)
+
+    @staticmethod
+    def _map_batch(env: Env, rec: FileRecord, spots: list[tuple[int, int, int]],
+                   i: int) -> int:
+        """Map the pages of the chunk values of the next ``COPY_BATCH`` bytes of a file,
+        from chunk ``i``, into this process in one go (``Env.populate``, after the
+        read-ahead thread has read them): a fresh daemon's copy-up of a 256 MiB file
+        whose pages were all cached took 146-156 ms in process, 85 of them faulting the
+        map in page by page. Returns the index of the first chunk after the batch."""
+        pieces = []
+        size = 0
+        j = i
+        while j < len(spots) and size < COPY_BATCH:
+            at, n, _ = spots[j]
+            if at >= 0:
+                pieces.append((at - places.PAGE_HEADER, n + places.PAGE_HEADER))
+            size += rec.chunks[j][1]
+            j += 1
+        for start, end in _spans(pieces):
+            env.wait_read(start, end)
+            env.populate(start, end - start)
+        return j
+
+    def _copy_spots(self, rec: FileRecord, env: Env, txn: Any, fd: int,
+                    spots: list[tuple[int, int, int]], view: memoryview, epoch: int) -> None:
         db = env.db("chunks")
         off, size = 0, 0
         bufs: list[memoryview | bytes] = []
         last = len(spots) - 1
+        mapped = 0  # the chunks before this one have their pages mapped
         for i, (at, n, fp) in enumerate(spots):
             d, length = rec.chunks[i]
             data = None
+            if i >= mapped and rec.size >= MAP_AHEAD_FROM:
+                mapped = self._map_batch(env, rec, spots, i)
             if at >= 0:
                 env.wait_read(at, at + n)
                 if places.fits(view, at, n, fp):

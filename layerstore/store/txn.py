@@ -42,6 +42,7 @@ MAX_MAP_SIZE = 1 << 44
 
 
 _MADV_DONTNEED = 4
+_MADV_POPULATE_READ = 22
 _SYNC_FILE_RANGE_WRITE = 2
 #: what the read-ahead thread reads at a time, and how many requests may wait for it
 READ_AHEAD_PIECE = 4 << 20
@@ -337,6 +338,7 @@ class Env:
         self.map_epoch = 0
         self._pages_known: bool | None = None
         self._view: tuple[int, memoryview] | None = None  #: (map_epoch, ``map_view``)
+        self._no_populate = False  #: MADV_POPULATE_READ refused (``populate``)
         #: data.mdb as /proc/self/maps names it (symlinks resolved)
         self._data_path = os.path.realpath(path / "data.mdb")
         self._read_ahead = _ReadAhead(self._data_path)
@@ -556,6 +558,30 @@ class Env:
             except (AttributeError, lmdb.Error):
                 self._pages_known = False
         return self._pages_known
+
+    def populate(self, offset: int, length: int) -> None:
+        """Map data.mdb[offset, offset + length) into this process now, pages that are
+        in the page cache (madvise MADV_POPULATE_READ, Linux 5.14+): ~0.4 us a page,
+        against ~1.3 us for each page a reader faults in (a fresh daemon's copy-up of a
+        256 MiB file spent ~85 ms in faults, pages all cached). An optimisation only."""
+        if self._no_populate or length <= 0:
+            return
+        ranges = self._ranges()
+        if len(ranges) != 1:
+            return
+        lo, hi = ranges[0]
+        start = lo + offset - offset % PAGE
+        end = min(lo + offset + length, hi)
+        if start >= end:
+            return
+        try:
+            if _c().madvise(start, end - start, _MADV_POPULATE_READ) != 0:
+                import ctypes
+
+                if ctypes.get_errno() == errno.EINVAL:  # an older kernel
+                    self._no_populate = True
+        except (OSError, AttributeError):
+            self._no_populate = True
 
     def map_ranges(self) -> list[tuple[int, int]]:
         """Where data.mdb is mapped in this process (start, end), found once."""
