@@ -174,6 +174,72 @@ def test_map_grows_on_map_full(tmp_path: Path) -> None:
     assert_clean(tmp_path / "store")
 
 
+def test_a_remap_waits_for_the_transactions_of_other_threads(tmp_path: Path) -> None:
+    """Another process grew the store: this one maps it anew, while a thread still
+    holds a value from the old map (a mount's READ, say). The remap waits for that
+    transaction to end (before: the value pointed into an unmapped map: SIGBUS)."""
+    import threading
+
+    from layerstore.store.txn import Env
+
+    env = Env(tmp_path / "db", map_size=1 * MiB)
+    value = random.Random(5).randbytes(200_000)
+    env.write(lambda txn: txn.put(b"k" * 32, value, db=env.db("chunks")))
+    holding, done = threading.Event(), threading.Event()
+    events: list[str] = []
+    got: list[bytes] = []
+
+    def reader() -> None:
+        with env.read(buffers=True) as txn:
+            view = txn.get(b"k" * 32, db=env.db("chunks"))
+            holding.set()
+            time.sleep(0.3)  # the remap is asked for meanwhile
+            got.append(bytes(view))
+            events.append("reader done")
+        done.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert holding.wait(5)
+    env._set_mapsize(8 * MiB)  # what a MapResizedError leads to
+    events.append("remapped")
+    t.join()
+    assert events == ["reader done", "remapped"]
+    assert got == [value]
+    with env.read() as txn:  # and the store reads on from the new map
+        assert txn.get(b"k" * 32, db=env.db("chunks")) == value
+    env.close()
+
+
+def test_a_transaction_inside_another_does_not_wait_for_itself(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """A remap asked for from inside a transaction (an inner one found the store
+    grown) would wait for the thread's own outer one: it is a "try again" error."""
+    import lmdb
+
+    from layerstore.errors import StoreError
+    from layerstore.store.txn import Env
+
+    env = Env(tmp_path / "db", map_size=1 * MiB)
+    real = env.env.begin
+    calls = [0]
+
+    def begin(**kw: Any) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            raise lmdb.MapResizedError("grown by another process")
+        return real(**kw)
+
+    monkeypatch.setattr(env, "env", type("E", (), {"begin": staticmethod(begin),
+                                                   "__getattr__": lambda self, n: getattr(real.__self__, n)})())
+    with env.read(), pytest.raises(StoreError, match="try again"), env.read():
+        pass
+    with env.read():  # and the gate is let go of
+        pass
+    monkeypatch.undo()
+    env.close()
+
+
 # --- FileWriter ----------------------------------------------------------------------------
 
 

@@ -102,6 +102,7 @@ class Store:
             env.close()
             raise SchemaError(f"store {root} has schema {int(schema)}; this layerstore "
                               f"reads schema {SCHEMA_VERSION}")
+        env.learn_value_slot()  # now, not inside a transaction that needs it (places)
         return cls(root, env, ChunkParams.from_meta(msgpack.unpackb(stored)))
 
     def close(self) -> None:

@@ -327,6 +327,76 @@ class _ReadAhead:
             self.fd = -2
 
 
+class _Gate:
+    """Who reads the map (transactions, map views) against who maps it anew.
+
+    When another process grows the store, the next transaction begun here fails with
+    MapResizedError and LMDB must be mapped anew (``Env._set_mapsize``). Other threads
+    may be inside transactions then, holding values and slices of the old map; py-lmdb
+    aborts their transactions, but not what they hold (a helper showed a SIGBUS). So
+    every transaction holds the gate shared, and a remap holds it exclusive: it waits
+    for the readers to finish, and new ones wait for it. A thread counts its holds, so
+    a transaction begun inside another one does not wait; such a thread cannot remap
+    (it would wait for itself), and gets a "try again" error instead."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.cv = threading.Condition(self.lock)
+        self.readers = 0  #: threads holding the gate shared
+        self.remapping = False
+        self.local = threading.local()
+
+    def depth(self) -> int:
+        return getattr(self.local, "depth", 0)  # type: ignore[no-any-return]
+
+    # enter and leave run for every transaction: the lock itself, not the condition,
+    # on the way that does not wait (~0.5 us a pair)
+    def enter(self) -> None:
+        local = self.local
+        depth = getattr(local, "depth", 0)
+        if depth == 0:
+            lock = self.lock
+            lock.acquire()
+            try:
+                while self.remapping:
+                    self.cv.wait()
+                self.readers += 1
+            finally:
+                lock.release()
+        local.depth = depth + 1
+
+    def leave(self) -> None:
+        local = self.local
+        depth = local.depth - 1
+        local.depth = depth
+        if depth == 0:
+            lock = self.lock
+            lock.acquire()
+            try:
+                self.readers -= 1
+                if self.readers == 0 and self.remapping:
+                    self.cv.notify_all()
+            finally:
+                lock.release()
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if self.depth():
+            raise StoreError("the store grew meanwhile; try again")
+        with self.cv:
+            while self.remapping:
+                self.cv.wait()
+            self.remapping = True
+            while self.readers:
+                self.cv.wait()
+        try:
+            yield
+        finally:
+            with self.cv:
+                self.remapping = False
+                self.cv.notify_all()
+
+
 class Env:
     """An open LMDB environment with its named databases."""
 
@@ -337,6 +407,7 @@ class Env:
         #: counts the times this process mapped data.mdb anew (``_set_mapsize``)
         self.map_epoch = 0
         self._pages_known: bool | None = None
+        self._gate = _Gate()  #: transactions against remaps (``_Gate``)
         self._view: tuple[int, memoryview] | None = None  #: (map_epoch, ``map_view``)
         self._no_populate = False  #: MADV_POPULATE_READ refused (``populate``)
         #: data.mdb as /proc/self/maps names it (symlinks resolved)
@@ -390,30 +461,56 @@ class Env:
     @contextlib.contextmanager
     def read(self, buffers: bool = False) -> Iterator[lmdb.Transaction]:
         """A read-only transaction, closed when the block ends. With ``buffers``, values
-        are memoryviews into the map, valid only inside the block (no copy)."""
-        for _ in range(3):
-            try:
-                txn = self.env.begin(write=False, buffers=buffers)
-                break
-            except lmdb.MapResizedError:
-                self._set_mapsize(0)
-        else:  # pragma: no cover - the map cannot keep growing under us
-            raise StoreError("store map kept resizing; try again")
+        are memoryviews into the map, valid only inside the block (no copy). It holds
+        the map in place (``_Gate``) until then."""
+        self._gate.enter()
         try:
-            yield txn
+            for _ in range(3):
+                try:
+                    txn = self.env.begin(write=False, buffers=buffers)
+                    break
+                except lmdb.MapResizedError:
+                    self._remap(0)
+            else:  # pragma: no cover - the map cannot keep growing under us
+                raise StoreError("store map kept resizing; try again")
+            try:
+                yield txn
+            finally:
+                txn.abort()
         finally:
-            txn.abort()
+            self._gate.leave()
+
+    def _remap(self, size: int | None) -> None:
+        """From inside ``read``/``write``: let go of the gate, map the store anew (at
+        ``size``; 0: its size now; None: twice as big), and hold the gate again."""
+        if self._gate.depth() > 1:
+            raise StoreError("the store grew meanwhile; try again")
+        self._gate.leave()
+        try:
+            if size is None:
+                self._grow()
+            else:
+                self._set_mapsize(size)
+        finally:
+            self._gate.enter()
 
     def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         """Run ``fn(txn)`` in one write transaction; commit on success, abort on error.
 
         ``fn`` may run more than once (after the map grows), so it must only act on txn.
         """
+        self._gate.enter()
+        try:
+            return self._write(fn)
+        finally:
+            self._gate.leave()
+
+    def _write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
         while True:
             try:
                 txn = self.env.begin(write=True)
             except lmdb.MapResizedError:
-                self._set_mapsize(0)
+                self._remap(0)
                 continue
             try:
                 result = fn(txn)
@@ -421,10 +518,10 @@ class Env:
                 return result
             except lmdb.MapFullError:
                 txn.abort()
-                self._grow()
+                self._remap(None)
             except lmdb.MapResizedError:
                 txn.abort()
-                self._set_mapsize(0)
+                self._remap(0)
             except lmdb.DiskError as exc:
                 txn.abort()
                 raise StoreError(f"store disk error: {exc}") from exc
@@ -445,15 +542,11 @@ class Env:
 
     def _set_mapsize(self, size: int) -> None:
         self._stop_warmers()  # they read the map without the caller knowing
-        self._map_ranges = None  # LMDB maps the file anew
-        self.map_epoch += 1  # readers of ``map_view`` see it moved (``places``)
-        try:
+        with self._gate.exclusive():  # no transaction, or view of the map, is open
+            self._map_ranges = None  # LMDB maps the file anew
+            self._view = None
+            self.map_epoch += 1  # readers of ``map_view`` see it moved (``places``)
             self.env.set_mapsize(size)
-        finally:
-            # again: another thread may have read /proc/self/maps, or taken a view,
-            # between the lines above and the remap
-            self._map_ranges = None
-            self.map_epoch += 1
 
     def locate_map(self) -> None:
         """Find where data.mdb is mapped now, ahead of the first ``map_offset`` or
@@ -508,15 +601,9 @@ class Env:
 
         dbi = self.db(db)
         slot = _VALUE_SLOT
-        if slot is None:  # learnt in a read transaction of its own (py-lmdb's MDB_NOTLS)
-            with self.read(buffers=True) as rtxn:
-                # meta first: its values are a few bytes (a chunk is read whole, and
-                # cold that is 4 KiB at a time)
-                for name in ("meta", db):
-                    slot = _value_slot(rtxn, self.db(name))
-                    if _VALUE_SLOT is not None:
-                        break
-        if slot < 0:
+        if slot is None and self._gate.depth() == 0:
+            slot = self.learn_value_slot(db)
+        if slot is None or slot < 0:
             return None
         cur = txn.cursor(db=dbi)
         val = (ctypes.c_uint64 * 2).from_address(id(cur) + slot)
@@ -525,6 +612,21 @@ class Env:
             return (val[1], val[0]) if cur.set_key(key) else None
 
         return address
+
+    def learn_value_slot(self, db: str = "chunks") -> int | None:
+        """Find where py-lmdb's cursors keep their value (``_value_slot``), in a read
+        transaction of its own (py-lmdb's MDB_NOTLS allows one beside a write
+        transaction); ``Store.open`` does, so that no transaction has to nest one."""
+        slot = _VALUE_SLOT
+        if slot is None:
+            with self.read(buffers=True) as rtxn:
+                # meta first: its values are a few bytes (a chunk is read whole, and
+                # cold that is 4 KiB at a time)
+                for name in ("meta", db):
+                    slot = _value_slot(rtxn, self.db(name))
+                    if _VALUE_SLOT is not None:
+                        break
+        return slot
 
     def value_locator(self, txn: lmdb.Transaction,
                       db: str) -> Callable[[bytes], tuple[int, int] | None] | None:
