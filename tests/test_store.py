@@ -211,6 +211,47 @@ def test_a_remap_waits_for_the_transactions_of_other_threads(tmp_path: Path) -> 
     env.close()
 
 
+def test_a_remap_that_gives_up_lets_readers_in_again(tmp_path: Path, monkeypatch) -> None:
+    """A reader that does not finish (or an interrupt while the remap waits) must not
+    leave the gate shut: the remap gives up ("try again") and readers go on."""
+    import threading
+
+    from layerstore.errors import StoreError
+    from layerstore.store import txn as txn_mod
+    from layerstore.store.txn import Env
+
+    monkeypatch.setattr(txn_mod, "REMAP_WAIT", 0.2)
+    env = Env(tmp_path / "db", map_size=1 * MiB)
+    env.write(lambda txn: txn.put(b"k", b"v", db=env.db("meta")))
+    holding, release = threading.Event(), threading.Event()
+
+    def reader() -> None:
+        with env.read():
+            holding.set()
+            release.wait(5)
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert holding.wait(5)
+    with pytest.raises(StoreError, match="try again"):
+        env._set_mapsize(8 * MiB)
+    assert not env._gate.remapping
+    got: list[bytes] = []
+
+    def another() -> None:
+        with env.read() as txn:
+            got.append(txn.get(b"k", db=env.db("meta")))
+
+    other = threading.Thread(target=another)
+    other.start()
+    other.join(2)
+    assert got == [b"v"]  # a new reader got in while the first still reads
+    release.set()
+    t.join()
+    env._set_mapsize(8 * MiB)  # and a remap goes through once the readers are done
+    env.close()
+
+
 def test_a_transaction_inside_another_does_not_wait_for_itself(tmp_path: Path,
                                                                  monkeypatch) -> None:
     """A remap asked for from inside a transaction (an inner one found the store

@@ -49,6 +49,8 @@ READ_AHEAD_PIECE = 4 << 20
 READ_AHEAD_WAITING = 4
 #: a request up to this size is a posix_fadvise(WILLNEED) in the caller's thread
 READ_AHEAD_INLINE = 2 << 20
+#: the longest a remap waits for the transactions of other threads to end (s)
+REMAP_WAIT = 120.0
 #: the longest a reader waits for the read-ahead thread to reach what it needs (s), and
 #: how far the thread may be from it (bytes still to read before) for a reader to wait
 READ_AHEAD_WAIT = 2.0
@@ -350,49 +352,57 @@ class _Gate:
         return getattr(self.local, "depth", 0)  # type: ignore[no-any-return]
 
     # enter and leave run for every transaction: the lock itself, not the condition,
-    # on the way that does not wait (~0.5 us a pair)
+    # on the way that does not wait (~0.5 us a pair); the thread's depth changes with
+    # the count, under the lock
     def enter(self) -> None:
         local = self.local
         depth = getattr(local, "depth", 0)
-        if depth == 0:
-            lock = self.lock
-            lock.acquire()
-            try:
-                while self.remapping:
-                    self.cv.wait()
-                self.readers += 1
-            finally:
-                lock.release()
-        local.depth = depth + 1
+        if depth:
+            local.depth = depth + 1
+            return
+        with self.lock:
+            while self.remapping:
+                self.cv.wait()
+            self.readers += 1
+            local.depth = 1
 
     def leave(self) -> None:
         local = self.local
-        depth = local.depth - 1
-        local.depth = depth
-        if depth == 0:
-            lock = self.lock
-            lock.acquire()
-            try:
+        depth = getattr(local, "depth", 0)
+        if depth > 1:
+            local.depth = depth - 1
+            return
+        if depth == 1:
+            with self.lock:
+                local.depth = 0
                 self.readers -= 1
                 if self.readers == 0 and self.remapping:
                     self.cv.notify_all()
-            finally:
-                lock.release()
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         if self.depth():
             raise StoreError("the store grew meanwhile; try again")
-        with self.cv:
+        with self.lock:
             while self.remapping:
                 self.cv.wait()
             self.remapping = True
-            while self.readers:
-                self.cv.wait()
+            try:
+                deadline = time.monotonic() + REMAP_WAIT
+                while self.readers:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise StoreError("the store grew meanwhile, and a reader did not "
+                                         "finish; try again")
+                    self.cv.wait(left)
+            except BaseException:
+                self.remapping = False
+                self.cv.notify_all()
+                raise
         try:
             yield
         finally:
-            with self.cv:
+            with self.lock:
                 self.remapping = False
                 self.cv.notify_all()
 
@@ -546,7 +556,14 @@ class Env:
             self._map_ranges = None  # LMDB maps the file anew
             self._view = None
             self.map_epoch += 1  # readers of ``map_view`` see it moved (``places``)
-            self.env.set_mapsize(size)
+            try:
+                self.env.set_mapsize(size)
+            finally:
+                # again: a caller outside any transaction (read_ahead) may have read
+                # /proc/self/maps meanwhile; ``_ranges`` keeps no answer read across
+                # a change of the epoch
+                self._map_ranges = None
+                self.map_epoch += 1
 
     def locate_map(self) -> None:
         """Find where data.mdb is mapped now, ahead of the first ``map_offset`` or
@@ -555,10 +572,15 @@ class Env:
         self._ranges()
 
     def _ranges(self) -> list[tuple[int, int]]:
-        """Where data.mdb is mapped (found again after anything that remaps it)."""
-        if self._map_ranges is None:
-            self._map_ranges = _mapped_ranges(self._data_path)
-        return self._map_ranges
+        """Where data.mdb is mapped (found again after anything that remaps it; not
+        kept when the map moved, or may have, while it was being found)."""
+        ranges = self._map_ranges
+        if ranges is None:
+            epoch = self.map_epoch
+            ranges = _mapped_ranges(self._data_path)
+            if epoch == self.map_epoch and not self._gate.remapping:
+                self._map_ranges = ranges
+        return ranges
 
     def release_map(self) -> None:
         """Unmap the pages of the data file that this process has touched.
@@ -576,7 +598,11 @@ class Env:
         Cheap (one madvise) after the first call, so writers call it every few hundred
         operations.
         """
-        _madvise(self._ranges(), _MADV_DONTNEED)
+        self._gate.enter()  # MADV_DONTNEED where the map was would zero what is there now
+        try:
+            _madvise(self._ranges(), _MADV_DONTNEED)
+        finally:
+            self._gate.leave()
 
     def map_offset(self, value: Any) -> int | None:
         """Where ``value`` (a memoryview from a ``buffers`` read transaction that is
@@ -783,15 +809,19 @@ class Env:
                 # after another process grew it: it stops), and ``_set_mapsize`` stops
                 # the warm threads before it remaps (a thread in a lookup would read
                 # unmapped memory).
-                txn = self.env.begin(write=False)
+                self._gate.enter()  # one started while a remap waits, waits for it
                 try:
-                    cur = txn.cursor(db=dbi)
-                    for key in part:
-                        if stop.is_set():
-                            return
-                        cur.set_key(key)
+                    txn = self.env.begin(write=False)
+                    try:
+                        cur = txn.cursor(db=dbi)
+                        for key in part:
+                            if stop.is_set():
+                                return
+                            cur.set_key(key)
+                    finally:
+                        txn.abort()
                 finally:
-                    txn.abort()
+                    self._gate.leave()
             except Exception:  # noqa: BLE001, S110 - an optimisation only (readers full...)
                 pass
 
