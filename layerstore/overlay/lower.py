@@ -77,10 +77,8 @@ PLACED_AHEAD = 32 << 20
 #: the places of at most this many chunks are kept (``StoreLayers._placed``)
 MAX_PLACED_CHUNKS = 1 << 20
 
-#: bytes handed to one pwritev when a file is copied out of the store, and how many
-#: such batches ahead of the one being copied are asked for from the store's file
+#: bytes handed to one pwritev when a file is copied out of the store
 COPY_BATCH = 8 << 20
-COPY_AHEAD = 2
 #: values of a file this close in data.mdb are asked for as one stretch
 SPAN_GAP = 64 << 10
 #: a full copy-up of a file this big maps its chunks' pages a batch at a time before
@@ -508,76 +506,40 @@ class StoreLayers:
             return
         rec, _ = self._file(entry.digest)
         env = self.store.env
-        with env.read(buffers=True) as txn:
-            if len(rec.chunks) == 1:  # one value: nothing to find or ask for ahead
-                self._copy_chunks_following(rec, env, txn, fd)
-                return
-            spots = places.load(txn, env, entry.digest, rec)
-            if spots is not None:
-                self._copy_placed(rec, env, txn, fd, spots)
-                return
-        stop = env.warm_keys("chunks", [d for d, _ in rec.chunks]) \
-            if len(rec.chunks) >= WARM_KEYS_FROM else None
+        stop = None  # the warm_keys threads: stopped out of the transaction (txn._Gate)
         try:
-            self._copy_chunks(rec, env, fd)
+            with env.read(buffers=True) as txn:
+                if len(rec.chunks) == 1:  # one value: nothing to find or ask for ahead
+                    self._copy_chunks_following(rec, env, txn, fd)
+                    return
+                spots = places.load(txn, env, entry.digest, rec)
+                trusted = spots is None
+                if spots is None:
+                    # no record: each chunk is looked up (the B-tree, not the value:
+                    # ``Env.value_locator``), its keys ahead in threads of their own
+                    where = env.value_locator(txn, "chunks")
+                    if where is None:
+                        self._copy_chunks_following(rec, env, txn, fd)
+                        return
+                    if len(rec.chunks) >= WARM_KEYS_FROM:
+                        stop = env.warm_keys("chunks", [d for d, _ in rec.chunks])
+                    spots = []
+                    for d, _ in rec.chunks:
+                        got = where(d)
+                        if got is None:
+                            raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
+                        spots.append((got[0], got[1], 0))
+                self._copy_placed(rec, env, txn, fd, spots, trusted)
         finally:
             if stop is not None:
                 stop()
 
-    def _copy_chunks(self, rec: FileRecord, env: Env, fd: int) -> None:
-        """``copy_to`` for a file without recorded places: its chunks are looked up a
-        few batches ahead of the copy (``Env.value_locator``) and asked for."""
-        with env.read(buffers=True) as txn:
-            where = env.value_locator(txn, "chunks")
-            if where is None:
-                self._copy_chunks_following(rec, env, txn, fd)
-                return
-            db = env.db("chunks")
-            # the chunks in batches of COPY_BATCH bytes; the values of the next
-            # COPY_AHEAD batches are located (B-tree only) and asked for before the
-            # copy of a batch touches its values
-            batches: list[list[int]] = [[]]
-            size = 0
-            for i, (_, n) in enumerate(rec.chunks):
-                if size >= COPY_BATCH:
-                    batches.append([])
-                    size = 0
-                batches[-1].append(i)
-                size += n
-            located: list[tuple[int, int]] = []
-
-            def ask(batch: list[int]) -> None:
-                spots = []
-                for i in batch:
-                    spot = where(rec.chunks[i][0])
-                    if spot is None:
-                        raise IntegrityError(f"chunk {rec.chunks[i][0].hex()[:16]} is missing")
-                    spots.append(spot)
-                located.extend(spots)
-                for start, stop in _spans(spots):
-                    env.read_ahead(start, stop - start)
-
-            for batch in batches[:COPY_AHEAD]:
-                ask(batch)
-            off = 0
-            for k, batch in enumerate(batches):
-                if k + COPY_AHEAD < len(batches):
-                    ask(batches[k + COPY_AHEAD])
-                bufs: list[memoryview | bytes] = []
-                for i in batch:
-                    at, n = located[i]
-                    env.wait_read(at, at + n)
-                    value = txn.get(rec.chunks[i][0], db=db)
-                    if value is None:
-                        raise IntegrityError(f"chunk {rec.chunks[i][0].hex()[:16]} is missing")
-                    bufs.append(decode_chunk(value))
-                off = _pwrite_all(fd, bufs, off)
-
     def _copy_placed(self, rec: FileRecord, env: Env, txn: Any, fd: int,
-                     spots: list[tuple[int, int, int]]) -> None:
-        """``_copy_chunks`` for a file whose chunks' places are recorded (``places``):
-        no lookup, and all of it asked for at once (``Env.read_ahead`` reads a large
-        stretch in its thread; each batch waits for what it needs of it)."""
+                     spots: list[tuple[int, int, int]], trusted: bool = False) -> None:
+        """``copy_to`` from where each chunk value lies in data.mdb (a ``places`` record,
+        whose places are checked before they are read, or the lookups of this
+        transaction, ``trusted``): all of it asked for at once (``Env.read_ahead`` reads
+        a large stretch in its thread; each batch waits for what it needs of it)."""
         epoch = env.map_epoch
         view = env.map_view(max(at + n for at, n, _ in spots))
         if view is None:
@@ -585,7 +547,7 @@ class StoreLayers:
             return
         for start, stop in _spans([(at, n) for at, n, _ in spots if at >= 0]):
             env.read_ahead(start, stop - start)
-        self._copy_spots(rec, env, txn, fd, spots, view, epoch)
+        self._copy_spots(rec, env, txn, fd, spots, view, epoch, trusted)
 
     @staticmethod
     def _map_batch(env: Env, rec: FileRecord, spots: list[tuple[int, int, int]],
@@ -610,7 +572,8 @@ class StoreLayers:
         return j
 
     def _copy_spots(self, rec: FileRecord, env: Env, txn: Any, fd: int,
-                    spots: list[tuple[int, int, int]], view: memoryview, epoch: int) -> None:
+                    spots: list[tuple[int, int, int]], view: memoryview, epoch: int,
+                    trusted: bool) -> None:
         db = env.db("chunks")
         off, size = 0, 0
         bufs: list[memoryview | bytes] = []
@@ -623,7 +586,7 @@ class StoreLayers:
                 mapped = self._map_batch(env, rec, spots, i)
             if at >= 0:
                 env.wait_read(at, at + n)
-                if places.fits(view, at, n, fp):
+                if trusted or places.fits(view, at, n, fp):
                     data = decode_chunk(view[at:at + n])
             if data is None or len(data) != length:
                 # a small value, in its leaf page, or a place that does not fit
@@ -642,7 +605,7 @@ class StoreLayers:
                 bufs, size = [], 0
 
     def _copy_chunks_following(self, rec: FileRecord, env: Env, txn: Any, fd: int) -> None:
-        """``_copy_chunks`` where values cannot be located before they are read: each
+        """``copy_to`` where values cannot be located before they are read: each
         chunk's place tells where the next ones probably are (``_Runs``)."""
         off = 0
         db = env.db("chunks")

@@ -97,17 +97,13 @@ def page_finder(txn: lmdb.Transaction,
         return None
     import ctypes
 
-    mapped = env.map_ranges()
-    lo, hi = mapped[0] if len(mapped) == 1 else (0, 0)
-
     def read(addr: int, n: int) -> bytes:
         # a committed value is read from data.mdb, not touched through the map: each
         # touch would map 16 pages into this process (fault-around), and an import
         # looks at the stored chunks of its files (a 1 GiB import peaked 30 MiB
         # higher); a value of the write transaction lives in LMDB's heap
-        if lo <= addr < hi:
-            return env.pread(addr - lo, n)
-        return ctypes.string_at(addr, n)
+        at = env.offset_of(addr)
+        return ctypes.string_at(addr, n) if at is None else env.pread(at, n)
 
     looked = [0]
 

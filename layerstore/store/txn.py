@@ -133,7 +133,7 @@ def _value_slot(txn: lmdb.Transaction, dbi: Any) -> int:
     import ctypes
     import struct
 
-    def places(cur: Any) -> set[int]:
+    def offsets(cur: Any) -> set[int]:
         value = cur.value()
         want = (len(value), buffer_address(value))
         size = type(cur).__basicsize__
@@ -144,9 +144,9 @@ def _value_slot(txn: lmdb.Transaction, dbi: Any) -> int:
         cur = txn.cursor(db=dbi)
         if not cur.first() or not isinstance(cur.value(), memoryview):
             return -1  # nothing to learn from (yet): not remembered
-        found = places(cur)
+        found = offsets(cur)
         if cur.last():
-            found &= places(cur)
+            found &= offsets(cur)
         _VALUE_SLOT = found.pop() if len(found) == 1 else -1
     except Exception:  # noqa: BLE001 - an optimisation only
         _VALUE_SLOT = -1
@@ -611,9 +611,15 @@ class Env:
             addr = buffer_address(value)
         except (TypeError, ValueError, AttributeError, OSError):
             return None
-        for lo, hi in self._ranges():
+        return self.offset_of(addr)
+
+    def offset_of(self, addr: int) -> int | None:
+        """Where the map's address ``addr`` lies in data.mdb (LMDB maps the file from
+        offset 0, at the start of the first range); None if not in the map."""
+        ranges = self._ranges()
+        for lo, hi in ranges:
             if lo <= addr < hi:
-                return addr - lo
+                return addr - ranges[0][0]
         return None
 
     def value_address(self, txn: lmdb.Transaction,
@@ -662,16 +668,13 @@ class Env:
         touches the first. Valid while ``txn`` (a ``buffers`` read transaction) is
         open. None if values cannot be found so, or the map is not found."""
         address = self.value_address(txn, db)
-        ranges = self._ranges()
-        if address is None or len(ranges) != 1:
+        if address is None:
             return None
-        lo, hi = ranges[0]
 
         def where(key: bytes) -> tuple[int, int] | None:
             got = address(key)
-            if got is None or not lo <= got[0] <= got[0] + got[1] <= hi:
-                return None
-            return got[0] - lo, got[1]
+            at = None if got is None else self.offset_of(got[0])
+            return None if at is None else (at, got[1])  # type: ignore[index]
 
         return where
 
@@ -710,10 +713,6 @@ class Env:
                     self._no_populate = True
         except (OSError, AttributeError):
             self._no_populate = True
-
-    def map_ranges(self) -> list[tuple[int, int]]:
-        """Where data.mdb is mapped in this process (start, end), found once."""
-        return list(self._ranges())
 
     def pread(self, offset: int, n: int) -> bytes:
         """``n`` bytes of data.mdb from ``offset``, read from the file (the map is not
