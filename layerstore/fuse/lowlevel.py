@@ -23,7 +23,11 @@ its one trio thread is about pyfuse3; ``wire.py`` says what it does instead.
   changes through this mount, and the kernel updates or drops what it caches on our
   own replies); negative entries too (a lookup that finds nothing answers node id 0
   with a timeout). Open files keep their page cache across opens (``keep_cache``):
-  the kernel's inode is the only way to the data. Listings are readdirplus (pyfuse3
+  the kernel's inode is the only way to the data. On ``wire.py`` an open file whose
+  data is a plain upper file is passed through to the kernel instead
+  (``OverlayFS.backing_fd``, ``wire._Passthrough``); its writes never reach the
+  daemon, so while a file is open for writing a listing read in pieces looks the
+  attributes of each piece up again (``_changes``). Listings are readdirplus (pyfuse3
   always asks for it), so a walk needs no LOOKUP per entry.
 - **Listings** are read once per open directory handle and served from that copy; if
   the directory changed through the mount in between, a continued listing is read
@@ -111,6 +115,8 @@ def _errors(fn: F) -> F:
 #: wire.py runs each request in the thread that read it, holding its lock; there, an
 #: overlay call that may take long runs with the lock released (``wire.unlocked``)
 _unlocked: Callable[..., Any] | None = getattr(pyfuse3, "unlocked", None)
+#: the transport can hand a plain upper file to the kernel (``wire._Passthrough``)
+_PASSTHROUGH = "backing" in getattr(pyfuse3.FileInfo, "__slots__", ())
 
 
 async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -472,10 +478,18 @@ class LowLevelOperations(_Base):
         self._xattr_names: dict[int, tuple[int, frozenset[bytes]]] = {}
         #: the overlay's re-entrant lock (see ``_call``)
         self._lock: Any = getattr(fs, "_lock", None)
+        #: handles open for writing, and a count moved by them (``_changes``)
+        self._writing: set[int] = set()
+        self._written = 0
         super().__init__(fs.getattr(b"/"), on_ready)
 
-    def _changes(self) -> int:
-        return self.fs.changes
+    def _changes(self) -> Any:
+        """With passthrough the kernel writes open files without telling us
+        (``fs.changes`` does not move): while a file is open for writing every call
+        gives a new value, and its release moves it once more."""
+        if self._writing:
+            self._written += 1
+        return self.fs.changes, self._written
 
     def warm_names(self) -> list[bytes]:
         """A few names in the root, for the transport's warm-up (``wire._Session``)."""
@@ -707,12 +721,17 @@ class LowLevelOperations(_Base):
             self._renames += 1
 
     # --- open files ---------------------------------------------------------------------------
-    def _opened(self, inode: int, fh: int) -> pyfuse3.FileInfo:
+    def _opened(self, inode: int, fh: int, writing: bool) -> pyfuse3.FileInfo:
         node = self.table.nodes.get(inode)
         if node is not None:
             node.fhs.add(fh)
         self._fh_ino[fh] = inode
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if not _PASSTHROUGH:
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if writing:
+            self._writing.add(fh)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True,
+                                backing=functools.partial(self.fs.backing_fd, fh))
 
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -727,7 +746,7 @@ class LowLevelOperations(_Base):
             # pyfuse3: clear setuid/setgid as a truncate by a caller without CAP_FSETID
             # does (wire.py is told by the kernel: FUSE_OPEN_KILL_SUIDGID)
             clear_setid(self.fs, fh, lambda: may_keep_setid(ctx.pid, ctx.uid))
-        return self._opened(inode, fh)
+        return self._opened(inode, fh, (flags & os.O_ACCMODE) != os.O_RDONLY)
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -741,7 +760,7 @@ class LowLevelOperations(_Base):
             await self._call(self.fs.release, fh)
             raise
         entry = self._found(parent_inode, name, st)
-        return self._opened(entry.st_ino, fh), entry
+        return self._opened(entry.st_ino, fh, True), entry
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -758,6 +777,9 @@ class LowLevelOperations(_Base):
     @_errors
     async def release(self, fh: int) -> None:
         ino = self._fh_ino.pop(fh, None)
+        if fh in self._writing:
+            self._writing.discard(fh)
+            self._written += 1
         try:
             await self._call(self.fs.release, fh)
         finally:

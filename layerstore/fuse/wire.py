@@ -24,6 +24,11 @@ ask for what kernel 5.11+ and 6.x offer and libfuse 3.14 cannot pass on:
   whenever an entry is made, removed or renamed in it (every change goes through the
   mount). Listings are read per directory node (``_Lister``), not per open handle.
 - FLUSH answers ENOSYS once (the kernel stops sending it), as pyfuse3 does.
+- ``FUSE_PASSTHROUGH`` (kernel 6.9+; root, no writeback cache): an open file whose data
+  is all in one plain upper file is handed to the kernel, which reads, writes and maps
+  it itself (``_Passthrough``; ``LAYERSTORE_FUSE_PASSTHROUGH=0`` turns it off). A write
+  by a caller without CAP_FSETID then comes here as an empty SETATTR (the kernel's
+  ``file_remove_privs``): setuid/setgid are cleared as for a WRITE.
 
 The protocol is ``include/uapi/linux/fuse.h`` (7.x); structures are packed with
 ``struct`` below, named as there. The mount is made by ``fusermount3`` (it passes the
@@ -46,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import inspect
 import logging
 import os
@@ -72,6 +78,9 @@ ROOT_INODE = 1
 MAJOR, MINOR = 7, 33
 #: largest WRITE/READ (max_pages of 4 KiB)
 MAX_WRITE = 1 << 20
+#: FUSE passthrough for plain upper files (``_Passthrough``; ``LAYERSTORE_FUSE_PASSTHROUGH=0``
+#: turns it off)
+PASSTHROUGH_WANTED = os.environ.get("LAYERSTORE_FUSE_PASSTHROUGH", "1") != "0"
 #: tasks reading requests
 WORKERS = 16
 #: listings kept between READDIRPLUS requests (``_Lister``): at most this many, with at
@@ -98,6 +107,8 @@ MAX_PAGES = 1 << 22
 CACHE_SYMLINKS = 1 << 23
 NO_OPENDIR_SUPPORT = 1 << 24
 HANDLE_KILLPRIV_V2 = 1 << 28
+INIT_EXT = 1 << 30  #: the reply's flags2 counts
+PASSTHROUGH = 1 << 37
 
 # --- setattr valid bits, open flags ---------------------------------------------------------
 FATTR_MODE, FATTR_UID, FATTR_GID, FATTR_SIZE = 1, 2, 4, 8
@@ -106,6 +117,13 @@ FATTR_CTIME, FATTR_KILL_SUIDGID = 1024, 2048
 FUSE_OPEN_KILL_SUIDGID = 1
 FUSE_WRITE_KILL_SUIDGID = 4
 FOPEN_DIRECT_IO, FOPEN_KEEP_CACHE, FOPEN_NONSEEKABLE = 1, 2, 4
+FOPEN_PASSTHROUGH = 1 << 7
+#: ioctls on /dev/fuse: _IOW(229, 1, struct fuse_backing_map), _IOW(229, 2, uint32_t)
+DEV_IOC_BACKING_OPEN, DEV_IOC_BACKING_CLOSE = 0x4010E501, 0x4004E502
+BACKING_MAP = struct.Struct("<iIQ")       # fd flags padding
+#: stack depth of the mount for passthrough: backing files on a plain file system only,
+#: and an overlayfs may still be stacked on the mount
+PASSTHROUGH_STACK_DEPTH = 1
 #: notification code of FUSE_NOTIFY_INVAL_INODE (written with unique 0)
 NOTIFY_INVAL_INODE = 2
 NOTIFY_INVAL_INODE_OUT = struct.Struct("<Qqq")  # ino off len
@@ -208,18 +226,23 @@ def _split_timeout(t: float) -> tuple[int, int]:
 
 
 class FileInfo:
-    __slots__ = ("direct_io", "fh", "keep_cache", "nonseekable")
+    __slots__ = ("backing", "direct_io", "fh", "keep_cache", "nonseekable")
 
     def __init__(self, fh: int = 0, direct_io: bool = False, keep_cache: bool = False,
-                 nonseekable: bool = False):
+                 nonseekable: bool = False,
+                 backing: Callable[[], tuple[int, bool] | None] | None = None):
         self.fh, self.direct_io, self.keep_cache, self.nonseekable = (
             fh, direct_io, keep_cache, nonseekable)
+        #: for passthrough (``_Passthrough``): returns an fd open for reading and
+        #: writing on the plain file that holds this handle's data, and whether the
+        #: caller closes it; None (or returning None): the daemon serves the I/O
+        self.backing = backing
 
-    def open_out(self) -> bytes:
-        flags = ((FOPEN_DIRECT_IO if self.direct_io else 0)
-                 | (FOPEN_KEEP_CACHE if self.keep_cache else 0)
-                 | (FOPEN_NONSEEKABLE if self.nonseekable else 0))
-        return OPEN_OUT.pack(self.fh, flags, 0)
+    def open_out(self, flags: int = 0, backing_id: int = 0) -> bytes:
+        flags |= ((FOPEN_DIRECT_IO if self.direct_io else 0)
+                  | (FOPEN_KEEP_CACHE if self.keep_cache else 0)
+                  | (FOPEN_NONSEEKABLE if self.nonseekable else 0))
+        return OPEN_OUT.pack(self.fh, flags, backing_id)
 
 
 class StatvfsData:
@@ -324,6 +347,7 @@ class _Session:
         self.flags = 0  #: what was agreed at INIT
         self.stopped = False
         self.lister = _Lister(ops)
+        self.passthrough = _Passthrough(self.fd)
         #: held while a request runs the adapter's code (see the module docstring)
         self.lock = threading.Lock()
         self.threads: list[threading.Thread] = []
@@ -461,6 +485,7 @@ class _Session:
                 ino, n = FORGET_ONE.unpack_from(body, BATCH_FORGET_IN.size + i * FORGET_ONE.size)
                 table.forget(ino, n)
                 forgotten.append(ino)
+        self.passthrough.forgotten(forgotten)
         if self.lister.handles:
             for ino in forgotten:
                 if ino not in table.nodes:
@@ -479,12 +504,19 @@ class _Session:
             want |= POSIX_ACL
         if getattr(self.ops, "enable_writeback_cache", False):
             want |= WRITEBACK_CACHE  # LAYERSTORE_FUSE_WRITEBACK=1 (lowlevel.py)
+        elif PASSTHROUGH_WANTED and os.geteuid() == 0:
+            # the kernel allows it with CAP_SYS_ADMIN and without the writeback cache
+            want |= INIT_EXT | PASSTHROUGH
         self.flags = flags & want
+        if not self.flags & INIT_EXT:
+            self.flags &= 0xFFFFFFFF
+        self.passthrough.enabled = bool(self.flags & PASSTHROUGH)
         self._warm_up()
         self.ops.init()
         return INIT_OUT.pack(MAJOR, min(minor, MINOR), max_readahead, self.flags & 0xFFFFFFFF,
                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0,
-                             self.flags >> 32, 0)
+                             self.flags >> 32,
+                             PASSTHROUGH_STACK_DEPTH if self.passthrough.enabled else 0)
 
     def _warm_up(self) -> None:
         """Before the mount goes live (INIT is answered after this): run the requests a
@@ -537,9 +569,11 @@ class _Session:
         attr.st_atime_ns = now if valid & FATTR_ATIME_NOW else atime * 10**9 + atimens
         attr.st_mtime_ns = now if valid & FATTR_MTIME_NOW else mtime * 10**9 + mtimens
         fields = SetattrFields(valid)
-        if valid & FATTR_KILL_SUIDGID and not fields.update_mode:
+        if valid & FATTR_KILL_SUIDGID and not fields.update_mode or valid == 0:
             # a truncate or chown by a caller without CAP_FSETID: through the open file
-            # if there is one (it may have no name), else with the other changes
+            # if there is one (it may have no name), else with the other changes. A
+            # SETATTR with nothing in it is the kernel's ``file_remove_privs`` before a
+            # passthrough write by such a caller (``_Passthrough``): the same clearing
             if valid & FATTR_FH:
                 self.kill_setid(nodeid, fh)
             else:
@@ -604,14 +638,21 @@ class _Session:
             except BaseException:
                 await self.ops.release(fi.fh)
                 raise
-        return fi.open_out()  # type: ignore[no-any-return]
+        return await self._open_out(nodeid, fi)
+
+    async def _open_out(self, nodeid: int, fi: FileInfo) -> bytes:
+        try:
+            return self.passthrough.open_out(nodeid, fi)
+        except BaseException:
+            await self.ops.release(fi.fh)
+            raise
 
     async def h_create(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         flags, mode, umask, _open_flags = CREATE_IN.unpack_from(body)
         ctx.umask = umask
         name = _name(body[CREATE_IN.size:])
         fi, e = await self.ops.create(nodeid, name, mode, flags, ctx)
-        return e.entry_out() + fi.open_out()  # type: ignore[no-any-return]
+        return e.entry_out() + await self._open_out(e.st_ino, fi)  # type: ignore[no-any-return]
 
     async def h_read(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         fh, offset, size, *_ = READ_IN.unpack_from(body)
@@ -634,7 +675,10 @@ class _Session:
 
     async def h_release(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         (fh, *_rest) = RELEASE_IN.unpack_from(body)
-        await self.ops.release(fh)
+        try:
+            await self.ops.release(fh)
+        finally:
+            self.passthrough.released(fh)
         return b""
 
     async def h_fsync(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
@@ -761,6 +805,119 @@ class _Lister:
     async def drop(self, nodeid: int) -> None:
         for key in [k for k in self.handles if k[0] == nodeid]:
             await self.ops.releasedir(self.handles.pop(key))
+
+
+class _Passthrough:
+    """FUSE passthrough (kernel 6.9+, ``FUSE_PASSTHROUGH``): an open file whose data is a
+    plain upper file is handed to the kernel, which then reads, writes and maps that
+    file itself; no READ or WRITE comes here for it. The daemon registers the file with
+    ``FUSE_DEV_IOC_BACKING_OPEN`` and names it in the OPEN/CREATE reply
+    (``FOPEN_PASSTHROUGH``, ``backing_id``). Files of the lowers, metacopy files and
+    files still being copied up lazily stay with the daemon.
+
+    The kernel's rules (``fs/fuse/iomode.c``), which a reply must never break (the
+    user's ``open`` would fail with EIO):
+
+    - all open files of one inode share one backing file while any of them is open in
+      passthrough: so one registration per node, made from an fd opened for reading and
+      writing, whatever each open asks for (the kernel checks the access mode on its own
+      file and hands the caller's flags, O_APPEND and O_SYNC among them, on with each
+      write);
+    - an inode open in cached mode (through the page cache) cannot be opened in
+      passthrough, nor the other way round: a node with cached-mode opens gets cached
+      ones until they are released. The kernel drops an open's mode before it sends
+      RELEASE, so what is counted here is never less than what the kernel holds.
+
+    A node that was open in passthrough and is later opened in cached mode (only when
+    passthrough could not be set up) gets no ``keep_cache`` for that open: pages the
+    kernel cached before were not updated by the writes made meanwhile. Its node ids
+    are forgotten here when the kernel forgets the inode (its page cache goes with it).
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        self.enabled = False  #: the kernel agreed at INIT
+        self.lock = threading.Lock()
+        self.nodes: dict[int, list[int]] = {}  #: node id -> [backing id, passthrough opens]
+        self.cached: dict[int, int] = {}       #: node id -> cached-mode opens
+        self.fhs: dict[int, tuple[int, bool]] = {}  #: handle -> (node id, passthrough)
+        self.was: set[int] = set()             #: node ids opened in passthrough before
+
+    def open_out(self, nodeid: int, fi: FileInfo) -> bytes:
+        """The OPEN/CREATE reply for handle ``fi`` of ``nodeid``, in passthrough when
+        the rules allow it and the adapter offers a backing file."""
+        if not self.enabled:
+            return fi.open_out()
+        with self.lock:
+            node = self.nodes.get(nodeid)
+            if node is None and fi.backing is not None and not self.cached.get(nodeid):
+                backing_id = self._register(fi.backing)
+                if backing_id > 0:
+                    node = self.nodes[nodeid] = [backing_id, 0]
+            if node is not None:
+                node[1] += 1
+                self.fhs[fi.fh] = (nodeid, True)
+                self.was.add(nodeid)
+                return OPEN_OUT.pack(fi.fh, FOPEN_PASSTHROUGH, node[0])
+            self.cached[nodeid] = self.cached.get(nodeid, 0) + 1
+            self.fhs[fi.fh] = (nodeid, False)
+            if nodeid in self.was:
+                fi.keep_cache = False
+            return fi.open_out()
+
+    def _register(self, backing: Callable[[], tuple[int, bool] | None]) -> int:
+        """A backing id for the file ``backing`` gives, or 0 (cached mode, then)."""
+        try:
+            got = backing()
+        except OSError as exc:
+            log.debug("no backing file: %s", exc)
+            return 0
+        if got is None:
+            return 0
+        fd, close = got
+        try:
+            # a mutable buffer: ioctl's return value (the id) comes back
+            return int(fcntl.ioctl(self.fd, DEV_IOC_BACKING_OPEN,
+                                   bytearray(BACKING_MAP.pack(fd, 0, 0))))
+        except OSError as exc:
+            if exc.errno == errno.EPERM:  # not allowed here (CAP_SYS_ADMIN): stop asking
+                log.warning("FUSE passthrough refused (%s): the daemon serves all I/O", exc)
+                self.enabled = False
+            else:
+                log.debug("backing file refused: %s", exc)
+            return 0
+        finally:
+            if close:
+                os.close(fd)
+
+    def released(self, fh: int) -> None:
+        with self.lock:
+            got = self.fhs.pop(fh, None)
+            if got is None:
+                return
+            nodeid, passthrough = got
+            if not passthrough:
+                n = self.cached.get(nodeid, 0) - 1
+                if n > 0:
+                    self.cached[nodeid] = n
+                else:
+                    self.cached.pop(nodeid, None)
+                return
+            node = self.nodes[nodeid]
+            node[1] -= 1
+            if node[1] > 0:
+                return
+            del self.nodes[nodeid]
+            try:
+                fcntl.ioctl(self.fd, DEV_IOC_BACKING_CLOSE, struct.pack("<I", node[0]))
+            except OSError as exc:
+                if exc.errno not in (errno.ENODEV, errno.ENOTCONN):
+                    log.error("closing backing file %d: %s", node[0], exc)
+
+    def forgotten(self, nodeids: list[int]) -> None:
+        if self.was:
+            with self.lock:
+                self.was.difference_update(nodeids)
 
 
 def _attr_out(e: EntryAttributes) -> bytes:

@@ -53,6 +53,7 @@ Imports neither fusepy nor anything above ``store``.
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import itertools
 import os
@@ -112,6 +113,8 @@ DIRS_KEPT = 256
 COPY_UP_MODES = (FULL, META, LAZY)
 #: ``OverlayFS._dirs``: the origin of a directory not read yet
 _UNREAD = object()
+#: flags of an fd that a FUSE passthrough backing file must not carry (``backing_fd``)
+_OWN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_DIRECT
 
 
 def _changes(fn: F) -> F:
@@ -950,6 +953,22 @@ class OverlayFS:
                 os.close(fd)
             raise
         return self._add_handle(_Handle(vpath, fd=fds[0]))
+
+    def backing_fd(self, fh: int) -> tuple[int, bool] | None:
+        """For FUSE passthrough: an fd open for reading and writing on the file that
+        holds all of handle ``fh``'s data, and whether the caller closes it; None when
+        the data is not all in one plain upper file (a lower file, a metacopy, a lazy
+        copy-up not yet done, a FIFO or device). The kernel then reads and writes that
+        file itself, for every open of the same inode."""
+        h = self._handles.get(fh)
+        if h is None or h.fd < 0 or (h.lazy is not None and not h.lazy.done):
+            return None
+        if not stat.S_ISREG(os.fstat(h.fd).st_mode):
+            return None
+        # the backing file's own O_APPEND/O_SYNC/O_DIRECT would hold for every open
+        if fcntl.fcntl(h.fd, fcntl.F_GETFL) & _OWN_FLAGS == os.O_RDWR:
+            return h.fd, False
+        return os.open(f"/proc/self/fd/{h.fd}", os.O_RDWR | os.O_CLOEXEC), True
 
     def _handle(self, fh: int) -> _Handle:
         h = self._handles.get(fh)
