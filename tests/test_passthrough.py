@@ -274,3 +274,26 @@ def test_io_mode_rules(monkeypatch):
     pt.released(8)
     pt.released(99)  # unknown handles are ignored
     assert not pt.fhs and not pt.nodes and not pt.cached
+    # turned off (the kernel refused one): nodes still passed through keep their rules
+    assert out(5, 10) == (wire.FOPEN_PASSTHROUGH, 7)
+    pt.enabled = False
+    assert out(5, 11) == (wire.FOPEN_PASSTHROUGH, 7)
+    assert out(6, 12) == (cached, 0)
+
+
+def test_setuid_cleared_on_a_write_to_an_unlinked_file(demo, cli, root: Path, mnt: Path):
+    """The empty SETATTR before a passthrough write names no handle: the bits are
+    cleared through an open one (the file has no name to go by)."""
+    _mount(cli, mnt, "--allow-other")
+    try:
+        p = _as_user(mnt, "import stat\n"
+                          "fd = os.open('tmp/gone', os.O_RDWR | os.O_CREAT, 0o644)\n"
+                          "os.fchmod(fd, 0o4755)\n"
+                          "os.unlink('tmp/gone')\n"
+                          "assert os.write(fd, b'data') == 4\n"
+                          "mode = stat.S_IMODE(os.fstat(fd).st_mode)\n"
+                          "assert mode == 0o755, oct(mode)\n"
+                          "assert os.pread(fd, 4, 0) == b'data'\n")
+        assert p.returncode == 0, p.stderr
+    finally:
+        cli("umount", "c1")

@@ -95,6 +95,8 @@ XATTR_NAMES_KEPT = 65536
 RENAME_NOREPLACE = 1
 #: the kernel's writeback cache on the writable mount (``LAYERSTORE_FUSE_WRITEBACK=0|1``)
 WRITEBACK = os.environ.get("LAYERSTORE_FUSE_WRITEBACK", "0") == "1"
+#: node ids whose last open for writing is remembered (``LowLevelOperations._write_mark``)
+KEEP_WRITTEN = 4096
 
 
 def _errors(fn: F) -> F:
@@ -236,7 +238,8 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         self.table = _Table(root_st["st_ino"])
         self.on_ready = on_ready
         #: open directory handle -> (node id, listing, generation of the listing)
-        self._dirs: dict[int, tuple[int, list[tuple[bytes, dict[str, int]]] | None, int]] = {}
+        self._dirs: dict[int, tuple[int, list[tuple[bytes, dict[str, int]]] | None,
+                                  tuple[int, int, int]]] = {}
         #: directory node id -> count of changes of its entries through this mount
         self._gen: dict[int, int] = {}
         self._next_dh = 1
@@ -356,7 +359,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         self.table.path(inode)  # ENOENT if it has no name any more
         dh = self._next_dh
         self._next_dh += 1
-        self._dirs[dh] = (inode, None, (0, 0))
+        self._dirs[dh] = (inode, None, (0, 0, 0))
         return dh
 
     def _changed(self, *dirs: int) -> None:
@@ -369,17 +372,29 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         (``OverlayFS.changes``); the read-only view never changes."""
         return 0
 
+    def _write_epoch(self) -> int:
+        """A count moved by every open for writing and its release (see
+        ``LowLevelOperations``); the read-only view has none."""
+        return 0
+
+    def _written_since(self, st_ino: int, epoch: int) -> bool:
+        """Whether the object ``st_ino`` may have been written, unseen by the daemon,
+        since ``_write_epoch()`` gave ``epoch``."""
+        return False
+
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         ino, entries, gen = self._dirs[fh]
-        now = (self._gen.get(ino, 0), self._changes())
+        now = (self._gen.get(ino, 0), self._changes(), self._write_epoch())
         fresh = True
+        listed = gen[2]  #: when the entries were looked up
         if entries is None or start_id == 0 or gen[0] != now[0]:
             # a listing continued after the directory changed goes on from the name it
             # had reached in a fresh one (sorted by name), so it never reports an entry
             # that is gone (readdirplus would make the kernel cache it)
             last = entries[start_id - 1][0] if entries and 2 < start_id <= len(entries) else None
             entries = await self._listing(ino)
+            listed = now[2]
             if fh in self._dirs:  # (released meanwhile: keep nothing)
                 self._dirs[fh] = (ino, entries, now)
             if last is not None:
@@ -393,7 +408,14 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         renames = self._renames
         for i in range(start_id, len(entries)):
             name, st = entries[i]
-            if not fresh and i >= 2:
+            if fresh and i >= 2 and self._written_since(st["st_ino"], listed):
+                # written through passthrough since it was listed: its size and times
+                try:
+                    st = await self._call(self._getattr_path,
+                                          self.table.path(ino).rstrip(b"/") + b"/" + name)
+                except (OSError, pyfuse3.FUSEError):
+                    continue
+            elif not fresh and i >= 2:
                 try:
                     st = await self._call(self._getattr_path, base + name)
                 except OSError:
@@ -478,18 +500,39 @@ class LowLevelOperations(_Base):
         self._xattr_names: dict[int, tuple[int, frozenset[bytes]]] = {}
         #: the overlay's re-entrant lock (see ``_call``)
         self._lock: Any = getattr(fs, "_lock", None)
-        #: handles open for writing, and a count moved by them (``_changes``)
-        self._writing: set[int] = set()
-        self._written = 0
+        #: handles open for writing (-> node id), node ids with such handles (-> how
+        #: many), and when each node's last one was opened or released (``_write_mark``)
+        self._writing: dict[int, int] = {}
+        self._wopen: dict[int, int] = {}
+        self._wseen: dict[int, int] = {}
+        self._wepoch = self._wfloor = 0
         super().__init__(fs.getattr(b"/"), on_ready)
 
-    def _changes(self) -> Any:
-        """With passthrough the kernel writes open files without telling us
-        (``fs.changes`` does not move): while a file is open for writing every call
-        gives a new value, and its release moves it once more."""
-        if self._writing:
-            self._written += 1
-        return self.fs.changes, self._written
+    def _changes(self) -> int:
+        return self.fs.changes
+
+    # With passthrough the kernel writes open files without telling us (``fs.changes``
+    # does not move): a listing made before or while a file was open for writing looks
+    # that file's attributes up again before it hands them to the kernel.
+    def _write_epoch(self) -> int:
+        return self._wepoch
+
+    def _written_since(self, st_ino: int, epoch: int) -> bool:
+        nid = self.table.nodeid(st_ino)
+        return nid in self._wopen or self._wseen.get(nid, -1) > epoch or epoch < self._wfloor
+
+    def _write_mark(self, ino: int, n: int) -> None:
+        """A handle of node ``ino`` opened (n=1) or released (n=-1) for writing."""
+        self._wepoch += 1
+        left = self._wopen.get(ino, 0) + n
+        if left > 0:
+            self._wopen[ino] = left
+        else:
+            self._wopen.pop(ino, None)
+        if len(self._wseen) >= KEEP_WRITTEN:  # forget them all: older listings look again
+            self._wseen.clear()
+            self._wfloor = self._wepoch
+        self._wseen[ino] = self._wepoch
 
     def warm_names(self) -> list[bytes]:
         """A few names in the root, for the transport's warm-up (``wire._Session``)."""
@@ -729,7 +772,8 @@ class LowLevelOperations(_Base):
         if not _PASSTHROUGH:
             return pyfuse3.FileInfo(fh=fh, keep_cache=True)
         if writing:
-            self._writing.add(fh)
+            self._writing[fh] = inode
+            self._write_mark(inode, 1)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True,
                                 backing=functools.partial(self.fs.backing_fd, fh))
 
@@ -778,8 +822,7 @@ class LowLevelOperations(_Base):
     async def release(self, fh: int) -> None:
         ino = self._fh_ino.pop(fh, None)
         if fh in self._writing:
-            self._writing.discard(fh)
-            self._written += 1
+            self._write_mark(self._writing.pop(fh), -1)
         try:
             await self._call(self.fs.release, fh)
         finally:

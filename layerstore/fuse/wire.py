@@ -67,7 +67,7 @@ from typing import Any
 
 import trio
 
-from . import clear_setid, killed_mode
+from . import clear_setid, killed_mode, may_keep_setid
 
 log = logging.getLogger("layerstore.fuse.wire")
 #: times ``_Session._warm_up`` runs each request (CPython specializes after a few runs)
@@ -485,7 +485,7 @@ class _Session:
                 ino, n = FORGET_ONE.unpack_from(body, BATCH_FORGET_IN.size + i * FORGET_ONE.size)
                 table.forget(ino, n)
                 forgotten.append(ino)
-        self.passthrough.forgotten(forgotten)
+        self.passthrough.forgotten([i for i in forgotten if i not in table.nodes])
         if self.lister.handles:
             for ino in forgotten:
                 if ino not in table.nodes:
@@ -569,11 +569,14 @@ class _Session:
         attr.st_atime_ns = now if valid & FATTR_ATIME_NOW else atime * 10**9 + atimens
         attr.st_mtime_ns = now if valid & FATTR_MTIME_NOW else mtime * 10**9 + mtimens
         fields = SetattrFields(valid)
-        if valid & FATTR_KILL_SUIDGID and not fields.update_mode or valid == 0:
+        if valid == 0:
+            # nothing to set: the kernel's ``file_remove_privs`` before a passthrough
+            # write (``_Passthrough``), which never comes here as a WRITE
+            await self._write_kills_setid(nodeid, ctx)
+            return _attr_out(await self.ops.getattr(nodeid, ctx))
+        if valid & FATTR_KILL_SUIDGID and not fields.update_mode:
             # a truncate or chown by a caller without CAP_FSETID: through the open file
-            # if there is one (it may have no name), else with the other changes. A
-            # SETATTR with nothing in it is the kernel's ``file_remove_privs`` before a
-            # passthrough write by such a caller (``_Passthrough``): the same clearing
+            # if there is one (it may have no name), else with the other changes
             if valid & FATTR_FH:
                 self.kill_setid(nodeid, fh)
             else:
@@ -583,6 +586,24 @@ class _Session:
                     fields.update_mode, attr.st_mode = True, cleared
         e = await self.ops.setattr(nodeid, attr, fields, fh if valid & FATTR_FH else None, ctx)
         return _attr_out(e)
+
+    async def _write_kills_setid(self, nodeid: int, ctx: Any) -> None:
+        """Before a passthrough write: clear setuid/setgid as a WRITE with
+        ``FUSE_WRITE_KILL_SUIDGID`` does, if the caller lacks CAP_FSETID (an empty SETATTR
+        also comes for a file with ``security.capability`` written by anyone). Through an
+        open handle of the node: the writer has one, and the file may have no name."""
+        fs = getattr(self.ops, "fs", None)
+        node = self.ops.table.nodes.get(nodeid)
+        if fs is None or node is None:
+            return
+        for fh in list(node.fhs):
+            try:
+                changed = clear_setid(fs, fh, lambda: may_keep_setid(ctx.pid, ctx.uid))
+            except OSError:
+                continue  # a handle without an upper fd (a lower file): another one
+            if changed:
+                self.inval_attrs(nodeid)
+            return
 
     async def h_readlink(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         return await self.ops.readlink(nodeid, ctx)  # type: ignore[no-any-return]
@@ -640,9 +661,13 @@ class _Session:
                 raise
         return await self._open_out(nodeid, fi)
 
-    async def _open_out(self, nodeid: int, fi: FileInfo) -> bytes:
+    async def _open_out(self, nodeid: int, fi: FileInfo,
+                        entry: EntryAttributes | None = None) -> bytes:
+        """The reply to an OPEN (or a CREATE: ``entry`` first); the handle is released
+        if it cannot be made."""
         try:
-            return self.passthrough.open_out(nodeid, fi)
+            head = entry.entry_out() if entry is not None else b""
+            return head + self.passthrough.open_out(nodeid, fi)
         except BaseException:
             await self.ops.release(fi.fh)
             raise
@@ -652,7 +677,7 @@ class _Session:
         ctx.umask = umask
         name = _name(body[CREATE_IN.size:])
         fi, e = await self.ops.create(nodeid, name, mode, flags, ctx)
-        return e.entry_out() + await self._open_out(e.st_ino, fi)  # type: ignore[no-any-return]
+        return await self._open_out(e.st_ino, fi, e)
 
     async def h_read(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         fh, offset, size, *_ = READ_IN.unpack_from(body)
@@ -818,11 +843,11 @@ class _Passthrough:
     The kernel's rules (``fs/fuse/iomode.c``), which a reply must never break (the
     user's ``open`` would fail with EIO):
 
-    - all open files of one inode share one backing file while any of them is open in
-      passthrough: so one registration per node, made from an fd opened for reading and
-      writing, whatever each open asks for (the kernel checks the access mode on its own
-      file and hands the caller's flags, O_APPEND and O_SYNC among them, on with each
-      write);
+    - all open files of one inode share one registered backing file while any of them
+      is open in passthrough (the kernel compares registrations, not files): so one
+      registration per node, from the fd of the handle that made it. The kernel opens
+      that file anew for each open, with the open's own flags and the daemon's
+      credentials, so a read-only open cannot write through it;
     - an inode open in cached mode (through the page cache) cannot be opened in
       passthrough, nor the other way round: a node with cached-mode opens gets cached
       ones until they are released. The kernel drops an open's mode before it sends
@@ -846,11 +871,12 @@ class _Passthrough:
     def open_out(self, nodeid: int, fi: FileInfo) -> bytes:
         """The OPEN/CREATE reply for handle ``fi`` of ``nodeid``, in passthrough when
         the rules allow it and the adapter offers a backing file."""
-        if not self.enabled:
+        if not self.enabled and not self.nodes:
             return fi.open_out()
         with self.lock:
             node = self.nodes.get(nodeid)
-            if node is None and fi.backing is not None and not self.cached.get(nodeid):
+            if (node is None and self.enabled and fi.backing is not None
+                    and not self.cached.get(nodeid)):
                 backing_id = self._register(fi.backing)
                 if backing_id > 0:
                     node = self.nodes[nodeid] = [backing_id, 0]
@@ -880,7 +906,9 @@ class _Passthrough:
             return int(fcntl.ioctl(self.fd, DEV_IOC_BACKING_OPEN,
                                    bytearray(BACKING_MAP.pack(fd, 0, 0))))
         except OSError as exc:
-            if exc.errno == errno.EPERM:  # not allowed here (CAP_SYS_ADMIN): stop asking
+            if exc.errno in (errno.EPERM, errno.ELOOP):
+                # not allowed here (CAP_SYS_ADMIN), or the upper is on a stacked file
+                # system (overlayfs): so for every file, stop asking
                 log.warning("FUSE passthrough refused (%s): the daemon serves all I/O", exc)
                 self.enabled = False
             else:

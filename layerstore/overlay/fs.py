@@ -53,7 +53,6 @@ Imports neither fusepy nor anything above ``store``.
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import itertools
 import os
@@ -113,8 +112,6 @@ DIRS_KEPT = 256
 COPY_UP_MODES = (FULL, META, LAZY)
 #: ``OverlayFS._dirs``: the origin of a directory not read yet
 _UNREAD = object()
-#: flags of an fd that a FUSE passthrough backing file must not carry (``backing_fd``)
-_OWN_FLAGS = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_DIRECT
 
 
 def _changes(fn: F) -> F:
@@ -599,9 +596,10 @@ class OverlayFS:
         when it was copied up lazily)."""
         for h in self._handles.values():
             if h.fd < 0 and h.node is not None and h.node.ino == ino:
-                h.fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
                 h.ino = ino
-                h.lazy = lazy
+                h.lazy = lazy  # before fd: backing_fd reads them without the lock
+                h.fd = fd
 
     def _meta_copy_up(self, f: Found) -> None:
         """Copy-up before a metadata change: metadata only in META and LAZY modes."""
@@ -955,20 +953,18 @@ class OverlayFS:
         return self._add_handle(_Handle(vpath, fd=fds[0]))
 
     def backing_fd(self, fh: int) -> tuple[int, bool] | None:
-        """For FUSE passthrough: an fd open for reading and writing on the file that
-        holds all of handle ``fh``'s data, and whether the caller closes it; None when
+        """For FUSE passthrough: an fd on the file that holds all of handle ``fh``'s
+        data, and whether the caller closes it (never: it is the handle's); None when
         the data is not all in one plain upper file (a lower file, a metacopy, a lazy
         copy-up not yet done, a FIFO or device). The kernel then reads and writes that
-        file itself, for every open of the same inode."""
+        file itself (it opens it anew for each open, with that open's flags)."""
         h = self._handles.get(fh)
-        if h is None or h.fd < 0 or (h.lazy is not None and not h.lazy.done):
+        if h is None:
             return None
-        if not stat.S_ISREG(os.fstat(h.fd).st_mode):
+        fd, lazy = h.fd, h.lazy  # _switch_handles sets lazy before fd
+        if fd < 0 or (lazy is not None and not lazy.done):
             return None
-        # the backing file's own O_APPEND/O_SYNC/O_DIRECT would hold for every open
-        if fcntl.fcntl(h.fd, fcntl.F_GETFL) & _OWN_FLAGS == os.O_RDWR:
-            return h.fd, False
-        return os.open(f"/proc/self/fd/{h.fd}", os.O_RDWR | os.O_CLOEXEC), True
+        return (fd, False) if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
     def _handle(self, fh: int) -> _Handle:
         h = self._handles.get(fh)
