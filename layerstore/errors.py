@@ -98,6 +98,11 @@ class InUseError(StoreError):
     exit_code = 6
 
 
+class ChangingFileError(StoreError):
+    """A file changed under a reader that needs it whole (``commit`` of a running
+    container)."""
+
+
 class LockedError(StoreError):
     """Another process holds a lock that this operation needs (import vs gc)."""
 

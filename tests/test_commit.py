@@ -218,3 +218,45 @@ def test_commit_pauses_a_mounted_container(demo, cli, root: Path, mnt: Path):
     finally:
         cli("umount", mnt)
     assert_clean(root)
+
+
+def test_commit_while_a_file_is_written(demo, cli, root: Path, mnt: Path):
+    """With FUSE passthrough a file open for writing before the pause is written by the
+    kernel, daemon stopped or not: commit reads the upper again while some file moves
+    under it, then commits what it read and warns; once the writer stops, no warning."""
+    cli("create", "demo:app", "--name", "c1")
+    cli("mount", "c1", mnt)
+    try:
+        (mnt / "big").write_bytes(os.urandom(16 << 20))  # so that reading takes a while
+        stop = threading.Event()
+        fd = os.open(mnt / "log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+        def writer() -> None:
+            while not stop.is_set():
+                os.write(fd, b"line\n" * 100)
+
+        t = threading.Thread(target=writer)
+        t.start()
+        try:
+            p = cli("commit", "c1", "w:1")
+        finally:
+            stop.set()
+            t.join()
+            os.close(fd)
+        assert "warning: /log changed while the upper was read, 3 times" in p.stderr \
+            or "warning: log changed while the upper was read, 3 times" in p.stderr, p.stderr
+        assert "Traceback" not in p.stderr
+        p = cli("commit", "c1", "w:2")
+        assert "warning" not in p.stderr
+        cli("create", "w:1", "--name", "c2")
+        ro = mnt.parent / "ro"
+        ro.mkdir()
+        cli("mount", "c2", ro, "--read-only")
+        try:
+            log = (ro / "log").read_bytes()
+            assert log and log == b"line\n" * (len(log) // 5)  # whole lines: what was read
+        finally:
+            cli("umount", ro)
+    finally:
+        cli("umount", mnt)
+    assert_clean(root)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +198,7 @@ def cmd_commit(args: argparse.Namespace) -> int:
             return daemon.paused(store.root, cid)
 
     with open_store(args) as store, progress_bars(getattr(args, "quiet", False)) as progress:
-        image_id = commit(store, args.container, args.name, progress=progress, pause=pause)
+        image_id = commit(store, args.container, args.name, progress=progress, pause=pause,
+                          warn=lambda msg: print(f"layerstore: warning: {msg}", file=sys.stderr))
     print(image_id)
     return 0

@@ -26,7 +26,12 @@ is made whose config is the old one with the new diff_id, a history entry and a 
 A mounted container is paused while its upper is read (the CLI stops its daemon, as
 ``docker commit`` pauses; ``--no-pause`` does not): the upper is then a state the
 container has seen. Without the pause, a file being written meanwhile may be caught
-half-written.
+half-written. With FUSE passthrough (``fuse/wire.py``) the kernel writes a file that
+was open for writing before the pause without the daemon, so the pause does not stop
+those writes: a regular file whose size or times moved while it was read is noted, and
+the upper is read again (``READ_ATTEMPTS`` in all, the pause lifted in between); if
+some file still moved in the last reading, it goes in as read and ``warn`` names it (a
+file that shrank under the reader cannot be read whole: an error).
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import InvalidInputError
+from ..errors import ChangingFileError, InvalidInputError
 from ..overlay.lazy import LAZY_XATTR, LazyFile
 from ..overlay.lower import MergedLowers, Node, StoreLayers
 from ..overlay.upper import (
@@ -270,9 +275,16 @@ def _metacopy_node(lowers: MergedLowers | None, vpath: bytes, xattrs: dict[bytes
     return node
 
 
-def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = None) -> int:
+def _moved(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) != (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = None,
+                    moved: list[str] | None = None) -> int:
     """Write the upper as a layer tar to ``out``; returns the number of entries. The
-    data of metacopy files is read from ``lowers`` (the image's)."""
+    data of metacopy files is read from ``lowers`` (the image's). Regular files written
+    while they were read are added to ``moved``: each is in the tar with the size it
+    had when its reading began."""
     count = 0
     links: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,
@@ -318,9 +330,18 @@ def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = No
             elif stat.S_ISREG(mode):
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
                 with os.fdopen(fd, "rb") as f:
-                    size = os.fstat(f.fileno()).st_size
-                    ti.size = size
-                    tf.addfile(ti, f)
+                    before = os.fstat(f.fileno())
+                    ti.size = before.st_size
+                    try:
+                        tf.addfile(ti, f)
+                    except OSError as exc:
+                        if _moved(before, os.fstat(f.fileno())):
+                            raise ChangingFileError(
+                                f"{rel} shrank while the upper was read (a file the container"
+                                " keeps open for writing): commit again") from exc
+                        raise
+                    if moved is not None and _moved(before, os.fstat(f.fileno())):
+                        moved.append(rel)
             elif stat.S_ISDIR(mode):
                 ti.type = tarfile.DIRTYPE
                 tf.addfile(ti)
@@ -342,6 +363,10 @@ def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = No
                 continue
             count += 1
     return count
+
+
+#: readings of the upper while files keep changing under it (``commit``)
+READ_ATTEMPTS = 3
 
 
 def _now_rfc3339() -> str:
@@ -372,11 +397,13 @@ def _missing(what: str) -> BinaryIO:
 
 
 def commit(store: Store, ref: str, name: str, progress: Progress | None = None,
-           pause: Callable[[str], AbstractContextManager[Any]] | None = None) -> str:
+           pause: Callable[[str], AbstractContextManager[Any]] | None = None,
+           warn: Callable[[str], None] | None = None) -> str:
     """Commit container ``ref`` as image ``name``; returns the new image id.
     ``pause(container_id)``: a context during which the container's upper does not
-    change (the CLI stops a mounted container's daemon); it covers reading the upper
-    only, not the import that follows."""
+    change (the CLI stops a mounted container's daemon), but for files open for
+    writing before it (see the module docstring); it covers reading the upper only,
+    not the import that follows. ``warn``: told of files caught while written."""
     progress = progress or no_progress
     names = [normalize_name(name)]
     with store.importing():
@@ -384,8 +411,16 @@ def commit(store: Store, ref: str, name: str, progress: Progress | None = None,
         tmp = store.tmp_dir() / f"commit-{rec.id[:12]}-{os.getpid()}.tar"
         try:
             lowers = MergedLowers(StoreLayers(store, img.diff_ids))
-            with open(tmp, "wb") as f, (pause or _no_pause)(rec.id):
-                write_upper_tar(Path(rec.upper), f, lowers)
+            for attempt in range(READ_ATTEMPTS):
+                moved: list[str] = []
+                with open(tmp, "wb") as f, (pause or _no_pause)(rec.id):
+                    write_upper_tar(Path(rec.upper), f, lowers, moved)
+                if not moved:
+                    break
+            if moved and warn is not None:
+                more = f" and {len(moved) - 1} more" if len(moved) > 1 else ""
+                warn(f"{moved[0]}{more} changed while the upper was read, {READ_ATTEMPTS} times"
+                     " (open for writing in the container): committed as read")
             h = hashlib.sha256()
             with open(tmp, "rb") as f:
                 while block := f.read(1 << 20):
