@@ -404,20 +404,19 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             # attributes this piece sends are looked up again, or the kernel would keep
             # old ones (re-listing would make a big directory quadratic under writes)
             fresh = False
-            base = self.table.path(ino).rstrip(b"/") + b"/"
+        base = None
         renames = self._renames
         for i in range(start_id, len(entries)):
             name, st = entries[i]
-            if fresh and i >= 2 and self._written_since(st["st_ino"], listed):
-                # written through passthrough since it was listed: its size and times
+            # looked up again: all of this piece when something changed, else the
+            # entries written through passthrough since the listing (size, times)
+            if i >= 2 and (not fresh or self._written_since(st["st_ino"], listed)):
                 try:
-                    st = await self._call(self._getattr_path,
-                                          self.table.path(ino).rstrip(b"/") + b"/" + name)
-                except (OSError, pyfuse3.FUSEError):
-                    continue
-            elif not fresh and i >= 2:
-                try:
+                    if base is None:
+                        base = self.table.path(ino).rstrip(b"/") + b"/"
                     st = await self._call(self._getattr_path, base + name)
+                except pyfuse3.FUSEError:
+                    break  # the directory has no name now: send what there is
                 except OSError:
                     if not self._renaming and renames == self._renames:
                         continue  # gone since the listing
@@ -428,7 +427,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
                         base = self.table.path(ino).rstrip(b"/") + b"/"
                         st = await self._call(self._getattr_path, base + name)
                     except pyfuse3.FUSEError:
-                        break  # the directory has no name now: send what there is
+                        break
                     except OSError:
                         continue
             if not pyfuse3.readdir_reply(token, name, self._entry(st), i + 1):

@@ -28,10 +28,12 @@ A mounted container is paused while its upper is read (the CLI stops its daemon,
 container has seen. Without the pause, a file being written meanwhile may be caught
 half-written. With FUSE passthrough (``fuse/wire.py``) the kernel writes a file that
 was open for writing before the pause without the daemon, so the pause does not stop
-those writes: a regular file whose size or times moved while it was read is noted, and
-the upper is read again (``READ_ATTEMPTS`` in all, the pause lifted in between); if
-some file still moved in the last reading, it goes in as read and ``warn`` names it (a
-file that shrank under the reader cannot be read whole: an error).
+those writes: a regular file whose size or times moved between the start of its reading
+and the end of the whole reading is noted, and the upper is read again
+(``READ_ATTEMPTS`` in all, the pause lifted in between); if some file still moved in
+the last reading, it goes in as read and ``warn`` names it. A file that shrank under
+its reader cannot be read whole: that reading is abandoned, and after the last one it
+is an error (``ChangingFileError``).
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from ..errors import ChangingFileError, InvalidInputError
+from ..errors import ChangingFileError, InvalidInputError, LayerstoreError, StoreError
 from ..overlay.lazy import LAZY_XATTR, LazyFile
 from ..overlay.lower import MergedLowers, Node, StoreLayers
 from ..overlay.upper import (
@@ -282,10 +284,12 @@ def _moved(a: os.stat_result, b: os.stat_result) -> bool:
 def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = None,
                     moved: list[str] | None = None) -> int:
     """Write the upper as a layer tar to ``out``; returns the number of entries. The
-    data of metacopy files is read from ``lowers`` (the image's). Regular files written
-    while they were read are added to ``moved``: each is in the tar with the size it
-    had when its reading began."""
+    data of metacopy files is read from ``lowers`` (the image's). Regular files whose
+    size or times moved after their reading began, up to the end of the whole walk, are
+    added to ``moved``: each is in the tar with the size it had when its reading began.
+    A file that shrank under its reader cannot be read whole: ChangingFileError."""
     count = 0
+    read: list[tuple[str, os.stat_result]] = []
     links: dict[tuple[int, int], str] = {}
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT,
                       encoding="utf-8", errors="surrogateescape") as tf:
@@ -335,13 +339,15 @@ def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = No
                     try:
                         tf.addfile(ti, f)
                     except OSError as exc:
-                        if _moved(before, os.fstat(f.fileno())):
+                        # tarfile's short read ("unexpected end of data"), not a
+                        # failure to write the tar (a full disk, say)
+                        if os.fstat(f.fileno()).st_size < before.st_size:
                             raise ChangingFileError(
                                 f"{rel} shrank while the upper was read (a file the container"
                                 " keeps open for writing): commit again") from exc
                         raise
-                    if moved is not None and _moved(before, os.fstat(f.fileno())):
-                        moved.append(rel)
+                    if moved is not None:
+                        read.append((rel, before))
             elif stat.S_ISDIR(mode):
                 ti.type = tarfile.DIRTYPE
                 tf.addfile(ti)
@@ -362,6 +368,15 @@ def write_upper_tar(upper: Path, out: BinaryIO, lowers: MergedLowers | None = No
             else:
                 continue
             count += 1
+    if moved is not None:  # also written after its reading, while the others were read
+        for rel, before in read:
+            try:
+                now = os.lstat(upper / rel)
+            except OSError:
+                moved.append(rel)
+                continue
+            if _moved(before, now):
+                moved.append(rel)
     return count
 
 
@@ -413,8 +428,18 @@ def commit(store: Store, ref: str, name: str, progress: Progress | None = None,
             lowers = MergedLowers(StoreLayers(store, img.diff_ids))
             for attempt in range(READ_ATTEMPTS):
                 moved: list[str] = []
-                with open(tmp, "wb") as f, (pause or _no_pause)(rec.id):
-                    write_upper_tar(Path(rec.upper), f, lowers, moved)
+                try:
+                    with open(tmp, "wb") as f, (pause or _no_pause)(rec.id):
+                        write_upper_tar(Path(rec.upper), f, lowers, moved)
+                except ChangingFileError:
+                    if attempt == READ_ATTEMPTS - 1:
+                        raise
+                    continue
+                except LayerstoreError:
+                    raise
+                except OSError as exc:
+                    raise StoreError(f"commit of container {rec.name}: {exc.strerror or exc}"
+                                     f" ({exc.filename or tmp})") from exc
                 if not moved:
                     break
             if moved and warn is not None:
