@@ -8,7 +8,6 @@ import errno
 import json
 import os
 import shutil
-import signal
 import tarfile
 import threading
 import time
@@ -18,6 +17,7 @@ import pytest
 
 from conftest import assert_clean
 from helpers_images import export_layout, tree_manifest
+from test_passthrough import _write_while_stopped
 
 EXPECTED_DIFF = [
     "C /app",
@@ -221,24 +221,6 @@ def test_commit_pauses_a_mounted_container(demo, cli, root: Path, mnt: Path):
     assert_clean(root)
 
 
-def _passes_through(root: Path, cli, fd: int) -> bool:
-    """Whether a write through ``fd`` (open on the mount) goes on while the daemon is
-    stopped: FUSE passthrough (kernel 6.9+, root, an upper on a plain file system)."""
-    pid = json.loads((root / "containers" / next(
-        c["id"] for c in json.loads(cli("ps", "--json").stdout) if c["name"] == "c1")
-        / "mount.json").read_text())["pid"]
-    done = threading.Event()
-    t = threading.Thread(target=lambda: (os.pwrite(fd, b"\0", 0), done.set()), daemon=True)
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        t.start()
-        through = done.wait(2)
-    finally:
-        os.kill(pid, signal.SIGCONT)
-    t.join(30)
-    return through
-
-
 def test_commit_while_a_file_is_written(demo, cli, root: Path, mnt: Path):
     """With FUSE passthrough a file open for writing before the pause is written by the
     kernel, daemon stopped or not: commit reads the upper again while some file moves
@@ -251,7 +233,7 @@ def test_commit_while_a_file_is_written(demo, cli, root: Path, mnt: Path):
         size = 8 << 20
         fd = os.open(mnt / "data", os.O_RDWR | os.O_CREAT, 0o644)
         os.pwrite(fd, b"\0" * size, 0)
-        through = _passes_through(root, cli, fd)
+        through = _write_while_stopped(root, cli, fd, b"\0")  # FUSE passthrough?
         stop = threading.Event()
 
         def writer() -> None:  # rewrites the file in place, 64 KiB at a time, until told
