@@ -254,7 +254,7 @@ def test_io_mode_rules(monkeypatch):
 
     def out(nodeid: int, fh: int, backing: bool = True) -> tuple[int, int]:
         fi = wire.FileInfo(fh=fh, keep_cache=True,
-                           backing=(lambda: (100 + fh, False)) if backing else None)
+                           backing=(lambda: 100 + fh) if backing else None)
         _, flags, backing_id = wire.OPEN_OUT.unpack(pt.open_out(nodeid, fi))
         return flags, backing_id
 

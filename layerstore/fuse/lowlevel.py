@@ -26,8 +26,9 @@ its one trio thread is about pyfuse3; ``wire.py`` says what it does instead.
   the kernel's inode is the only way to the data. On ``wire.py`` an open file whose
   data is a plain upper file is passed through to the kernel instead
   (``OverlayFS.backing_fd``, ``wire._Passthrough``); its writes never reach the
-  daemon, so while a file is open for writing a listing read in pieces looks the
-  attributes of each piece up again (``_changes``). Listings are readdirplus (pyfuse3
+  daemon, so a listing read in pieces looks up again the attributes of the entries
+  open for writing, or written, since it was made (``_written_since``). Listings are
+  readdirplus (pyfuse3
   always asks for it), so a walk needs no LOOKUP per entry.
 - **Listings** are read once per open directory handle and served from that copy; if
   the directory changed through the mount in between, a continued listing is read
@@ -377,10 +378,11 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         ``LowLevelOperations``); the read-only view has none."""
         return 0
 
-    def _written_since(self, st_ino: int, epoch: int) -> bool:
-        """Whether the object ``st_ino`` may have been written, unseen by the daemon,
-        since ``_write_epoch()`` gave ``epoch``."""
-        return False
+    def _written_since(self, epoch: int) -> Callable[[int], bool] | None:
+        """Whether an object (by ``st_ino``) may have been written, unseen by the
+        daemon, since ``_write_epoch()`` gave ``epoch``; None if none can have been
+        (asked once per piece of a listing, not per entry)."""
+        return None
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
@@ -406,11 +408,12 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             fresh = False
         base = None
         renames = self._renames
+        written = self._written_since(listed) if fresh else None
         for i in range(start_id, len(entries)):
             name, st = entries[i]
             # looked up again: all of this piece when something changed, else the
             # entries written through passthrough since the listing (size, times)
-            if i >= 2 and (not fresh or self._written_since(st["st_ino"], listed)):
+            if i >= 2 and (not fresh or (written is not None and written(st["st_ino"]))):
                 try:
                     if base is None:
                         base = self.table.path(ino).rstrip(b"/") + b"/"
@@ -516,9 +519,18 @@ class LowLevelOperations(_Base):
     def _write_epoch(self) -> int:
         return self._wepoch
 
-    def _written_since(self, st_ino: int, epoch: int) -> bool:
-        nid = self.table.nodeid(st_ino)
-        return nid in self._wopen or self._wseen.get(nid, -1) > epoch or epoch < self._wfloor
+    def _written_since(self, epoch: int) -> Callable[[int], bool] | None:
+        if epoch < self._wfloor:
+            return lambda st_ino: True  # forgotten: all of them
+        if not self._wopen and self._wepoch <= epoch:
+            return None  # nothing opened for writing since, nothing open for writing
+        nodeid, wopen, wseen = self.table.nodeid, self._wopen, self._wseen
+
+        def written(st_ino: int) -> bool:
+            nid = nodeid(st_ino)
+            return nid in wopen or wseen.get(nid, -1) > epoch
+
+        return written
 
     def _write_mark(self, ino: int, n: int) -> None:
         """A handle of node ``ino`` opened (n=1) or released (n=-1) for writing."""

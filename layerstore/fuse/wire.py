@@ -229,20 +229,19 @@ class FileInfo:
     __slots__ = ("backing", "direct_io", "fh", "keep_cache", "nonseekable")
 
     def __init__(self, fh: int = 0, direct_io: bool = False, keep_cache: bool = False,
-                 nonseekable: bool = False,
-                 backing: Callable[[], tuple[int, bool] | None] | None = None):
+                 nonseekable: bool = False, backing: Callable[[], int | None] | None = None):
         self.fh, self.direct_io, self.keep_cache, self.nonseekable = (
             fh, direct_io, keep_cache, nonseekable)
-        #: for passthrough (``_Passthrough``): returns an fd open for reading and
-        #: writing on the plain file that holds this handle's data, and whether the
-        #: caller closes it; None (or returning None): the daemon serves the I/O
+        #: for passthrough (``_Passthrough``): returns an fd on the plain file that
+        #: holds this handle's data (the handle's: not closed); None (or returning
+        #: None): the daemon serves the I/O
         self.backing = backing
 
-    def open_out(self, flags: int = 0, backing_id: int = 0) -> bytes:
-        flags |= ((FOPEN_DIRECT_IO if self.direct_io else 0)
-                  | (FOPEN_KEEP_CACHE if self.keep_cache else 0)
-                  | (FOPEN_NONSEEKABLE if self.nonseekable else 0))
-        return OPEN_OUT.pack(self.fh, flags, backing_id)
+    def open_out(self) -> bytes:
+        flags = ((FOPEN_DIRECT_IO if self.direct_io else 0)
+                 | (FOPEN_KEEP_CACHE if self.keep_cache else 0)
+                 | (FOPEN_NONSEEKABLE if self.nonseekable else 0))
+        return OPEN_OUT.pack(self.fh, flags, 0)
 
 
 class StatvfsData:
@@ -460,14 +459,15 @@ class _Session:
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("invalidating node %d: %s", nodeid, exc)
 
-    def kill_setid(self, nodeid: int, fh: int) -> None:
+    def kill_setid(self, nodeid: int, fh: int,
+                   may_keep: Callable[[], bool] = lambda: False) -> None:
         """Clear setuid/setgid of the open file ``fh`` for a caller the kernel says lacks
-        CAP_FSETID (``clear_setid``), and make the kernel forget the mode it has.
-        Touches no table: needs no lock."""
+        CAP_FSETID (``clear_setid``; unless ``may_keep()``), and make the kernel forget
+        the mode it has. Touches no table: needs no lock."""
         fs = getattr(self.ops, "fs", None)
         if fs is None:
             raise FUSEError(errno.EROFS)
-        if clear_setid(fs, fh, lambda: False):
+        if clear_setid(fs, fh, may_keep):
             self.inval_attrs(nodeid)
 
     def _forget(self, opcode: int, nodeid: int, body: memoryview) -> None:
@@ -508,8 +508,6 @@ class _Session:
             # the kernel allows it with CAP_SYS_ADMIN and without the writeback cache
             want |= INIT_EXT | PASSTHROUGH
         self.flags = flags & want
-        if not self.flags & INIT_EXT:
-            self.flags &= 0xFFFFFFFF
         self.passthrough.enabled = bool(self.flags & PASSTHROUGH)
         self._warm_up()
         self.ops.init()
@@ -592,17 +590,12 @@ class _Session:
         ``FUSE_WRITE_KILL_SUIDGID`` does, if the caller lacks CAP_FSETID (an empty SETATTR
         also comes for a file with ``security.capability`` written by anyone). Through an
         open handle of the node: the writer has one, and the file may have no name."""
-        fs = getattr(self.ops, "fs", None)
         node = self.ops.table.nodes.get(nodeid)
-        if fs is None or node is None:
-            return
-        for fh in list(node.fhs):
+        for fh in list(node.fhs) if node is not None else ():
             try:
-                changed = clear_setid(fs, fh, lambda: may_keep_setid(ctx.pid, ctx.uid))
+                self.kill_setid(nodeid, fh, lambda: may_keep_setid(ctx.pid, ctx.uid))
             except OSError:
                 continue  # a handle without an upper fd (a lower file): another one
-            if changed:
-                self.inval_attrs(nodeid)
             return
 
     async def h_readlink(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
@@ -891,16 +884,15 @@ class _Passthrough:
                 fi.keep_cache = False
             return fi.open_out()
 
-    def _register(self, backing: Callable[[], tuple[int, bool] | None]) -> int:
+    def _register(self, backing: Callable[[], int | None]) -> int:
         """A backing id for the file ``backing`` gives, or 0 (cached mode, then)."""
         try:
-            got = backing()
+            fd = backing()
         except OSError as exc:
             log.debug("no backing file: %s", exc)
             return 0
-        if got is None:
+        if fd is None:
             return 0
-        fd, close = got
         try:
             # a mutable buffer: ioctl's return value (the id) comes back
             return int(fcntl.ioctl(self.fd, DEV_IOC_BACKING_OPEN,
@@ -914,9 +906,6 @@ class _Passthrough:
             else:
                 log.debug("backing file refused: %s", exc)
             return 0
-        finally:
-            if close:
-                os.close(fd)
 
     def released(self, fh: int) -> None:
         with self.lock:

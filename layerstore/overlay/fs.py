@@ -952,19 +952,19 @@ class OverlayFS:
             raise
         return self._add_handle(_Handle(vpath, fd=fds[0]))
 
-    def backing_fd(self, fh: int) -> tuple[int, bool] | None:
-        """For FUSE passthrough: an fd on the file that holds all of handle ``fh``'s
-        data, and whether the caller closes it (never: it is the handle's); None when
-        the data is not all in one plain upper file (a lower file, a metacopy, a lazy
-        copy-up not yet done, a FIFO or device). The kernel then reads and writes that
-        file itself (it opens it anew for each open, with that open's flags)."""
+    def backing_fd(self, fh: int) -> int | None:
+        """For FUSE passthrough: the handle's own fd on the file that holds all of
+        handle ``fh``'s data (not to be closed); None when the data is not all in one
+        plain upper file (a lower file, a metacopy, a lazy copy-up not yet done, a FIFO
+        or device). The kernel then reads and writes that file itself (it opens it anew
+        for each open, with that open's flags)."""
         h = self._handles.get(fh)
         if h is None:
             return None
         fd, lazy = h.fd, h.lazy  # _switch_handles sets lazy before fd
         if fd < 0 or (lazy is not None and not lazy.done):
             return None
-        return (fd, False) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
 
     def _handle(self, fh: int) -> _Handle:
         h = self._handles.get(fh)
