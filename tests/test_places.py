@@ -254,3 +254,31 @@ def test_places_of_an_older_generation_are_forgotten_by_a_reader(imported: Path)
         store.env.write(lambda txn: places.bump_generation(txn, store.env))
         assert read_all(v, b"/big") == BIG
         assert v.layers._places[digest] is None  # its record is of the old generation
+
+
+def test_read_into_hands_map_pieces_inside_the_read_transaction(imported: Path):
+    """``read_into`` hands a read's raw chunks as views into the map, while the read
+    transaction that keeps their pages is open, and compressed ones as bytes; the
+    pieces are the same bytes ``read`` returns, across chunk boundaries."""
+    with Store.open(imported) as store:
+        v = view(store, "a:1")
+        node = v.resolve(b"/mixed")
+        gate = store.env._gate
+        seen: list[tuple[list, int]] = []
+
+        def send(pieces):
+            seen.append(([bytes(p) for p in pieces], gate.depth()))
+            seen[-1][0].append(any(isinstance(p, memoryview) for p in pieces))
+
+        for off, size in ((0, 1 << 20), ((1 << 20) - 4096, 8192), (123_457, 700_000),
+                          (len(MIXED) - 10, 100), (len(MIXED) + 1, 10)):
+            seen.clear()
+            v.read_into(node, off, size, send)
+            assert len(seen) == 1  # once
+            parts, depth = seen[0]
+            assert b"".join(parts[:-1]) == MIXED[off:off + size] == v.read(node, off, size)
+            assert depth == 1 or not parts[-1]  # map views only inside the transaction
+            assert gate.depth() == 0
+        seen.clear()
+        v.read_into(node, 0, 1 << 20, send)
+        assert seen[0][0][-1], "the raw chunks of the first MiB came as map views"

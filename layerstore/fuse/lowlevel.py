@@ -81,7 +81,7 @@ else:
 from ..errors import NoXattrError
 from ..overlay.fs import FULL, OverlayFS
 from . import clear_setid, errno_of, may_keep_setid
-from ..overlay.lower import MergedLowers, node_stat
+from ..overlay.lower import MergedLowers, Send, node_stat
 from ..store.records import SYMLINK
 
 log = logging.getLogger("layerstore.fuse")
@@ -822,6 +822,10 @@ class LowLevelOperations(_Base):
         return self.fs.read(fh, size, off)
 
     @_errors
+    async def read_into(self, fh: int, off: int, size: int, send: Send) -> None:
+        self.fs.read_into(fh, size, off, send)
+
+    @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         return self.fs.write(fh, buf, off)
 
@@ -882,6 +886,10 @@ class ReadOnlyLowLevelOperations(_Base):
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return self.view.read(self._files[fh], off, size)
+
+    @_errors
+    async def read_into(self, fh: int, off: int, size: int, send: Send) -> None:
+        self.view.read_into(self._files[fh], off, size, send)
 
     @_errors
     async def release(self, fh: int) -> None:

@@ -69,7 +69,7 @@ import lmdb
 from ..errors import LayerstoreError, NoEntryError, NotEmptyError, NoXattrError, OverlayError
 from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, join_vpath
 from .lazy import LAZY_MIN, LAZY_XATTR, LazyFile
-from .lower import IFMT, MergedLowers, Node, node_stat
+from .lower import IFMT, MergedLowers, Node, Send, joined, node_stat
 from .upper import (
     DIR_FLAGS,
     METACOPY_XATTR,
@@ -973,15 +973,24 @@ class OverlayFS:
         return h
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
+        got: list[bytes] = []
+        self.read_into(fh, size, offset, lambda p: got.append(joined(p)))
+        return got[0]
+
+    def read_into(self, fh: int, size: int, offset: int, send: Send) -> None:
+        """``read``, with the content handed to ``send`` once (``lower.Send``: pieces
+        that may be views into the store's map, valid during the call only)."""
         h = self._handle(fh)
         if h.lazy is not None and not h.lazy.done:
-            return self._lazy_read(h, size, offset)
+            send([self._lazy_read(h, size, offset)])
+            return
         if h.fd >= 0:
-            return os.pread(h.fd, size, offset)
+            send([os.pread(h.fd, size, offset)])
+            return
         if h.node is None:
             raise OverlayError(errno.EISDIR, h.vpath)
         try:
-            return self.lowers.read(h.node, offset, size)
+            self.lowers.read_into(h.node, offset, size, send)
         except (LayerstoreError, lmdb.Error) as exc:
             raise OverlayError(errno.EIO, h.vpath) from exc
 
