@@ -72,10 +72,14 @@ def covered(asked: list[tuple[int, int]], offs: list[tuple[int, int]]) -> list[i
 
 
 def spy(view: MergedLowers, monkeypatch) -> list[tuple[int, int]]:
+    """What is asked of data.mdb ahead of its reads, by the read-ahead thread or at
+    once (``read_now``: a first read's own chunks)."""
     asked: list[tuple[int, int]] = []
     env = view.layers.store.env
-    real = env.read_ahead
-    monkeypatch.setattr(env, "read_ahead", lambda off, n: asked.append((off, n)) or real(off, n))
+    for name in ("read_ahead", "read_now"):
+        real = getattr(env, name)
+        monkeypatch.setattr(env, name, lambda off, n, real=real: asked.append((off, n))
+                            or real(off, n))
     return asked
 
 
@@ -518,3 +522,53 @@ def read_seq_by_key(view: MergedLowers, vpath: bytes) -> bytes:
     with env.read() as txn:
         return b"".join(bytes(decode_chunk(txn.get(d, db=env.db("chunks"))))
                         for d, _ in rec.chunks)
+
+
+def test_a_first_read_asks_for_its_own_chunks_at_once(lowers: MergedLowers, monkeypatch):
+    """The first read of a file with places starts the reads of its own chunks in the
+    reader's thread (WILLNEED), and of its records, not only the read-ahead window
+    behind them: a cold first read waits for those alone."""
+    env = lowers.layers.store.env
+    now: list[tuple[int, int]] = []  # chunks (asked for unless cached already)
+    real = env.read_now
+    monkeypatch.setattr(env, "read_now", lambda off, n: now.append((off, n)) or real(off, n))
+    records: list[tuple[int, int]] = []  # the file's records
+    real_now = env._read_ahead.now
+    monkeypatch.setattr(env._read_ahead, "now", lambda off, n: records.append((off, n))
+                        or real_now(off, n))
+    offs = chunk_offsets(lowers, b"/huge")
+    lowers.layers._files.clear()
+    lowers.layers._places.clear()
+    node = lowers.resolve(b"/huge")
+    asked_before_file: list[list[tuple[int, int]]] = []
+    real_file = StoreLayers._file
+    monkeypatch.setattr(StoreLayers, "_file", lambda self, d:
+                        asked_before_file.append(list(records)) or real_file(self, d))
+    assert lowers.read(node, 0, 1 << 20) == read_seq(lowers, b"/huge", 1 << 20)[:1 << 20]
+    _, starts = lowers.layers._file(node.entry.digest)
+    mine = [offs[i] for i, s in enumerate(starts) if s < 1 << 20]
+    assert len(mine) > 1 and covered(now, mine) == []
+    later = [offs[i] for i, s in enumerate(starts) if s >= 2 << 20]
+    assert covered(now, later) == list(range(len(later)))  # the window: the thread's
+    with env.read(buffers=True) as txn:  # both records (several pages each) were asked
+        for db in ("files", "places"):  # for together, before the first was read
+            value = txn.get(node.entry.digest, db=env.db(db))
+            assert len(value) > 2 * 4096
+            at = env.map_offset(value)
+            assert covered(asked_before_file[0], [(at, len(value))]) == []
+
+
+def test_warm_index_walks_in_a_thread_and_close_stops_it(tmp_path: Path):
+    env = Env(tmp_path / "db")
+    keys = [os.urandom(32) for _ in range(20_000)]
+    env.write(lambda txn: [txn.put(k, b"v" * 100, db=env.db("files")) for k in keys])
+    env.warm_index(("files", "places"))
+    deadline = time.monotonic() + 10
+    while _threads("layerstore warm index") and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _threads("layerstore warm index") == []  # ends on its own
+    env.warm_index(("files",) * 50)  # still walking when the store closes
+    env.close()
+    assert _threads("layerstore warm index") == []
+    env.warm_index(("files",))  # closed: starts nothing
+    assert _threads("layerstore warm index") == []

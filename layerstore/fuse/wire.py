@@ -383,6 +383,8 @@ class _Session:
             # ENOENT: the request was interrupted and is gone; ENODEV: unmounted
             if exc.errno not in (errno.ENOENT, errno.ENODEV):
                 log.error("reply to request %d failed: %s", unique, exc)
+                if error == 0:  # the kernel took no reply: the caller would wait for ever
+                    self._send_pieces(unique, [], -errno.EIO)
 
     def serve(self) -> None:
         """Answer requests until the file system is unmounted (or ``stop``)."""

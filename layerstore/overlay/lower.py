@@ -244,8 +244,8 @@ class StoreLayers:
         if hit is not None:
             return hit
         env = self.store.env
-        with env.read() as txn:
-            value = txn.get(digest, db=env.db("files"))
+        with env.read(buffers=True) as txn:
+            value = env.get_whole(txn, digest, "files")
         if value is None:
             raise IntegrityError(f"file {digest.hex()[:16]} is missing")
         rec = FileRecord.decode(value)
@@ -256,6 +256,15 @@ class StoreLayers:
         with self._lock:
             self._files[digest] = (rec, starts)
         return rec, starts
+
+    def _ask_records(self, digest: bytes) -> None:
+        """Before the first ``_file`` and ``_placed`` of a file: have both records read
+        at once (on a cold store each is a read of its own, ~1 ms here, and the
+        second waited for the first)."""
+        env = self.store.env
+        with env.read(buffers=True) as txn:
+            for db in ("files", "places"):
+                env.ask_value(txn, digest, db)
 
     def _cached(self, digest: bytes) -> bytes | None:
         with self._lock:
@@ -294,7 +303,7 @@ class StoreLayers:
             if digest in self._places:
                 return self._places[digest]
         env = self.store.env
-        with env.read() as txn:
+        with env.read(buffers=True) as txn:
             gen = places.generation(txn, env)
             spots = places.load(txn, env, digest, rec)
         got = None if spots is None else _Placed(gen, spots, bytearray(len(spots)))
@@ -348,7 +357,15 @@ class StoreLayers:
                 ask = (max(r.asked_chunks, i0), bisect_left(starts, end + r.window))
                 r.asked_chunks = ask[1]
         if ask is not None:
-            for a, b in _spans([(at, n) for at, n, _ in pl.spots[ask[0]:ask[1]] if at >= 0]):
+            lo = ask[0]
+            if lo == i0:
+                # this read's own chunks first, at once, in this thread (WILLNEED): a
+                # first read waits for them, not for the thread's first piece of the
+                # window (its first 1 MiB came in 5.6-6.5 ms instead of 7.4-9.3)
+                lo = min(bisect_left(starts, end), ask[1])
+                for a, b in _spans([(at, n) for at, n, _ in pl.spots[i0:lo] if at >= 0]):
+                    env.read_now(a, b - a)
+            for a, b in _spans([(at, n) for at, n, _ in pl.spots[lo:ask[1]] if at >= 0]):
                 env.read_ahead(a, b - a)
         with env.read(buffers=True) as txn:
             if places.generation(txn, env) != pl.generation:
@@ -481,6 +498,8 @@ class StoreLayers:
             send([data if offset == 0 and size >= len(data)
                   else memoryview(data)[offset:offset + size]])
             return
+        if entry.digest not in self._files:
+            self._ask_records(entry.digest)
         rec, starts = self._file(entry.digest)
         r = self._reading(entry.digest)
         end = min(offset + size, rec.size)

@@ -200,7 +200,7 @@ def load(txn: lmdb.Transaction, env: Env, digest: bytes,
     any of them is asked for."""
     if not env.pages_known():
         return None
-    value = txn.get(digest, db=env.db("places"))
+    value = env.get_whole(txn, digest, "places")
     if value is None:
         return None
     try:
