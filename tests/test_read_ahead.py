@@ -556,19 +556,3 @@ def test_a_first_read_asks_for_its_own_chunks_at_once(lowers: MergedLowers, monk
             assert len(value) > 2 * 4096
             at = env.map_offset(value)
             assert covered(asked_before_file[0], [(at, len(value))]) == []
-
-
-def test_warm_index_walks_in_a_thread_and_close_stops_it(tmp_path: Path):
-    env = Env(tmp_path / "db")
-    keys = [os.urandom(32) for _ in range(20_000)]
-    env.write(lambda txn: [txn.put(k, b"v" * 100, db=env.db("files")) for k in keys])
-    env.warm_index(("files", "places"))
-    deadline = time.monotonic() + 10
-    while _threads("layerstore warm index") and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert _threads("layerstore warm index") == []  # ends on its own
-    env.warm_index(("files",) * 50)  # still walking when the store closes
-    env.close()
-    assert _threads("layerstore warm index") == []
-    env.warm_index(("files",))  # closed: starts nothing
-    assert _threads("layerstore warm index") == []

@@ -363,7 +363,6 @@ def _warm_up(view: MergedLowers, fs: Any) -> None:
         store = getattr(view.layers, "store", None)
         if store is not None:
             store.env.locate_map()  # what every copy-up out of the store looks at first
-            store.env.warm_index(("files", "places"))
         if fs is not None:
             entries = fs.readdir(b"/")
             # and what a first metadata change asks for: a lookup below the root, and

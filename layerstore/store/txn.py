@@ -47,8 +47,6 @@ _SYNC_FILE_RANGE_WRITE = 2
 #: what the read-ahead thread reads at a time, and how many requests may wait for it
 READ_AHEAD_PIECE = 4 << 20
 READ_AHEAD_WAITING = 4
-#: ``Env.warm_index`` walks at most this many keys of each database
-WARM_INDEX_KEYS = 100_000
 #: a request up to this size is a posix_fadvise(WILLNEED) in the caller's thread
 READ_AHEAD_INLINE = 2 << 20
 #: the longest a remap waits for the transactions of other threads to end (s)
@@ -880,45 +878,6 @@ class Env:
                 started.append(t)
                 self._warmers.append((stop, t))
         return done
-
-    def warm_index(self, dbs: Sequence[str], limit: int = WARM_INDEX_KEYS) -> None:
-        """Walk the keys of ``dbs`` (at most ``limit`` of each; not their big values)
-        in a thread of its own, without waiting: their B-tree pages are then mapped
-        in this process, and a mapped page stays in memory when the page cache is
-        dropped. A mount's daemon does it for the records of files and their places,
-        which the first read of every big file looks up: on a cold store each lookup
-        read its B-tree's pages one 4 KiB fault at a time, ~1 ms each here (a first
-        read of a 256 MiB file waited ~4 ms for its two records). ``close`` stops it."""
-        stop = threading.Event()
-
-        def run() -> None:
-            try:
-                self._gate.enter()  # as in ``warm_keys``: never remaps the store
-                try:
-                    txn = self.env.begin(write=False)
-                    try:
-                        for db in dbs:
-                            cur = txn.cursor(db=self.db(db))
-                            for n, _ in enumerate(cur.iternext(keys=True, values=False)):
-                                # a remap waits for this transaction: let it go first
-                                if n >= limit or stop.is_set() or self._gate.remapping:
-                                    break
-                    finally:
-                        txn.abort()
-                finally:
-                    self._gate.leave()
-            except Exception:  # noqa: BLE001, S110 - an optimisation only
-                pass
-
-        with self._warm_lock:
-            if self._warm_closed:
-                return
-            t = threading.Thread(target=run, daemon=True, name="layerstore warm index")
-            try:
-                t.start()
-            except RuntimeError:  # no more threads here (a pids limit)
-                return
-            self._warmers.append((stop, t))
 
     def _stop_warmers(self) -> None:
         """Stop the ``warm_keys`` threads and wait for them (each is at most one page
