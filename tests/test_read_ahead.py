@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from helpers_images import reg, tar_bytes
 
+from layerstore.overlay import lower as lower_mod
 from layerstore.overlay.fs import FULL, OverlayFS
 from layerstore.overlay.lower import (
     PLACED_AHEAD_FIRST,
@@ -540,10 +541,10 @@ def test_a_first_read_asks_for_its_own_chunks_at_once(lowers: MergedLowers, monk
     lowers.layers._files.clear()
     lowers.layers._places.clear()
     node = lowers.resolve(b"/huge")
-    asked_before_file: list[list[tuple[int, int]]] = []
-    real_file = StoreLayers._file
-    monkeypatch.setattr(StoreLayers, "_file", lambda self, d:
-                        asked_before_file.append(list(records)) or real_file(self, d))
+    asked_before_file: list[list[tuple[int, int]]] = []  # when the file record is decoded
+    real_decode = lower_mod.FileRecord.decode
+    monkeypatch.setattr(lower_mod.FileRecord, "decode", classmethod(
+        lambda cls, data: asked_before_file.append(list(records)) or real_decode(data)))
     assert lowers.read(node, 0, 1 << 20) == read_seq(lowers, b"/huge", 1 << 20)[:1 << 20]
     _, starts = lowers.layers._file(node.entry.digest)
     mine = [offs[i] for i, s in enumerate(starts) if s < 1 << 20]

@@ -43,9 +43,10 @@ only suspension points, ``lowlevel._thread`` and ``_call`` (the overlay calls th
 take long), become ``unlocked``: the call runs in the same thread with the lock
 released, as trio would run other requests meanwhile. READ and WRITE touch no table:
 they run without the lock, in parallel. A READ's reply is written from the pieces the
-overlay hands over (``read_into``: views into the store's map, no copy in between). Measured against trio tasks reading the fd
-(non-blocking reads, a trio lock for the one task that may wait): a GETXATTR round trip
-took 60 us there (17% of the daemon's samples in the trio lock), ~50 here.
+overlay hands over (``read_into``: views into the store's map, no copy in between).
+Measured against trio tasks reading the fd (non-blocking reads, a trio lock for the one
+task that may wait): a GETXATTR round trip took 60 us there (17% of the daemon's samples
+in the trio lock), ~50 here.
 """
 
 from __future__ import annotations
@@ -349,6 +350,8 @@ def _run(coro: Coroutine[Any, Any, Any]) -> Any:
 class _Session:
     def __init__(self, ops: Any, mountpoint: str, options: set[str]):
         self.ops = ops
+        #: the adapter's READ that hands pieces over (``h_read``), if it has one
+        self.read_into: Callable[..., Any] | None = getattr(ops, "read_into", None)
         self.mountpoint = mountpoint
         self.fd = _fusermount(mountpoint, options)
         self.flags = 0  #: what was agreed at INIT
@@ -693,7 +696,7 @@ class _Session:
 
     async def h_read(self, nodeid: int, body: memoryview, ctx: Any) -> Any:
         fh, offset, size, *_ = READ_IN.unpack_from(body)
-        into = getattr(self.ops, "read_into", None)
+        into = self.read_into
         if into is None:
             return await self.ops.read(fh, offset, size)
         sent = False

@@ -200,7 +200,7 @@ def load(txn: lmdb.Transaction, env: Env, digest: bytes,
     any of them is asked for."""
     if not env.pages_known():
         return None
-    value = env.get_whole(txn, digest, "places")
+    value = txn.get(digest, db=env.db("places"))
     if value is None:
         return None
     try:

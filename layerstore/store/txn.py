@@ -776,13 +776,6 @@ class Env:
         except (OSError, RuntimeError):
             pass
 
-    def get_whole(self, txn: lmdb.Transaction, key: bytes, db: str) -> bytes | None:
-        """``txn.get`` as bytes, for a value that may span many pages: in a ``buffers``
-        transaction its pages are asked for at once first (``ask_value``)."""
-        self.ask_value(txn, key, db)
-        value = txn.get(key, db=self.db(db))
-        return None if value is None else bytes(value)
-
     def ask_value(self, txn: lmdb.Transaction, key: bytes, db: str) -> None:
         """Start reading the pages of the value of ``key`` now (WILLNEED: one read
         request), if it spans several, without touching them (``value_locator``;
