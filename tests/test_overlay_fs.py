@@ -1151,3 +1151,47 @@ def test_wire_warm_up_leaves_no_trace(ofs: OverlayFS):
     assert list(ops.table.nodes) == [lowlevel.ROOT] and not ops.table.child
     assert ofs.changes == before
     assert sorted(os.listdir(f"/proc/self/fd/{ofs.upper_fd}")) == []
+
+
+def test_a_new_files_attribute_names_come_with_its_create(ofs: OverlayFS, monkeypatch):
+    """The kernel asks for security.capability before the first write to a new file.
+    lowlevel.py answers it from the names its CREATE read off the new file, without a
+    walk to it; an ACL the upper gave the file (its directory's default ACL) is among
+    those names and is read."""
+    import struct
+
+    import trio
+
+    from layerstore.fuse import lowlevel
+
+    ops = lowlevel.LowLevelOperations(ofs)
+    ofs.mkdir(b"/tmp/acl", 0o755)
+    acl = struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in (
+        (0x01, 7, 0xFFFFFFFF), (0x02, 6, 1234), (0x04, 5, 0xFFFFFFFF),
+        (0x10, 7, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)))
+    ofs.setxattr(b"/tmp/acl", b"system.posix_acl_default", acl)
+
+    class Ctx:
+        uid, gid, pid, umask = 0, 0, os.getpid(), 0o022
+
+    async def create(name: bytes) -> int:
+        tmp = await ops.lookup(lowlevel.ROOT, b"tmp")
+        parent = await ops.lookup(tmp.st_ino, b"acl")
+        fi, entry = await ops.create(parent.st_ino, name, 0o100644, os.O_WRONLY, Ctx())
+        await ops.release(fi.fh)
+        return int(entry.st_ino)
+
+    async def getxattr(ino: int, name: bytes) -> bytes | int:
+        try:
+            return await ops.getxattr(ino, name, Ctx())
+        except lowlevel.pyfuse3.FUSEError as exc:
+            return int(exc.errno)
+
+    ino = trio.run(create, b"new")
+    walks = []
+    find = ofs._find
+    monkeypatch.setattr(ofs, "_find", lambda vpath: walks.append(vpath) or find(vpath))
+    assert trio.run(getxattr, ino, b"security.capability") == errno.ENODATA
+    assert walks == []
+    inherited = os.getxattr(f"/proc/self/fd/{ofs.upper_fd}/tmp/acl/new", "system.posix_acl_access")
+    assert trio.run(getxattr, ino, b"system.posix_acl_access") == inherited

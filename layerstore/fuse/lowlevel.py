@@ -66,7 +66,7 @@ import logging
 import os
 import signal
 import stat
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
 import trio
@@ -674,10 +674,15 @@ class LowLevelOperations(_Base):
                     names = await self._call(self.fs.listxattr, path)
                 except OSError:
                     raise exc from None  # the miss is the answer
-            if len(self._xattr_names) >= XATTR_NAMES_KEPT:
-                self._xattr_names.clear()
-            self._xattr_names[inode] = (changes, frozenset(names))
+            self._keep_xattr_names(inode, changes, names)
             raise
+
+    def _keep_xattr_names(self, inode: int, changes: int, names: Iterable[bytes]) -> None:
+        """Node ``inode`` had attributes ``names`` when the overlay's count of changes
+        was ``changes`` (taken before they were read)."""
+        if len(self._xattr_names) >= XATTR_NAMES_KEPT:
+            self._xattr_names.clear()
+        self._xattr_names[inode] = (changes, frozenset(names))
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
@@ -815,6 +820,15 @@ class LowLevelOperations(_Base):
             await self._call(self.fs.release, fh)
             raise
         entry = self._found(parent_inode, name, st)
+        # the kernel asks security.capability before the first write to it: answered
+        # from the new file's names (see getxattr), not by a walk to it
+        changes = self.fs.changes
+        try:
+            names = self.fs.handle_xattrs(fh)
+        except OSError:
+            pass
+        else:
+            self._keep_xattr_names(entry.st_ino, changes, names)
         return self._opened(entry.st_ino, fh, True), entry
 
     @_errors

@@ -768,11 +768,14 @@ class OverlayFS:
              mode: int | None, fd: int | None = None) -> None:
         """Give a new entry its owner, then its mode again (the chown cleared setuid and
         setgid); a directory made in a setgid directory is setgid. ``fd``: of the new
-        regular file, to do it through (then the mode is set even without a chown)."""
+        regular file, to do it through: only the owner and mode that differ from what
+        it was made with (most creates need neither call)."""
         if fd is not None:
-            if uid is not None or gid is not None:
+            st = os.fstat(fd)
+            chown = (uid is not None and st.st_uid != uid) or (gid is not None and st.st_gid != gid)
+            if chown:
                 os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
-            if mode is not None:
+            if mode is not None and (chown or stat.S_IMODE(st.st_mode) != mode & 0o7777):
                 os.chmod(fd, mode & 0o7777)
             return
         if uid is not None or gid is not None:
@@ -1027,6 +1030,15 @@ class OverlayFS:
     def _lazy_truncate(self, lazy: LazyFile, fd: int, length: int) -> None:
         os.ftruncate(fd, length)  # then the mark: LazyFile.load clamps it after a crash between
         lazy.truncate(fd, length)
+
+    def handle_xattrs(self, fh: int) -> list[bytes]:
+        """The xattr names of an open upper file as ``listxattr`` gives them (a new
+        file's: the upper's own, such as an inherited ACL)."""
+        h = self._handle(fh)
+        if h.fd < 0:
+            raise OverlayError(errno.EBADF, h.vpath)
+        return [v for v in map(visible_xattr, map(os.fsencode, os.listxattr(h.fd)))
+                if v is not None]
 
     def fgetattr(self, fh: int) -> dict[str, int]:
         """Attributes through an open handle (works after the path is unlinked)."""
