@@ -251,9 +251,9 @@ def test_a_store_behind_a_symlink_still_finds_its_map(cli, root: Path, tmp_path:
 def test_files_below_the_minimum_chunk_are_read_by_their_digest(cli, root: Path,
                                                                  tmp_path: Path, monkeypatch):
     """A file smaller than the store's minimum chunk is one chunk named by the file's
-    digest: it is read without its file record (and without asking ahead); one of
-    exactly the minimum size still goes through the record. Both read back whole and in
-    pieces."""
+    digest: it is read, and copied up, without its file record (and without asking
+    ahead); one of exactly the minimum size still goes through the record. Both read
+    back whole and in pieces, and copy whole."""
     store = Store.open(root)
     low = store.params.min_size
     rnd = random.Random(3)
@@ -269,13 +269,25 @@ def test_files_below_the_minimum_chunk_are_read_by_their_digest(cli, root: Path,
         view = MergedLowers(StoreLayers(store, img.diff_ids))
         records: list[bytes] = []
         file_of = view.layers._file
-        monkeypatch.setattr(view.layers, "_file", lambda d: records.append(d) or file_of(d))
+        monkeypatch.setattr(view.layers, "_file",
+                            lambda d, size=None: records.append(d) or file_of(d, size))
         for name, data in files.items():
             node = view.lookup(b"/" + name.encode())
             assert view.read(node, 0, 1 << 20) == data
             assert view.read(node, 5, 100) == data[5:105]
             assert read_seq(view, b"/" + name.encode(), 4096) == data
         assert len(records) and all(r == view.lookup(b"/at").entry.digest for r in records)
+        records.clear()
+        view.layers._files.clear()
+        for name, data in files.items():
+            out = tmp_path / f"copy-{name}"
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view.copy_to(view.lookup(b"/" + name.encode()), fd)
+            finally:
+                os.close(fd)
+            assert out.read_bytes() == data, name
+        assert records == [view.lookup(b"/at").entry.digest]
     finally:
         store.close()
 

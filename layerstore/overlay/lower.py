@@ -74,6 +74,8 @@ MAX_READING = 4096
 #: first request, and the most one grows to (each next one is twice the last)
 PLACED_AHEAD_FIRST = 4 << 20
 PLACED_AHEAD = 32 << 20
+#: a file this large or larger has its records asked for before they are read (``_file``)
+ASK_RECORDS_FROM = 1 << 20
 #: the places of at most this many chunks are kept (``StoreLayers._placed``)
 MAX_PLACED_CHUNKS = 1 << 20
 
@@ -245,18 +247,22 @@ class StoreLayers:
         with env.read() as txn:
             return list_dir(txn, env, self.records[layer].layer_no, vpath)
 
-    def _file(self, digest: bytes) -> tuple[FileRecord, list[int]]:
+    def _file(self, digest: bytes, size: int | None = None) -> tuple[FileRecord, list[int]]:
+        """A file's record and where each of its chunks starts (kept); ``size``, if
+        known, decides whether its records are worth asking for ahead."""
         with self._lock:
             hit = self._files.get(digest)
         if hit is not None:
             return hit
         env = self.store.env
         with env.read(buffers=True) as txn:
-            # both of the file's records asked for at once, before this one is read
-            # (each a read of its own when cold, ~1 ms here, the second after the
-            # first); ``_placed`` then finds its pages coming
-            for db in ("files", "places"):
-                env.ask_value(txn, digest, db)
+            if size is None or size >= ASK_RECORDS_FROM:
+                # both of the file's records asked for at once, before this one is read
+                # (each a read of its own when cold, ~1 ms here, the second after the
+                # first); ``_placed`` then finds its pages coming. A smaller file's
+                # records fit in a page or two: asking costs more than it saves
+                for db in ("files", "places"):
+                    env.ask_value(txn, digest, db)
             value = txn.get(digest, db=env.db("files"))
             value = None if value is None else bytes(value)
         if value is None:
@@ -502,7 +508,7 @@ class StoreLayers:
             send([data if offset == 0 and size >= len(data)
                   else memoryview(data)[offset:offset + size]])
             return
-        rec, starts = self._file(entry.digest)
+        rec, starts = self._file(entry.digest, entry.size)
         r = self._reading(entry.digest)
         end = min(offset + size, rec.size)
         pl = self._placed(entry.digest, rec) if len(rec.chunks) > 1 else None
@@ -544,7 +550,12 @@ class StoreLayers:
         transaction; the chunk cache is left alone)."""
         if not entry.digest or entry.size == 0:
             return
-        rec, _ = self._file(entry.digest)
+        if entry.size < self.one_chunk_below:
+            # one chunk named by the file's digest (see ``read_into``): its record need
+            # not be read (a first small copy-up of a fresh mount spent 0.15-0.26 ms on it)
+            rec = FileRecord(entry.size, [(entry.digest, entry.size)])
+        else:
+            rec, _ = self._file(entry.digest, entry.size)
         env = self.store.env
         stop = None  # the warm_keys threads: stopped out of the transaction (txn._Gate)
         try:
