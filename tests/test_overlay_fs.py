@@ -1195,3 +1195,28 @@ def test_a_new_files_attribute_names_come_with_its_create(ofs: OverlayFS, monkey
     assert walks == []
     inherited = os.getxattr(f"/proc/self/fd/{ofs.upper_fd}/tmp/acl/new", "system.posix_acl_access")
     assert trio.run(getxattr, ino, b"system.posix_acl_access") == inherited
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_a_copy_up_by_open_walks_to_the_file_once(overlays, copy_up: str, monkeypatch):
+    """An open for writing of a lower file copies it up and opens the copy without a
+    second walk to it (the copy-up knows what a lookup would find); the handle still
+    reports the lower inode number, and writes land in the upper file."""
+    ofs = overlays.make("demo:app", copy_up=copy_up)
+    lower_ino = ofs.getattr(b"/etc/group")["st_ino"]
+    walks = []
+    find = ofs._find
+    monkeypatch.setattr(ofs, "_find", lambda vpath: walks.append(vpath) or find(vpath))
+    fh = ofs.open(b"/etc/group", os.O_WRONLY)
+    try:
+        assert walks.count(b"/etc/group") == 1
+        assert ofs.fgetattr(fh)["st_ino"] == lower_ino
+        ofs.write(fh, b"X", 0)
+    finally:
+        ofs.release(fh)
+    assert ofs.getattr(b"/etc/group")["st_ino"] == lower_ino
+    fh = ofs.open(b"/etc/group", os.O_RDONLY)
+    try:
+        assert ofs.read(fh, 1, 0) == b"X"
+    finally:
+        ofs.release(fh)
