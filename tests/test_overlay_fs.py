@@ -1220,3 +1220,39 @@ def test_a_copy_up_by_open_walks_to_the_file_once(overlays, copy_up: str, monkey
         assert ofs.read(fh, 1, 0) == b"X"
     finally:
         ofs.release(fh)
+
+
+def test_a_copy_ups_attribute_names_come_with_its_open(overlays, monkeypatch):
+    """An open for writing copies a lower file up and reads the copy's attribute names:
+    the kernel's security.capability before the first write is answered from them
+    without a walk, and the attributes the lower file had are found."""
+    import trio
+
+    from layerstore.fuse import lowlevel
+
+    ofs = overlays.make("meta:1", copy_up=FULL)
+    ops = lowlevel.LowLevelOperations(ofs)
+
+    class Ctx:
+        uid, gid, pid, umask = 0, 0, os.getpid(), 0o022
+
+    async def open_for_writing() -> int:
+        data = await ops.lookup(lowlevel.ROOT, b"data")
+        f = await ops.lookup(data.st_ino, b"f.txt")
+        fi = await ops.open(f.st_ino, os.O_WRONLY, Ctx())
+        await ops.release(fi.fh)
+        return int(f.st_ino)
+
+    async def getxattr(ino: int, name: bytes) -> bytes | int:
+        try:
+            return await ops.getxattr(ino, name, Ctx())
+        except lowlevel.pyfuse3.FUSEError as exc:
+            return int(exc.errno)
+
+    ino = trio.run(open_for_writing)
+    walks = []
+    find = ofs._find
+    monkeypatch.setattr(ofs, "_find", lambda vpath: walks.append(vpath) or find(vpath))
+    assert trio.run(getxattr, ino, b"security.capability") == errno.ENODATA
+    assert walks == []
+    assert trio.run(getxattr, ino, b"user.color") == b"blue"

@@ -806,7 +806,10 @@ class LowLevelOperations(_Base):
             # pyfuse3: clear setuid/setgid as a truncate by a caller without CAP_FSETID
             # does (wire.py is told by the kernel: FUSE_OPEN_KILL_SUIDGID)
             clear_setid(self.fs, fh, lambda: may_keep_setid(ctx.pid, ctx.uid))
-        return self._opened(inode, fh, (flags & os.O_ACCMODE) != os.O_RDONLY)
+        writing = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writing:
+            self._learn_xattr_names(inode, fh)
+        return self._opened(inode, fh, writing)
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
@@ -820,16 +823,19 @@ class LowLevelOperations(_Base):
             await self._call(self.fs.release, fh)
             raise
         entry = self._found(parent_inode, name, st)
-        # the kernel asks security.capability before the first write to it: answered
-        # from the new file's names (see getxattr), not by a walk to it
+        self._learn_xattr_names(entry.st_ino, fh)
+        return self._opened(entry.st_ino, fh, True), entry
+
+    def _learn_xattr_names(self, inode: int, fh: int) -> None:
+        """Keep the attribute names of the upper file open as ``fh`` (see getxattr): the
+        kernel asks for security.capability before the first write to an inode (a new
+        file, a file just copied up), and that is then answered without a walk to it."""
         changes = self.fs.changes
         try:
             names = self.fs.handle_xattrs(fh)
         except OSError:
-            pass
-        else:
-            self._keep_xattr_names(entry.st_ino, changes, names)
-        return self._opened(entry.st_ino, fh, True), entry
+            return
+        self._keep_xattr_names(inode, changes, names)
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
