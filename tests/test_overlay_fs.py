@@ -1153,6 +1153,26 @@ def test_wire_warm_up_leaves_no_trace(ofs: OverlayFS):
     assert sorted(os.listdir(f"/proc/self/fd/{ofs.upper_fd}")) == []
 
 
+class _Ctx:
+    """A request's caller, for the low-level adapter's methods (root)."""
+    uid, gid, pid, umask = 0, 0, os.getpid(), 0o022
+
+
+def _ll_getxattr(ops: Any, ino: int, name: bytes) -> bytes | int:
+    """getxattr through the low-level adapter: the value, or the errno it answered."""
+    import trio
+
+    from layerstore.fuse import lowlevel
+
+    async def get() -> bytes | int:
+        try:
+            return await ops.getxattr(ino, name, _Ctx())  # type: ignore[no-any-return]
+        except lowlevel.pyfuse3.FUSEError as exc:
+            return int(exc.errno)
+
+    return trio.run(get)
+
+
 def test_a_new_files_attribute_names_come_with_its_create(ofs: OverlayFS, monkeypatch):
     """The kernel asks for security.capability before the first write to a new file.
     lowlevel.py answers it from the names its CREATE read off the new file, without a
@@ -1171,30 +1191,21 @@ def test_a_new_files_attribute_names_come_with_its_create(ofs: OverlayFS, monkey
         (0x10, 7, 0xFFFFFFFF), (0x20, 5, 0xFFFFFFFF)))
     ofs.setxattr(b"/tmp/acl", b"system.posix_acl_default", acl)
 
-    class Ctx:
-        uid, gid, pid, umask = 0, 0, os.getpid(), 0o022
-
     async def create(name: bytes) -> int:
         tmp = await ops.lookup(lowlevel.ROOT, b"tmp")
         parent = await ops.lookup(tmp.st_ino, b"acl")
-        fi, entry = await ops.create(parent.st_ino, name, 0o100644, os.O_WRONLY, Ctx())
+        fi, entry = await ops.create(parent.st_ino, name, 0o100644, os.O_WRONLY, _Ctx())
         await ops.release(fi.fh)
         return int(entry.st_ino)
-
-    async def getxattr(ino: int, name: bytes) -> bytes | int:
-        try:
-            return await ops.getxattr(ino, name, Ctx())
-        except lowlevel.pyfuse3.FUSEError as exc:
-            return int(exc.errno)
 
     ino = trio.run(create, b"new")
     walks = []
     find = ofs._find
     monkeypatch.setattr(ofs, "_find", lambda vpath: walks.append(vpath) or find(vpath))
-    assert trio.run(getxattr, ino, b"security.capability") == errno.ENODATA
+    assert _ll_getxattr(ops, ino, b"security.capability") == errno.ENODATA
     assert walks == []
     inherited = os.getxattr(f"/proc/self/fd/{ofs.upper_fd}/tmp/acl/new", "system.posix_acl_access")
-    assert trio.run(getxattr, ino, b"system.posix_acl_access") == inherited
+    assert _ll_getxattr(ops, ino, b"system.posix_acl_access") == inherited
 
 
 @pytest.mark.parametrize("copy_up", [FULL, META])
@@ -1233,26 +1244,17 @@ def test_a_copy_ups_attribute_names_come_with_its_open(overlays, monkeypatch):
     ofs = overlays.make("meta:1", copy_up=FULL)
     ops = lowlevel.LowLevelOperations(ofs)
 
-    class Ctx:
-        uid, gid, pid, umask = 0, 0, os.getpid(), 0o022
-
     async def open_for_writing() -> int:
         data = await ops.lookup(lowlevel.ROOT, b"data")
         f = await ops.lookup(data.st_ino, b"f.txt")
-        fi = await ops.open(f.st_ino, os.O_WRONLY, Ctx())
+        fi = await ops.open(f.st_ino, os.O_WRONLY, _Ctx())
         await ops.release(fi.fh)
         return int(f.st_ino)
-
-    async def getxattr(ino: int, name: bytes) -> bytes | int:
-        try:
-            return await ops.getxattr(ino, name, Ctx())
-        except lowlevel.pyfuse3.FUSEError as exc:
-            return int(exc.errno)
 
     ino = trio.run(open_for_writing)
     walks = []
     find = ofs._find
     monkeypatch.setattr(ofs, "_find", lambda vpath: walks.append(vpath) or find(vpath))
-    assert trio.run(getxattr, ino, b"security.capability") == errno.ENODATA
+    assert _ll_getxattr(ops, ino, b"security.capability") == errno.ENODATA
     assert walks == []
-    assert trio.run(getxattr, ino, b"user.color") == b"blue"
+    assert _ll_getxattr(ops, ino, b"user.color") == b"blue"
