@@ -669,10 +669,11 @@ class StoreLayers:
             if value is None:
                 raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
             left -= n
-            at = env.map_offset(value)
-            request = None if at is None or left <= 0 else runs.after(at + len(value), left)
-            if request is not None:
-                env.read_ahead(*request)
+            if left > 0:  # (the last chunk, a one-chunk file's only one: nothing after it)
+                at = env.map_offset(value)
+                request = None if at is None else runs.after(at + len(value), left)
+                if request is not None:
+                    env.read_ahead(*request)
             batch.append(decode_chunk(value))
             size += len(batch[-1])
             if size >= WRITE_BATCH or i == len(rec.chunks) - 1:
