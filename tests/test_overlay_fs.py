@@ -1258,3 +1258,39 @@ def test_a_copy_ups_attribute_names_come_with_its_open(overlays, monkeypatch):
     assert _ll_getxattr(ops, ino, b"security.capability") == errno.ENODATA
     assert walks == []
     assert _ll_getxattr(ops, ino, b"user.color") == b"blue"
+
+
+def test_lookups_and_listings_hand_over_attribute_names(overlays, monkeypatch):
+    """`ls -l` asks for security.selinux of every entry it lists, and a chown asks for
+    security.capability: the xattr names a lookup or a listing had at hand (a lower
+    entry's record, an upper file's listed names) answer those misses without a walk,
+    and a name the entry has is still read."""
+    import trio
+
+    from layerstore.fuse import lowlevel
+
+    ofs = overlays.make("meta:1", copy_up=FULL)
+    ops = lowlevel.LowLevelOperations(ofs)
+    fh = ofs.create(b"/data/new", 0o644)  # an upper file among the lower ones
+    ofs.release(fh)
+    ofs.setxattr(b"/data/new", b"user.mine", b"1")
+
+    async def lookup(name: bytes) -> int:
+        data = await ops.lookup(lowlevel.ROOT, b"data")
+        return int((await ops.lookup(data.st_ino, name)).st_ino)
+
+    walks = []
+    find = ofs._find
+    monkeypatch.setattr(ofs, "_find", lambda vpath: walks.append(vpath) or find(vpath))
+    for how in ("lookup", "listing"):
+        ops._xattr_names.clear()
+        if how == "lookup":
+            inos = {n: trio.run(lookup, n) for n in (b"f.txt", b"new")}
+        else:
+            inos = {n: st["st_ino"] for n, st in ops._listdir(b"/data") if n in (b"f.txt", b"new")}
+        walks.clear()
+        for name in (b"f.txt", b"new"):
+            assert _ll_getxattr(ops, inos[name], b"security.selinux") == errno.ENODATA, how
+        assert walks == [], how
+        assert _ll_getxattr(ops, inos[b"f.txt"], b"user.color") == b"blue", how
+        assert _ll_getxattr(ops, inos[b"new"], b"user.mine") == b"1", how

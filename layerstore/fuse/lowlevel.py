@@ -92,6 +92,8 @@ ROOT = pyfuse3.ROOT_INODE
 TIMEOUT = 86400.0
 #: nodes whose attribute names getxattr keeps (all are dropped at this many)
 XATTR_NAMES_KEPT = 65536
+#: the names of a node that has no xattrs (most have none: one set for all of them)
+_NO_NAMES: frozenset[bytes] = frozenset()
 #: renameat2 flags
 RENAME_NOREPLACE = 1
 #: the kernel's writeback cache on the writable mount (``LAYERSTORE_FUSE_WRITEBACK=0|1``)
@@ -564,13 +566,29 @@ class LowLevelOperations(_Base):
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
     def _getattr_path(self, path: bytes) -> dict[str, int]:
-        return self.fs.getattr(path)
+        # the entry's xattr names, when the overlay's lookup had them, are kept for
+        # getxattr: `ls -l` asks for security.selinux of every file (and so does a
+        # chown, for security.capability), and a miss then needs no walk
+        changes = self.fs.changes
+        names: list[list[bytes]] = []
+        st = self.fs.getattr(path, names)
+        if names:
+            self._keep_xattr_names(self.table.nodeid(st["st_ino"]), changes, names[0])
+        return st
 
     def _fgetattr(self, fh: int) -> dict[str, int]:
         return self.fs.fgetattr(fh)
 
     def _listdir(self, path: bytes) -> list[tuple[bytes, dict[str, int]]]:
-        return self.fs.readdir(path)
+        changes = self.fs.changes
+        names: dict[bytes, list[bytes]] = {}
+        entries = self.fs.readdir(path, names)
+        keep, nodeid = self._keep_xattr_names, self.table.nodeid
+        for name, st in entries:  # as in _getattr_path
+            known = names.get(name)
+            if known is not None:
+                keep(nodeid(st["st_ino"]), changes, known)
+        return entries
 
     async def _made(self, parent: int, name: bytes, path: bytes) -> pyfuse3.EntryAttributes:
         return self._found(parent, name, await self._call(self.fs.getattr, path))
@@ -682,7 +700,7 @@ class LowLevelOperations(_Base):
         was ``changes`` (taken before they were read)."""
         if len(self._xattr_names) >= XATTR_NAMES_KEPT:
             self._xattr_names.clear()
-        self._xattr_names[inode] = (changes, frozenset(names))
+        self._xattr_names[inode] = (changes, frozenset(names) if names else _NO_NAMES)
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:

@@ -198,9 +198,26 @@ def _origin_of(target: int | str) -> int | None:
     return int.from_bytes(value, "big") if len(value) == 8 else None
 
 
+def _visible(stored: Iterable[bytes]) -> list[bytes]:
+    """Stored xattr names as ``listxattr`` gives them (the overlay's own hidden)."""
+    return [v for v in map(visible_xattr, stored) if v is not None]
+
+
 def _no_xattr(vpath: bytes, stored: Iterable[bytes]) -> NoXattrError:
     """ENODATA for a getxattr, with the names the entry has as ``listxattr`` gives them."""
-    return NoXattrError(vpath, [v for v in map(visible_xattr, stored) if v is not None])
+    return NoXattrError(vpath, _visible(stored))
+
+
+def _known_names(f: Found) -> list[bytes] | None:
+    """The xattr names of ``f`` as ``listxattr`` gives them, if its lookup read them: a
+    lower entry's are in its record, an upper non-directory's were listed by
+    ``_upper_leaf``; an upper directory's were not (None)."""
+    if f.ust is None:
+        assert f.lower is not None
+        return _visible(f.lower.entry.xattrs)
+    if f.xattr_names is not None:
+        return _visible(f.xattr_names)
+    return None
 
 
 def _split(vpath: bytes) -> tuple[bytes, bytes]:
@@ -821,14 +838,24 @@ class OverlayFS:
         return self._find(vpath) is not None
 
     @_locked
-    def getattr(self, vpath: bytes) -> dict[str, int]:
-        return self._stat(self._lookup(vpath))
+    def getattr(self, vpath: bytes, names: list[list[bytes]] | None = None) -> dict[str, int]:
+        """The entry's attributes; ``names``, if given, gets the entry's xattr names as
+        ``listxattr`` gives them appended when the lookup had them at hand (see
+        ``_known_names``)."""
+        f = self._lookup(vpath)
+        if names is not None:
+            known = _known_names(f)
+            if known is not None:
+                names.append(known)
+        return self._stat(f)
 
     @_locked
-    def readdir(self, vpath: bytes) -> list[tuple[bytes, dict[str, int]]]:
+    def readdir(self, vpath: bytes, names: dict[bytes, list[bytes]] | None = None
+                ) -> list[tuple[bytes, dict[str, int]]]:
         """The visible entries of a directory with their attributes (what ``getattr``
         gives), sorted by name, never whiteouts: one pass over the upper directory and
-        the merged lowers' listing, not one lookup per entry."""
+        the merged lowers' listing, not one lookup per entry. ``names``, if given, gets
+        the xattr names of the entries the listing had them for (``getattr``)."""
         f = self._lookup_dir(vpath)
         found: dict[bytes, Found] = {}
         hidden: set[bytes] = set()
@@ -857,10 +884,18 @@ class OverlayFS:
                     origin = _origin_of(base + n) if lower is None else None
                     found[name] = Found(path, ust, lower, opaque, raw is not None, origin=origin)
         out: dict[bytes, dict[str, int]] = {name: self._stat(c) for name, c in found.items()}
+        if names is not None:
+            for name, c in found.items():
+                known = _known_names(c)
+                if known is not None:
+                    names[name] = known
         if merges:
             for name, node in self.lowers.listdir(vpath):
                 if name not in hidden and name not in out:
                     out[name] = node_stat(node)
+                    if names is not None:
+                        x = node.entry.xattrs
+                        names[name] = _visible(x) if x else []
         return sorted(out.items())
 
     @_locked
