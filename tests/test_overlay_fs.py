@@ -1294,3 +1294,37 @@ def test_lookups_and_listings_hand_over_attribute_names(overlays, monkeypatch):
         assert walks == [], how
         assert _ll_getxattr(ops, inos[b"f.txt"], b"user.color") == b"blue", how
         assert _ll_getxattr(ops, inos[b"new"], b"user.mine") == b"1", how
+
+
+def test_an_open_keeps_names_only_for_the_file_it_opened(overlays):
+    """An OPEN resolves its node's path, then opens it with the session's lock released:
+    a RENAME over that name in between gives it another file. The names of that file
+    are not kept for the node (a review found they were): a getxattr of the node still
+    finds its own attribute."""
+    import trio
+
+    from layerstore.fuse import lowlevel
+
+    ofs = overlays.make("meta:1", copy_up=FULL)
+    ops = lowlevel.LowLevelOperations(ofs)
+
+    async def lookup(*names: bytes) -> int:
+        ino = lowlevel.ROOT
+        for name in names:
+            ino = (await ops.lookup(ino, name)).st_ino
+        return int(ino)
+
+    async def open_for_writing(ino: int) -> None:
+        fi = await ops.open(ino, os.O_WRONLY, _Ctx())
+        await ops.release(fi.fh)
+
+    data = trio.run(lookup, b"data")
+    node = trio.run(lookup, b"data", b"h1")
+    assert trio.run(lookup, b"data", b"h2") == node  # one file, two names
+    ofs.setxattr(b"/data/h2", b"user.n", b"1")
+    fh = ofs.create(b"/data/other", 0o644)
+    ofs.release(fh)
+    ofs.rename(b"/data/other", b"/data/h1")  # a RENAME's overlay call, its table not yet
+    trio.run(open_for_writing, node)  # resolves /data/h1: the other file now
+    ops.table.unlink(data, b"h1")  # what the RENAME then does to the table
+    assert _ll_getxattr(ops, node, b"user.n") == b"1"

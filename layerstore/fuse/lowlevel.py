@@ -841,15 +841,22 @@ class LowLevelOperations(_Base):
             await self._call(self.fs.release, fh)
             raise
         entry = self._found(parent_inode, name, st)
-        self._learn_xattr_names(entry.st_ino, fh)
+        self._learn_xattr_names(entry.st_ino, fh, st)
         return self._opened(entry.st_ino, fh, True), entry
 
-    def _learn_xattr_names(self, inode: int, fh: int) -> None:
+    def _learn_xattr_names(self, inode: int, fh: int, st: dict[str, int] | None = None) -> None:
         """Keep the attribute names of the upper file open as ``fh`` (see getxattr): the
         kernel asks for security.capability before the first write to an inode (a new
-        file, a file just copied up), and that is then answered without a walk to it."""
+        file, a file just copied up), and that is then answered without a walk to it.
+        Only if ``fh`` (its attributes ``st``, if at hand) is node ``inode``: an open
+        resolves the node's path before it opens it, and a rename in between (run with
+        the session's lock released) can give it another file (a review found this)."""
         changes = self.fs.changes
         try:
+            if st is None:
+                st = self.fs.fgetattr(fh)
+            if self.table.nodeid(st["st_ino"]) != inode:
+                return
             names = self.fs.handle_xattrs(fh)
         except OSError:
             return
