@@ -570,10 +570,9 @@ class LowLevelOperations(_Base):
         # getxattr: `ls -l` asks for security.selinux of every file (and so does a
         # chown, for security.capability), and a miss then needs no walk
         changes = self.fs.changes
-        names: list[list[bytes]] = []
-        st = self.fs.getattr(path, names)
-        if names:
-            self._keep_xattr_names(self.table.nodeid(st["st_ino"]), changes, names[0])
+        st, names = self.fs.getattr_names(path)
+        if names is not None:
+            self._keep_xattr_names(self.table.nodeid(st["st_ino"]), changes, names)
         return st
 
     def _fgetattr(self, fh: int) -> dict[str, int]:

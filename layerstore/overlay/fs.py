@@ -838,16 +838,15 @@ class OverlayFS:
         return self._find(vpath) is not None
 
     @_locked
-    def getattr(self, vpath: bytes, names: list[list[bytes]] | None = None) -> dict[str, int]:
-        """The entry's attributes; ``names``, if given, gets the entry's xattr names as
-        ``listxattr`` gives them appended when the lookup had them at hand (see
-        ``_known_names``)."""
+    def getattr(self, vpath: bytes) -> dict[str, int]:
+        return self._stat(self._lookup(vpath))
+
+    @_locked
+    def getattr_names(self, vpath: bytes) -> tuple[dict[str, int], list[bytes] | None]:
+        """``getattr``, and the entry's xattr names as ``listxattr`` gives them if the
+        lookup had them at hand (``_known_names``; else None)."""
         f = self._lookup(vpath)
-        if names is not None:
-            known = _known_names(f)
-            if known is not None:
-                names.append(known)
-        return self._stat(f)
+        return self._stat(f), _known_names(f)
 
     @_locked
     def readdir(self, vpath: bytes, names: dict[bytes, list[bytes]] | None = None
@@ -894,8 +893,7 @@ class OverlayFS:
                 if name not in hidden and name not in out:
                     out[name] = node_stat(node)
                     if names is not None:
-                        x = node.entry.xattrs
-                        names[name] = _visible(x) if x else []
+                        names[name] = _visible(node.entry.xattrs)
         return sorted(out.items())
 
     @_locked
@@ -1079,8 +1077,7 @@ class OverlayFS:
         h = self._handle(fh)
         if h.fd < 0:
             raise OverlayError(errno.EBADF, h.vpath)
-        return [v for v in map(visible_xattr, map(os.fsencode, os.listxattr(h.fd)))
-                if v is not None]
+        return _visible(map(os.fsencode, os.listxattr(h.fd)))
 
     def fgetattr(self, fh: int) -> dict[str, int]:
         """Attributes through an open handle (works after the path is unlinked)."""
@@ -1421,7 +1418,7 @@ class OverlayFS:
         else:
             with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
                 names = [os.fsencode(n) for n in os.listxattr(proc_path(fd))]
-        return [v for v in map(visible_xattr, names) if v is not None]
+        return _visible(names)
 
     @_changes
     @_locked
