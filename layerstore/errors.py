@@ -148,6 +148,12 @@ class NoEntryError(OverlayError, FileNotFoundError):
         super().__init__(errno.ENOENT, path)
 
 
+class OtherFileError(NoEntryError):
+    """The path names another object than the one the caller means (its ``st_ino``):
+    a rename or an unlink changed the name since the caller made the path. Nothing was
+    done; ENOENT if it gets to the kernel (the object it meant has no name there now)."""
+
+
 class NoXattrError(OverlayError):
     """ENODATA from a getxattr; ``names``: the attribute names the entry has (what
     ``listxattr`` gives), so that a caller keeping them needs no second lookup."""

@@ -21,7 +21,7 @@ import subprocess
 import tarfile
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 from conftest import assert_clean
@@ -1296,35 +1296,209 @@ def test_lookups_and_listings_hand_over_attribute_names(overlays, monkeypatch):
         assert _ll_getxattr(ops, inos[b"new"], b"user.mine") == b"1", how
 
 
-def test_an_open_keeps_names_only_for_the_file_it_opened(overlays):
-    """An OPEN resolves its node's path, then opens it with the session's lock released:
-    a RENAME over that name in between gives it another file. The names of that file
-    are not kept for the node (a review found they were): a getxattr of the node still
-    finds its own attribute."""
+class _RenameInFlight:
+    """A RENAME through the low-level adapter, in a thread of its own, held after its
+    overlay call and before it updates the table (the window in which a path made from
+    the table names what the rename moved): requests made meanwhile see it running.
+    It finishes 50 ms after ``release()``, or at the end of the ``with``."""
+
+    def __init__(self, ops: Any, parent: int, old: bytes, new: bytes):
+        import threading
+
+        import trio
+
+        self.ops, self.renamed, self.go = ops, threading.Event(), threading.Event()
+        real = ops.fs.rename
+
+        def rename(*args: Any) -> None:
+            real(*args)
+            self.renamed.set()
+            self.go.wait(10)
+
+        async def run() -> None:
+            await ops.rename(parent, old, parent, new, 0, _Ctx())
+
+        def thread() -> None:
+            ops.fs.rename = rename
+            try:
+                trio.run(run)
+            finally:
+                del ops.fs.rename
+
+        self.thread = threading.Thread(target=thread)
+
+    def __enter__(self) -> Self:
+        self.thread.start()
+        assert self.renamed.wait(10)
+        assert self.ops._renaming == 1
+        import threading
+
+        threading.Timer(0.05, self.go.set).start()  # while the request waits for it
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.go.set()
+        self.thread.join(10)
+
+
+def _adapter(overlays: Overlays, copy_up: str) -> tuple[Any, OverlayFS, Any]:
+    """A low-level adapter over meta:1, and a function that looks up a path's node."""
     import trio
 
     from layerstore.fuse import lowlevel
 
-    ofs = overlays.make("meta:1", copy_up=FULL)
+    ofs = overlays.make("meta:1", copy_up=copy_up)
     ops = lowlevel.LowLevelOperations(ofs)
 
-    async def lookup(*names: bytes) -> int:
-        ino = lowlevel.ROOT
-        for name in names:
-            ino = (await ops.lookup(ino, name)).st_ino
-        return int(ino)
+    def node(*names: bytes) -> int:
+        async def walk() -> int:
+            ino = lowlevel.ROOT
+            for name in names:
+                ino = (await ops.lookup(ino, name)).st_ino
+            return int(ino)
+        return trio.run(walk)
 
-    async def open_for_writing(ino: int) -> None:
-        fi = await ops.open(ino, os.O_WRONLY, _Ctx())
-        await ops.release(fi.fh)
+    return ops, ofs, node
 
-    data = trio.run(lookup, b"data")
-    node = trio.run(lookup, b"data", b"h1")
-    assert trio.run(lookup, b"data", b"h2") == node  # one file, two names
+
+def _ll(ops: Any, method: str, *args: Any) -> Any:
+    """An adapter method's result, or the errno it answered."""
+    import trio
+
+    from layerstore.fuse import lowlevel
+
+    async def call() -> Any:
+        try:
+            return await getattr(ops, method)(*args)
+        except lowlevel.pyfuse3.FUSEError as exc:
+            return int(exc.errno)
+
+    return trio.run(call)
+
+
+def _setattr_args(mode: int | None = None, size: int | None = None) -> tuple[Any, Any]:
+    from layerstore.fuse import wire
+
+    attr = wire.EntryAttributes()
+    valid = 0
+    if mode is not None:
+        attr.st_mode, valid = stat.S_IFREG | mode, valid | wire.FATTR_MODE
+    if size is not None:
+        attr.st_size, valid = size, valid | wire.FATTR_SIZE
+    return attr, wire.SetattrFields(valid)
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+@pytest.mark.parametrize("request_", ["open O_TRUNC", "chmod", "truncate", "setxattr", "link"])
+def test_a_request_on_a_file_renamed_over_never_touches_the_new_one(overlays, copy_up: str,
+                                                                     request_: str):
+    """A request on node X (``data/f.txt``) made while a RENAME puts another file over
+    X's only name: its path, made from the table before the rename updates it, names
+    the other file. The request gets ENOENT (X has no name now) and the other file keeps
+    its data, mode and attributes (before, an O_TRUNC open truncated it)."""
+    ops, ofs, node = _adapter(overlays, copy_up)
+    data, x = node(b"data"), node(b"data", b"f.txt")
+    fh = ofs.create(b"/data/other", 0o640)
+    ofs.write(fh, b"keep me\n", 0)
+    ofs.release(fh)
+    ofs.setxattr(b"/data/other", b"user.k", b"v")
+    other = ofs.getattr(b"/data/other")
+    args = {
+        "open O_TRUNC": ("open", x, os.O_WRONLY | os.O_TRUNC, _Ctx()),
+        "chmod": ("setattr", x, *_setattr_args(mode=0o600), None, _Ctx()),
+        "truncate": ("setattr", x, *_setattr_args(size=0), None, _Ctx()),
+        "setxattr": ("setxattr", x, b"user.k", b"changed", _Ctx()),
+        "link": ("link", x, data, b"newlink", _Ctx()),
+    }[request_]
+    with _RenameInFlight(ops, data, b"other", b"f.txt"):
+        answer = _ll(ops, *args)
+    assert answer == errno.ENOENT
+    assert _read_all(ofs, b"/data/f.txt") == b"keep me\n"
+    keys = ("st_ino", "st_mode", "st_size", "st_nlink", "st_mtime")
+    assert {k: ofs.getattr(b"/data/f.txt")[k] for k in keys} == {k: other[k] for k in keys}
+    assert ofs.getxattr(b"/data/f.txt", b"user.k") == b"v"
+    assert not ofs.exists(b"/data/newlink")
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_a_request_follows_its_file_through_a_rename(overlays, copy_up: str):
+    """The other cases of the same window. A node with another name (``h1`` and ``h2``,
+    one file) whose ``h1`` a rename replaces is opened through ``h2``, and the attribute
+    names kept for it are its own (a review found another file's were). A node whose
+    own name is being renamed is changed at its new name, not answered ENOENT."""
+    ops, ofs, node = _adapter(overlays, copy_up)
+    data, linked = node(b"data"), node(b"data", b"h1")
+    assert node(b"data", b"h2") == linked
     ofs.setxattr(b"/data/h2", b"user.n", b"1")
     fh = ofs.create(b"/data/other", 0o644)
+    ofs.write(fh, b"other\n", 0)
     ofs.release(fh)
-    ofs.rename(b"/data/other", b"/data/h1")  # a RENAME's overlay call, its table not yet
-    trio.run(open_for_writing, node)  # resolves /data/h1: the other file now
-    ops.table.unlink(data, b"h1")  # what the RENAME then does to the table
-    assert _ll_getxattr(ops, node, b"user.n") == b"1"
+    with _RenameInFlight(ops, data, b"other", b"h1"):
+        fi = _ll(ops, "open", linked, os.O_WRONLY, _Ctx())
+    assert not isinstance(fi, int), fi
+    ofs.write(fi.fh, b"L", 0)
+    _ll(ops, "release", fi.fh)
+    assert _read_all(ofs, b"/data/h2") == b"Linked\n"
+    assert _read_all(ofs, b"/data/h1") == b"other\n"
+    assert _ll_getxattr(ops, linked, b"user.n") == b"1"
+
+    moved = node(b"data", b"sub", b"deep")
+    with _RenameInFlight(ops, node(b"data", b"sub"), b"deep", b"deeper"):
+        entry = _ll(ops, "setattr", moved, *_setattr_args(mode=0o640), None, _Ctx())
+    assert not isinstance(entry, int), entry
+    assert stat.S_IMODE(ofs.getattr(b"/data/sub/deeper")["st_mode"]) == 0o640
+    assert ofs.getattr(b"/data/sub/deeper")["st_ino"] == moved
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META, LAZY])
+@pytest.mark.parametrize("where", ["lower", "upper"])
+def test_a_call_for_one_object_never_changes_another(overlays, copy_up: str, where: str):
+    """The FUSE adapter makes a node's path from its table, then calls the overlay with
+    the session's lock released; a rename over that name in between makes the path name
+    another file. Each call that takes the node's ``st_ino`` checks it under the overlay's
+    lock before it changes anything: another object's ``st_ino`` gets ENOENT
+    (``OtherFileError``) and leaves the upper, the data and the attributes as they were."""
+    from layerstore.errors import OtherFileError
+
+    ofs = overlays.make("meta:1", copy_up=copy_up)
+    if where == "upper":
+        ofs.chmod(b"/data/f.txt", 0o4755)  # copied up (metadata only in meta and lazy)
+    path, link = b"/data/f.txt", b"/data/sl"
+    other = ofs.getattr(b"/data/sub/deep")["st_ino"]
+    st0 = ofs.getattr(path)
+    upper_before = sorted(str(p.relative_to(upper_of(ofs, ""))) for p in upper_of(ofs, "").rglob("*"))
+    calls = {
+        "open O_TRUNC": lambda ino: ofs.open(path, os.O_WRONLY | os.O_TRUNC, ino=ino),
+        "open for writing": lambda ino: ofs.open(path, os.O_RDWR, ino=ino),
+        "open for reading": lambda ino: ofs.open(path, os.O_RDONLY, ino=ino),
+        "truncate": lambda ino: ofs.truncate(path, 3, ino=ino),
+        "chmod": lambda ino: ofs.chmod(path, 0o600, ino=ino),
+        "chown": lambda ino: ofs.chown(path, 7, 7, ino=ino),
+        "utimens": lambda ino: ofs.utimens(path, (1, 2), ino=ino),
+        "setxattr": lambda ino: ofs.setxattr(path, b"user.new", b"v", ino=ino),
+        "removexattr": lambda ino: ofs.removexattr(path, b"user.color", ino=ino),
+        "getxattr": lambda ino: ofs.getxattr(path, b"user.color", ino=ino),
+        "listxattr": lambda ino: ofs.listxattr(path, ino=ino),
+        "getattr": lambda ino: ofs.getattr(path, ino=ino),
+        "link": lambda ino: ofs.link(path, b"/data/newlink", ino=ino),
+        "readlink": lambda ino: ofs.readlink(link, ino=ino),
+    }
+    for what, call in calls.items():
+        with pytest.raises(OtherFileError) as info:
+            call(other)
+        assert info.value.errno == errno.ENOENT, what
+    assert ofs.getattr(path) == st0
+    assert _read_all(ofs, path) == b"metadata file\n"
+    assert ofs.getxattr(path, b"user.color") == b"blue"
+    assert not ofs.exists(b"/data/newlink")
+    assert sorted(str(p.relative_to(upper_of(ofs, ""))) for p in upper_of(ofs, "").rglob("*")) \
+        == upper_before
+    # the object's own number: the call is made
+    ino = st0["st_ino"]
+    assert ofs.readlink(link, ino=ofs.getattr(link)["st_ino"]) == b"f.txt"
+    assert ofs.getxattr(path, b"user.color", ino=ino) == b"blue"
+    ofs.chmod(path, 0o600, ino=ino)
+    fh = ofs.open(path, os.O_WRONLY | os.O_TRUNC, ino=ino)
+    ofs.release(fh)
+    st = ofs.getattr(path, ino=ino)
+    assert (st["st_ino"], stat.S_IMODE(st["st_mode"]), st["st_size"]) == (ino, 0o600, 0)

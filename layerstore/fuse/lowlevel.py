@@ -66,6 +66,7 @@ import logging
 import os
 import signal
 import stat
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar
 
@@ -100,6 +101,10 @@ RENAME_NOREPLACE = 1
 WRITEBACK = os.environ.get("LAYERSTORE_FUSE_WRITEBACK", "0") == "1"
 #: node ids whose last open for writing is remembered (``LowLevelOperations._write_mark``)
 KEEP_WRITTEN = 4096
+#: a request on a node whose name a rename moved looks for it again this many times, and
+#: waits for the running renames at most this long each time (``_on_node``, seconds)
+NODE_TRIES = 8
+RENAME_WAIT = 30.0
 
 
 def _errors(fn: F) -> F:
@@ -592,28 +597,55 @@ class LowLevelOperations(_Base):
     async def _made(self, parent: int, name: bytes, path: bytes) -> pyfuse3.EntryAttributes:
         return self._found(parent, name, await self._call(self.fs.getattr, path))
 
+    async def _on_node(self, inode: int, fn: Callable[..., Any], *args: Any,
+                       slow: bool = False) -> Any:
+        """``fn(path, *args, ino=inode)`` with node ``inode``'s path (in a worker thread if
+        ``slow``: it may copy data). The overlay does it only if the path names that
+        object: a RENAME makes its overlay call before it updates the table, with the
+        session's lock released, so a path made from the table meanwhile can name the
+        file renamed over it (an O_TRUNC open would truncate that one; a review found
+        this) or nothing. Then the path is made again once the renames are done: the
+        object's other name, or the name it was renamed to, or ENOENT (it has none)."""
+        run = _thread if slow else self._call
+        if inode == ROOT:  # never renamed, never replaced
+            return await run(functools.partial(fn, b"/", *args))
+        for _ in range(NODE_TRIES):
+            renames = self._renames
+            path = self.table.path(inode)
+            try:
+                return await run(functools.partial(fn, path, *args, ino=inode))
+            except FileNotFoundError:
+                if not self._renaming and renames == self._renames:
+                    raise  # no rename moved a name meanwhile: that is the answer
+            deadline = time.monotonic() + RENAME_WAIT
+            while self._renaming and time.monotonic() < deadline:
+                await _thread(time.sleep, 0.001)  # (the session's lock released)
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
     # --- attributes -------------------------------------------------------------------------
     @_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
                       ctx: Any) -> pyfuse3.EntryAttributes:
-        path = b"/" if inode == ROOT else self._path_or_none(inode)
-        if fields.update_size or self.fs.copy_up_mode == FULL:
-            st = await _thread(self._setattr, path, attr, fields, fh)  # may copy data
+        # a thread when it may copy data; metadata only (copy-up modes meta and lazy copy
+        # no data for it) here, as a thread hop costs more than the change (chmod of a
+        # lower file through the mount, wire.py, 5 runs: 1.7 ms with the hop, 1.05 ms
+        # without)
+        slow = bool(fields.update_size) or self.fs.copy_up_mode == FULL
+        if inode == ROOT or self._named(inode):
+            st = await self._on_node(inode, self._setattr, attr, fields, fh, slow=slow)
         else:
-            # metadata only (copy-up modes meta and lazy copy no data for it): here, as a
-            # thread hop costs more than the change (chmod of a lower file through the
-            # mount, wire.py, 5 runs: 1.7 ms with the hop, 1.05 ms without)
-            st = await self._call(self._setattr, path, attr, fields, fh)
+            st = await self._call(self._setattr, None, attr, fields, fh)
         return self._entry(st if st is not None else await self._stat_of(inode))
 
-    def _path_or_none(self, inode: int) -> bytes | None:
+    def _named(self, inode: int) -> bool:
         try:
-            return self.table.path(inode)
+            self.table.path(inode)
         except pyfuse3.FUSEError:
-            return None
+            return False
+        return True
 
-    def _setattr(self, path: bytes | None, attr: Any, fields: Any,
-                 fh: int | None) -> dict[str, int] | None:
+    def _setattr(self, path: bytes | None, attr: Any, fields: Any, fh: int | None,
+                 ino: int | None = None) -> dict[str, int] | None:
         """The changes, in libfuse's order: mode, owner, size, times. Returns the
         attributes afterwards when the one change made reports them (a copy-up: see
         ``OverlayFS.chmod``), else None. A file without a name (unlinked, still open)
@@ -630,29 +662,29 @@ class LowLevelOperations(_Base):
                        fields.update_size, fields.update_atime or fields.update_mtime))
         st = None
         if fields.update_mode:
-            st = self.fs.chmod(path, attr.st_mode)
+            st = self.fs.chmod(path, attr.st_mode, ino=ino)
         if fields.update_uid or fields.update_gid:
             st = self.fs.chown(path, attr.st_uid if fields.update_uid else -1,
-                               attr.st_gid if fields.update_gid else -1)
+                               attr.st_gid if fields.update_gid else -1, ino=ino)
         if fields.update_size:
             if fh is not None:
                 self.fs.ftruncate(fh, attr.st_size)
             else:
-                self.fs.truncate(path, attr.st_size)  # type: ignore[arg-type]
+                self.fs.truncate(path, attr.st_size, ino=ino)
         if fields.update_atime or fields.update_mtime:
             assert path is not None
             if fields.update_atime and fields.update_mtime:
                 times = (attr.st_atime_ns, attr.st_mtime_ns)
             else:
-                cur = self.fs.getattr(path)
+                cur = self.fs.getattr(path, ino=ino)
                 times = (attr.st_atime_ns if fields.update_atime else cur["st_atime"],
                          attr.st_mtime_ns if fields.update_mtime else cur["st_mtime"])
-            st = self.fs.utimens(path, times)
+            st = self.fs.utimens(path, times, ino=ino)
         return st if changes == 1 else None
 
     @_errors
     async def readlink(self, inode: int, ctx: Any) -> bytes:
-        return await self._call(self.fs.readlink, self.table.path(inode))  # type: ignore[no-any-return]
+        return await self._on_node(inode, self.fs.readlink)  # type: ignore[no-any-return]
 
     @_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
@@ -678,9 +710,8 @@ class LowLevelOperations(_Base):
         known = self._xattr_names.get(inode)
         if known is not None and known[0] == changes and name not in known[1]:
             raise pyfuse3.FUSEError(errno.ENODATA)
-        path = self.table.path(inode)
         try:
-            return await self._call(self.fs.getxattr, path, name)  # type: ignore[no-any-return]
+            return await self._on_node(inode, self.fs.getxattr, name)  # type: ignore[no-any-return]
         except OSError as exc:
             if exc.errno != errno.ENODATA or known is not None and known[0] == changes:
                 raise
@@ -688,8 +719,8 @@ class LowLevelOperations(_Base):
                 names = exc.names  # what the overlay's lookup listed
             else:
                 try:
-                    names = await self._call(self.fs.listxattr, path)
-                except OSError:
+                    names = await self._on_node(inode, self.fs.listxattr)
+                except (OSError, pyfuse3.FUSEError):
                     raise exc from None  # the miss is the answer
             self._keep_xattr_names(inode, changes, names)
             raise
@@ -703,17 +734,17 @@ class LowLevelOperations(_Base):
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return await self._call(self.fs.listxattr, self.table.path(inode))  # type: ignore[no-any-return]
+        return await self._on_node(inode, self.fs.listxattr)  # type: ignore[no-any-return]
 
     @_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any,
                        flags: int = 0) -> None:
         # flags (XATTR_CREATE/XATTR_REPLACE): from wire.py; pyfuse3 does not pass them
-        await _thread(self.fs.setxattr, self.table.path(inode), name, value, flags)
+        await self._on_node(inode, self.fs.setxattr, name, value, flags, slow=True)
 
     @_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        await _thread(self.fs.removexattr, self.table.path(inode), name)
+        await self._on_node(inode, self.fs.removexattr, name, slow=True)
 
     # --- namespace ----------------------------------------------------------------------------
     async def _make(self, parent_inode: int, name: bytes,
@@ -745,9 +776,8 @@ class LowLevelOperations(_Base):
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
-        old = self.table.path(inode)
         new = self._child_path(new_parent_inode, new_name)
-        await _thread(self.fs.link, old, new)
+        await self._on_node(inode, lambda old, **ino: self.fs.link(old, new, **ino), slow=True)
         self._changed(new_parent_inode)
         return await self._made(new_parent_inode, new_name, new)
 
@@ -812,13 +842,11 @@ class LowLevelOperations(_Base):
 
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
-        path = self.table.path(inode)
         if self.enable_writeback_cache and (flags & os.O_ACCMODE) != os.O_RDONLY:
             flags = (flags & ~(os.O_ACCMODE | os.O_APPEND)) | os.O_RDWR
-        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
-            fh = await _thread(self.fs.open, path, flags)  # may copy a file up
-        else:
-            fh = await self._call(self.fs.open, path, flags)
+        # for writing or O_TRUNC in a worker thread: it may copy a file up
+        slow = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        fh = await self._on_node(inode, self.fs.open, flags, slow=slow)
         if flags & os.O_TRUNC and _unlocked is None:
             # pyfuse3: clear setuid/setgid as a truncate by a caller without CAP_FSETID
             # does (wire.py is told by the kernel: FUSE_OPEN_KILL_SUIDGID)
@@ -840,22 +868,17 @@ class LowLevelOperations(_Base):
             await self._call(self.fs.release, fh)
             raise
         entry = self._found(parent_inode, name, st)
-        self._learn_xattr_names(entry.st_ino, fh, st)
+        self._learn_xattr_names(entry.st_ino, fh)
         return self._opened(entry.st_ino, fh, True), entry
 
-    def _learn_xattr_names(self, inode: int, fh: int, st: dict[str, int] | None = None) -> None:
-        """Keep the attribute names of the upper file open as ``fh`` (see getxattr): the
-        kernel asks for security.capability before the first write to an inode (a new
-        file, a file just copied up), and that is then answered without a walk to it.
-        Only if ``fh`` (its attributes ``st``, if at hand) is node ``inode``: an open
-        resolves the node's path before it opens it, and a rename in between (run with
-        the session's lock released) can give it another file (a review found this)."""
+    def _learn_xattr_names(self, inode: int, fh: int) -> None:
+        """Keep the attribute names of the upper file open as ``fh``, node ``inode``'s
+        (``_on_node`` had the overlay check that it opened that object; a create made
+        it), for getxattr: the kernel asks for security.capability before the first
+        write to an inode (a new file, a file just copied up), and that is then
+        answered without a walk to it."""
         changes = self.fs.changes
         try:
-            if st is None:
-                st = self.fs.fgetattr(fh)
-            if self.table.nodeid(st["st_ino"]) != inode:
-                return
             names = self.fs.handle_xattrs(fh)
         except OSError:
             return

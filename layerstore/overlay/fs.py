@@ -66,7 +66,14 @@ from typing import Any, TypeVar
 
 import lmdb
 
-from ..errors import LayerstoreError, NoEntryError, NotEmptyError, NoXattrError, OverlayError
+from ..errors import (
+    LayerstoreError,
+    NoEntryError,
+    NotEmptyError,
+    NoXattrError,
+    OtherFileError,
+    OverlayError,
+)
 from ..store.records import BLK, CHR, DIR, FIFO, REG, SYMLINK, join_vpath
 from .lazy import LAZY_MIN, LAZY_XATTR, LazyFile
 from .lower import IFMT, MergedLowers, Node, Send, joined, node_stat
@@ -406,11 +413,27 @@ class OverlayFS:
             raise OverlayError(errno.EIO, path)
         return node
 
-    def _lookup(self, vpath: bytes) -> Found:
+    def _lookup(self, vpath: bytes, ino: int | None = None) -> Found:
+        """The entry at ``vpath``; with ``ino``, only if it is that object (its ``st_ino``,
+        else ``OtherFileError``): the FUSE adapter makes a node's path from its table
+        before the call, and a rename or unlink may change what the path names in
+        between. Checked here, under the lock, before the caller changes anything."""
         f = self._find(vpath)
         if f is None:
             raise NoEntryError(vpath)
+        if ino is not None and self._ino(f) != ino:
+            raise OtherFileError(vpath)
         return f
+
+    @staticmethod
+    def _ino(f: Found) -> int:
+        """``_stat(f)["st_ino"]``, without the rest."""
+        if f.ust is None:
+            assert f.lower is not None
+            return f.lower.ino
+        if f.lower is not None and stat.S_ISDIR(f.ust.st_mode):
+            return f.lower.ino
+        return f.ust.st_ino if f.origin is None else f.origin
 
     def _lookup_dir(self, vpath: bytes) -> Found:
         f = self._lookup(vpath)
@@ -838,8 +861,8 @@ class OverlayFS:
         return self._find(vpath) is not None
 
     @_locked
-    def getattr(self, vpath: bytes) -> dict[str, int]:
-        return self._stat(self._lookup(vpath))
+    def getattr(self, vpath: bytes, ino: int | None = None) -> dict[str, int]:
+        return self._stat(self._lookup(vpath, ino))
 
     @_locked
     def getattr_names(self, vpath: bytes) -> tuple[dict[str, int], list[bytes] | None]:
@@ -897,8 +920,8 @@ class OverlayFS:
         return sorted(out.items())
 
     @_locked
-    def readlink(self, vpath: bytes) -> bytes:
-        f = self._lookup(vpath)
+    def readlink(self, vpath: bytes, ino: int | None = None) -> bytes:
+        f = self._lookup(vpath, ino)
         if f.type_mode != stat.S_IFLNK:
             raise OverlayError(errno.EINVAL, vpath)
         if f.ust is None:
@@ -920,19 +943,21 @@ class OverlayFS:
         self._handles[fh] = h
         return fh
 
-    def open(self, vpath: bytes, flags: int) -> int:
+    def open(self, vpath: bytes, flags: int, ino: int | None = None) -> int:
         """A handle for ``read``/``write``; writing or O_TRUNC copies a lower file up
-        (O_TRUNC without its data). Only an open for writing counts as a change."""
+        (O_TRUNC without its data). Only an open for writing counts as a change. With
+        ``ino``, only if ``vpath`` names that object (``_lookup``), as in the calls below
+        that take it."""
         writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
         try:
-            return self._open(vpath, flags, writing)
+            return self._open(vpath, flags, writing, ino)
         finally:
             if writing:
                 self._changed()
 
     @_locked
-    def _open(self, vpath: bytes, flags: int, writing: bool) -> int:
-        f = self._lookup(vpath)
+    def _open(self, vpath: bytes, flags: int, writing: bool, ino: int | None) -> int:
+        f = self._lookup(vpath, ino)
         if f.is_dir:
             if writing:
                 raise OverlayError(errno.EISDIR, vpath)
@@ -1115,8 +1140,8 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def truncate(self, vpath: bytes, length: int) -> None:
-        f = self._lookup(vpath)
+    def truncate(self, vpath: bytes, length: int, ino: int | None = None) -> None:
+        f = self._lookup(vpath, ino)
         if f.is_dir:
             raise OverlayError(errno.EISDIR, vpath)
         if f.type_mode != stat.S_IFREG:
@@ -1219,9 +1244,10 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def link(self, old: bytes, new: bytes) -> None:
-        """Hard link: a lower file is copied up first, then linked in the upper."""
-        fo = self._lookup(old)
+    def link(self, old: bytes, new: bytes, ino: int | None = None) -> None:
+        """Hard link: a lower file is copied up first, then linked in the upper. ``ino``:
+        what ``old`` must name."""
+        fo = self._lookup(old, ino)
         if fo.is_dir:
             raise OverlayError(errno.EPERM, old)
         self._meta_copy_up(fo)
@@ -1340,9 +1366,9 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def chmod(self, vpath: bytes, mode: int) -> dict[str, int] | None:
+    def chmod(self, vpath: bytes, mode: int, ino: int | None = None) -> dict[str, int] | None:
         """chmod; the attributes afterwards when the change was a copy-up (else None)."""
-        f = self._lookup(vpath)
+        f = self._lookup(vpath, ino)
         st = self._change(f, lambda fd: os.chmod(fd, mode & 0o7777))
         if st is not None:
             return st
@@ -1355,9 +1381,10 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def chown(self, vpath: bytes, uid: int, gid: int) -> dict[str, int] | None:
+    def chown(self, vpath: bytes, uid: int, gid: int,
+              ino: int | None = None) -> dict[str, int] | None:
         """chown; the attributes afterwards when the change was a copy-up (else None)."""
-        f = self._lookup(vpath)
+        f = self._lookup(vpath, ino)
         st = self._change(f, lambda fd: os.chown(fd, uid, gid))
         if st is not None:
             return st
@@ -1368,11 +1395,11 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def utimens(self, vpath: bytes,
-                times: tuple[int, int] | None = None) -> dict[str, int] | None:
+    def utimens(self, vpath: bytes, times: tuple[int, int] | None = None,
+                ino: int | None = None) -> dict[str, int] | None:
         """Set (atime_ns, mtime_ns); None sets both to now. The attributes afterwards
         when the change was a copy-up (else None)."""
-        f = self._lookup(vpath)
+        f = self._lookup(vpath, ino)
         st = self._change(f, lambda fd: os.utime(fd) if times is None else os.utime(fd, ns=times))
         if st is not None:
             return st
@@ -1390,9 +1417,9 @@ class OverlayFS:
         return escape_xattr(os.fsencode(name))
 
     @_locked
-    def getxattr(self, vpath: bytes, name: bytes | str) -> bytes:
+    def getxattr(self, vpath: bytes, name: bytes | str, ino: int | None = None) -> bytes:
         key = self._xname(name, vpath)
-        f = self._lookup(vpath)
+        f = self._lookup(vpath, ino)
         if f.ust is None:
             assert f.lower is not None
             value = f.lower.entry.xattrs.get(key)
@@ -1408,8 +1435,8 @@ class OverlayFS:
             return os.getxattr(proc_path(fd), key)
 
     @_locked
-    def listxattr(self, vpath: bytes) -> list[bytes]:
-        f = self._lookup(vpath)
+    def listxattr(self, vpath: bytes, ino: int | None = None) -> list[bytes]:
+        f = self._lookup(vpath, ino)
         if f.ust is None:
             assert f.lower is not None
             names = list(f.lower.entry.xattrs)
@@ -1422,18 +1449,19 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def setxattr(self, vpath: bytes, name: bytes | str, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, vpath: bytes, name: bytes | str, value: bytes, flags: int = 0,
+                 ino: int | None = None) -> None:
         key = self._xname(name, vpath)
-        f = self._lookup(vpath)
+        f = self._lookup(vpath, ino)
         self._meta_copy_up(f)
         with self._leaf(vpath) as (pfd, leaf), path_fd(pfd, leaf) as fd:
             os.setxattr(proc_path(fd), key, value, flags)
 
     @_changes
     @_locked
-    def removexattr(self, vpath: bytes, name: bytes | str) -> None:
+    def removexattr(self, vpath: bytes, name: bytes | str, ino: int | None = None) -> None:
         key = self._xname(name, vpath)
-        f = self._lookup(vpath)
+        f = self._lookup(vpath, ino)
         if f.ust is None:
             assert f.lower is not None
             if key not in f.lower.entry.xattrs:
