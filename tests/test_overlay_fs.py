@@ -20,6 +20,7 @@ import stat
 import subprocess
 import tarfile
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
@@ -156,7 +157,11 @@ def ours(ofs: OverlayFS, op: str, *a: Any) -> Any:
         ofs.release(ofs.create(a[0], a[1], os.O_WRONLY, uid=0, gid=0))
         return None
     if op == "mkdir":
-        return ofs.mkdir(a[0], a[1], uid=0, gid=0)
+        ofs.mkdir(a[0], a[1], uid=0, gid=0)
+        return None  # (its attributes: "stat" steps compare those)
+    if op in ("symlink", "link", "mknod"):
+        getattr(ofs, op)(*a)
+        return None
     if op == "listdir":
         return [n for n, _ in ofs.readdir(a[0])]
     if op == "listxattr":
@@ -1298,11 +1303,12 @@ def test_lookups_and_listings_hand_over_attribute_names(overlays, monkeypatch):
 
 class _RenameInFlight:
     """A RENAME through the low-level adapter, in a thread of its own, held after its
-    overlay call and before it updates the table (the window in which a path made from
+    overlay call (and ``then()``) and before it updates the table (the window in which a path made from
     the table names what the rename moved): requests made meanwhile see it running.
     It finishes 50 ms after ``release()``, or at the end of the ``with``."""
 
-    def __init__(self, ops: Any, parent: int, old: bytes, new: bytes):
+    def __init__(self, ops: Any, parent: int, old: bytes, new: bytes,
+                 then: Callable[[], Any] | None = None):
         import threading
 
         import trio
@@ -1310,8 +1316,10 @@ class _RenameInFlight:
         self.ops, self.renamed, self.go = ops, threading.Event(), threading.Event()
         real = ops.fs.rename
 
-        def rename(*args: Any) -> None:
-            real(*args)
+        def rename(*args: Any, **kwargs: Any) -> None:
+            real(*args, **kwargs)
+            if then is not None:  # something else that happens in the window
+                then()
             self.renamed.set()
             self.go.wait(10)
 
@@ -1502,3 +1510,109 @@ def test_a_call_for_one_object_never_changes_another(overlays, copy_up: str, whe
     ofs.release(fh)
     st = ofs.getattr(path, ino=ino)
     assert (st["st_ino"], stat.S_IMODE(st["st_mode"]), st["st_size"]) == (ino, 0o600, 0)
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_a_call_in_one_directory_never_changes_another(overlays, copy_up: str):
+    """The same for the calls that make, remove, rename or look up an entry: the path
+    is made from the directory node's path, and each call checks, under the overlay's
+    lock, that the directory is the one meant (``parent_ino``, ``readdir``'s ``ino``).
+    Another directory's number gets ENOENT and nothing changes."""
+    from layerstore.errors import OtherFileError
+
+    ofs = overlays.make("meta:1", copy_up=copy_up)
+    wrong = ofs.getattr(b"/data/sub")["st_ino"]  # /data is what the paths below are in
+    ofs.mkdir(b"/data/empty", 0o755)
+    before = sorted(str(p.relative_to(upper_of(ofs, ""))) for p in upper_of(ofs, "").rglob("*"))
+    listing = ofs.readdir(b"/data")
+    calls = {
+        "create": lambda: ofs.create(b"/data/new", 0o644, parent_ino=wrong),
+        "mkdir": lambda: ofs.mkdir(b"/data/new", 0o755, parent_ino=wrong),
+        "mknod": lambda: ofs.mknod(b"/data/new", stat.S_IFIFO | 0o644, parent_ino=wrong),
+        "symlink": lambda: ofs.symlink(b"x", b"/data/new", parent_ino=wrong),
+        "link": lambda: ofs.link(b"/data/f.txt", b"/data/new", parent_ino=wrong),
+        "unlink": lambda: ofs.unlink(b"/data/f.txt", parent_ino=wrong),
+        "rmdir": lambda: ofs.rmdir(b"/data/empty", parent_ino=wrong),
+        "rename from": lambda: ofs.rename(b"/data/f.txt", b"/data/new", old_parent_ino=wrong),
+        "rename to": lambda: ofs.rename(b"/data/f.txt", b"/data/new", new_parent_ino=wrong),
+        "lookup": lambda: ofs.getattr_names(b"/data/f.txt", parent_ino=wrong),
+        "readdir": lambda: ofs.readdir(b"/data", ino=wrong),
+    }
+    for what, call in calls.items():
+        with pytest.raises(OtherFileError):
+            call()
+        assert not ofs.exists(b"/data/new"), what
+    assert ofs.readdir(b"/data") == listing
+    assert sorted(str(p.relative_to(upper_of(ofs, ""))) for p in upper_of(ofs, "").rglob("*")) \
+        == before
+    # the directory's own number: the calls are made
+    data = ofs.getattr(b"/data")["st_ino"]
+    assert ofs.getattr_names(b"/data/f.txt", parent_ino=data)[0] == ofs.getattr(b"/data/f.txt")
+    assert [n for n, _ in ofs.readdir(b"/data", ino=data)] == [n for n, _ in listing]
+    st = ofs.mkdir(b"/data/new", 0o750, parent_ino=data)
+    assert st == ofs.getattr(b"/data/new") and stat.S_ISDIR(st["st_mode"])
+    ofs.rename(b"/data/new", b"/data/sub/new", old_parent_ino=data, new_parent_ino=wrong)
+    ofs.rmdir(b"/data/sub/new", parent_ino=wrong)
+    ofs.unlink(b"/data/f.txt", parent_ino=data)
+    assert not ofs.exists(b"/data/f.txt")
+
+
+def _renamed_meanwhile(ops: Any, method: str, parent: int, old: bytes, new: bytes,
+                       then: Callable[[], Any] | None = None) -> None:
+    """Make the next overlay call ``method`` (made by a request whose path is made
+    already) wait for a whole RENAME through the adapter, table update and all, and
+    then for ``then()``: what a request whose overlay call waits for the lock sees."""
+    import threading
+
+    import trio
+
+    real = getattr(ops.fs, method)
+    fired = []
+
+    def delayed(*args: Any, **kwargs: Any) -> Any:
+        if fired:  # once
+            return real(*args, **kwargs)
+        fired.append(True)
+        t = threading.Thread(target=trio.run, args=(ops.rename, parent, old, parent, new, 0,
+                                                     _Ctx()))
+        t.start()
+        t.join(10)
+        if then is not None:
+            then()
+        return real(*args, **kwargs)
+
+    setattr(ops.fs, method, delayed)
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_a_request_in_a_directory_follows_it_through_a_rename(overlays, copy_up: str):
+    """A directory (``data/sub``) renamed while requests on entries in it run, after
+    they made their paths and before their overlay calls: they act in the directory
+    they were made for, at its new name, even when another directory was made at the
+    old one meanwhile (before, a create landed in that one, and a lookup or an unlink
+    found nothing there)."""
+    ops, ofs, node = _adapter(overlays, copy_up)
+    data, sub = node(b"data"), node(b"data", b"sub")
+
+    _renamed_meanwhile(ops, "create", data, b"sub", b"sub2",
+                       then=lambda: ofs.mkdir(b"/data/sub", 0o755))
+    created = _ll(ops, "create", sub, b"new", stat.S_IFREG | 0o644, os.O_WRONLY, _Ctx())
+    assert not isinstance(created, int), created
+    _ll(ops, "release", created[0].fh)
+    assert ofs.exists(b"/data/sub2/new") and not ofs.exists(b"/data/sub/new")
+
+    _renamed_meanwhile(ops, "getattr_names", data, b"sub2", b"sub3")
+    entry = _ll(ops, "lookup", sub, b"deep", _Ctx())
+    assert not isinstance(entry, int), entry
+    assert entry.st_ino == ofs.getattr(b"/data/sub3/deep")["st_ino"]
+
+    _renamed_meanwhile(ops, "unlink", data, b"sub3", b"sub4")
+    assert _ll(ops, "unlink", sub, b"deep", _Ctx()) is None
+    assert not ofs.exists(b"/data/sub4/deep")
+    assert ofs.exists(b"/data/sub4/new")
+
+    # and through a rename in flight (overlay call made, table not yet updated)
+    with _RenameInFlight(ops, data, b"sub4", b"sub5"):
+        entry = _ll(ops, "mkdir", sub, b"made", 0o755, _Ctx())
+    assert not isinstance(entry, int), entry
+    assert entry.st_ino == ofs.getattr(b"/data/sub5/made")["st_ino"]

@@ -19,6 +19,15 @@ its one trio thread is about pyfuse3; ``wire.py`` says what it does instead.
   nothing below it. ``forget`` drops a node once the kernel forgets it and no handle
   of ours is open on it. An unlinked file that is still open keeps its node (without
   links); its attributes come from the open handle (``OverlayFS.fgetattr``).
+- **Paths and renames.** A request makes its path from the table and the overlay call
+  runs without the session's lock; a RENAME updates the table after its own overlay
+  call. So every overlay call gets the number of the node it means (``ino=``) or of
+  the directory its entry is in (``parent_ino=``), checked under the overlay's lock
+  before anything changes (``OtherFileError``, an ENOENT), and is made again with a
+  fresh path once the renames have updated the table (``_on_node``, ``_in_dir``). An
+  O_TRUNC open of a file whose name was just renamed over thus never truncates the
+  file renamed there; a request on a node whose only name was replaced gets ENOENT
+  (kernel overlayfs would act on the unlinked file: the overlay cannot reach it).
 - **Caching.** Entries and attributes are cached by the kernel for a day (everything
   changes through this mount, and the kernel updates or drops what it caches on our
   own replies); negative entries too (a lookup that finds nothing answers node id 0
@@ -265,13 +274,16 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         return fn(*args, **kwargs)
 
     # --- to be provided -------------------------------------------------------------------
-    def _getattr_path(self, path: bytes) -> dict[str, int]:
+    def _getattr_path(self, path: bytes, parent_ino: int | None = None) -> dict[str, int]:
+        """The attributes at ``path``; ``parent_ino``: the node its directory must be
+        (``OverlayFS.getattr_names``)."""
         raise NotImplementedError
 
     def _fgetattr(self, fh: int) -> dict[str, int]:
         raise NotImplementedError
 
-    def _listdir(self, path: bytes) -> list[tuple[bytes, dict[str, int]]]:
+    def _listdir(self, path: bytes, ino: int | None = None) -> list[tuple[bytes, dict[str, int]]]:
+        """The entries of the directory at ``path``, node ``ino`` (``OverlayFS.readdir``)."""
         raise NotImplementedError
 
     # --- helpers ---------------------------------------------------------------------------
@@ -311,6 +323,79 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     def _child_path(self, parent: int, name: bytes) -> bytes:
         return _join(self.table.path(parent), name)
 
+    # A request makes the path of its node (or of its node's entry ``name``) from the
+    # table, and the overlay call runs with the session's lock released. A RENAME makes
+    # its overlay call before it updates the table: a path made meanwhile can name
+    # another object than the node (the file renamed over its name; an O_TRUNC open
+    # would truncate that one, as a review found) or nothing. So each call is given the
+    # node's number, which the overlay checks under its lock before it changes
+    # anything (``OtherFileError``, an ENOENT), and when a rename moved names meanwhile
+    # the path is made again once the renames have updated the table.
+    async def _retrying(self, attempt: Callable[[], Awaitable[Any]], tried: int = 0) -> Any:
+        """``await attempt()`` (which makes its paths), again while it finds no entry
+        (FileNotFoundError) and a rename ran meanwhile; ENOENT after ``NODE_TRIES`` in
+        all (``tried``: how many the caller made already, each of them moved)."""
+        for _ in range(tried, NODE_TRIES):
+            if tried:
+                await self._renames_done()
+            tried = 1
+            renames = self._renames
+            try:
+                return await attempt()
+            except FileNotFoundError:
+                if not self._renaming and renames == self._renames:
+                    raise  # no rename moved a name meanwhile: that is the answer
+        raise pyfuse3.FUSEError(errno.ENOENT)
+
+    async def _renames_done(self) -> None:
+        """Wait, with the session's lock released, until no rename is running (each has
+        updated the table), or ``RENAME_WAIT`` seconds."""
+        deadline = time.monotonic() + RENAME_WAIT
+        while self._renaming and time.monotonic() < deadline:
+            await _thread(time.sleep, 0.001)
+
+    async def _on_node(self, inode: int, fn: Callable[..., Any], *args: Any,
+                       slow: bool = False) -> Any:
+        """``fn(path, *args, ino=inode)`` with node ``inode``'s path, in a worker thread
+        if ``slow`` (it may copy data): on the object itself, at its other name or its
+        new name, or ENOENT if it has none now."""
+        if inode == ROOT:  # never renamed, never replaced
+            call = functools.partial(fn, b"/", *args)
+            return await (_thread(call) if slow else self._call(call))
+
+        async def attempt() -> Any:
+            call = functools.partial(fn, self.table.path(inode), *args, ino=inode)
+            return await (_thread(call) if slow else self._call(call))
+
+        if slow:
+            return await self._retrying(attempt)
+        renames = self._renames
+        try:  # the first attempt inline (no loop: most requests)
+            return await self._call(fn, self.table.path(inode), *args, ino=inode)
+        except FileNotFoundError:
+            if not self._renaming and renames == self._renames:
+                raise
+        return await self._retrying(attempt, tried=1)
+
+    async def _in_dir(self, parent: int, name: bytes, fn: Callable[..., Any],
+                      *args: Any, **kwargs: Any) -> Any:
+        """``fn(path, *args, parent_ino=parent, **kwargs)`` with the path of entry
+        ``name`` of directory node ``parent`` (``_on_node``)."""
+        pino = None if parent == ROOT else parent
+        renames = self._renames
+        try:  # the first attempt inline (see _on_node)
+            return await self._call(fn, self._child_path(parent, name), *args,
+                                    parent_ino=pino, **kwargs)
+        except FileNotFoundError:
+            if not self._renaming and renames == self._renames:
+                raise
+
+        async def attempt() -> Any:
+            return await self._call(fn, self._child_path(parent, name), *args,
+                                    parent_ino=pino, **kwargs)
+
+        return await self._retrying(attempt, tried=1)
+
     async def _stat_of(self, ino: int) -> dict[str, int]:
         """Attributes of node ``ino``: through one of its names, else an open handle."""
         if ino == ROOT:
@@ -339,19 +424,11 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     # --- lookups and attributes -------------------------------------------------------------
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
-        for _ in range(3):
-            renames = self._renames
-            path = self._child_path(parent_inode, name)
-            try:
-                st = await self._call(self._getattr_path, path)
-            except OSError as exc:
-                if exc.errno != errno.ENOENT:
-                    raise
-                if self._renaming or renames != self._renames:
-                    continue  # a directory above was renamed meanwhile: look again
-                return self._negative()
-            return self._found(parent_inode, name, st)
-        return self._negative(timeout=0.0)  # renames all along: not found, not cached
+        try:
+            st = await self._in_dir(parent_inode, name, self._getattr_path)
+        except FileNotFoundError:
+            return self._negative()  # (renames all along: ENOENT, not cached)
+        return self._found(parent_inode, name, st)
 
     async def forget(self, inode_list: Any) -> None:
         for ino, n in inode_list:
@@ -452,7 +529,6 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     async def _listing(self, ino: int) -> list[tuple[bytes, dict[str, int]]]:
         """``.``, ``..`` (the directory's own attributes with its parent's number: the
         kernel takes nothing but the number from those two) and the entries."""
-        path = self.table.path(ino)
         own = await self._stat_of(ino)
         parent = ROOT
         if ino != ROOT:
@@ -460,7 +536,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             if node is not None and node.links:
                 parent = next(iter(node.links))[0]
         up = dict(own, st_ino=self.table.root_st_ino if parent == ROOT else parent)
-        return [(b".", own), (b"..", up), *await self._call(self._listdir, path)]
+        return [(b".", own), (b"..", up), *await self._on_node(ino, self._listdir)]
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
@@ -570,12 +646,12 @@ class LowLevelOperations(_Base):
                 lock.release()
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
-    def _getattr_path(self, path: bytes) -> dict[str, int]:
+    def _getattr_path(self, path: bytes, parent_ino: int | None = None) -> dict[str, int]:
         # the entry's xattr names, when the overlay's lookup had them, are kept for
         # getxattr: `ls -l` asks for security.selinux of every file (and so does a
         # chown, for security.capability), and a miss then needs no walk
         changes = self.fs.changes
-        st, names = self.fs.getattr_names(path)
+        st, names = self.fs.getattr_names(path, parent_ino)
         if names is not None:
             self._keep_xattr_names(self.table.nodeid(st["st_ino"]), changes, names)
         return st
@@ -583,10 +659,10 @@ class LowLevelOperations(_Base):
     def _fgetattr(self, fh: int) -> dict[str, int]:
         return self.fs.fgetattr(fh)
 
-    def _listdir(self, path: bytes) -> list[tuple[bytes, dict[str, int]]]:
+    def _listdir(self, path: bytes, ino: int | None = None) -> list[tuple[bytes, dict[str, int]]]:
         changes = self.fs.changes
         names: dict[bytes, list[bytes]] = {}
-        entries = self.fs.readdir(path, names)
+        entries = self.fs.readdir(path, names, ino)
         keep, nodeid = self._keep_xattr_names, self.table.nodeid
         for name, st in entries:  # as in _getattr_path
             known = names.get(name)
@@ -594,33 +670,6 @@ class LowLevelOperations(_Base):
                 keep(nodeid(st["st_ino"]), changes, known)
         return entries
 
-    async def _made(self, parent: int, name: bytes, path: bytes) -> pyfuse3.EntryAttributes:
-        return self._found(parent, name, await self._call(self.fs.getattr, path))
-
-    async def _on_node(self, inode: int, fn: Callable[..., Any], *args: Any,
-                       slow: bool = False) -> Any:
-        """``fn(path, *args, ino=inode)`` with node ``inode``'s path (in a worker thread if
-        ``slow``: it may copy data). The overlay does it only if the path names that
-        object: a RENAME makes its overlay call before it updates the table, with the
-        session's lock released, so a path made from the table meanwhile can name the
-        file renamed over it (an O_TRUNC open would truncate that one; a review found
-        this) or nothing. Then the path is made again once the renames are done: the
-        object's other name, or the name it was renamed to, or ENOENT (it has none)."""
-        run = _thread if slow else self._call
-        if inode == ROOT:  # never renamed, never replaced
-            return await run(functools.partial(fn, b"/", *args))
-        for _ in range(NODE_TRIES):
-            renames = self._renames
-            path = self.table.path(inode)
-            try:
-                return await run(functools.partial(fn, path, *args, ino=inode))
-            except FileNotFoundError:
-                if not self._renaming and renames == self._renames:
-                    raise  # no rename moved a name meanwhile: that is the answer
-            deadline = time.monotonic() + RENAME_WAIT
-            while self._renaming and time.monotonic() < deadline:
-                await _thread(time.sleep, 0.001)  # (the session's lock released)
-        raise pyfuse3.FUSEError(errno.ENOENT)
 
     # --- attributes -------------------------------------------------------------------------
     @_errors
@@ -748,48 +797,55 @@ class LowLevelOperations(_Base):
 
     # --- namespace ----------------------------------------------------------------------------
     async def _make(self, parent_inode: int, name: bytes,
-                    make: Callable[[bytes], None]) -> pyfuse3.EntryAttributes:
-        """A new entry ``name`` made by ``make(path)``, and its attributes."""
-        path = self._child_path(parent_inode, name)
-        await self._call(make, path)
+                    make: Callable[..., dict[str, int]]) -> pyfuse3.EntryAttributes:
+        """A new entry ``name`` made by ``make(path, parent_ino=...)``, which gives its
+        attributes."""
+        st = await self._in_dir(parent_inode, name, make)
         self._changed(parent_inode)
-        return await self._made(parent_inode, name, path)
+        return self._found(parent_inode, name, st)
 
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, lambda path: self.fs.mknod(
-            path, mode, rdev, uid=ctx.uid, gid=ctx.gid))
+        return await self._make(parent_inode, name, lambda path, **pino: self.fs.mknod(
+            path, mode, rdev, uid=ctx.uid, gid=ctx.gid, **pino))
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: Any) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, lambda path: self.fs.mkdir(
-            path, mode, uid=ctx.uid, gid=ctx.gid))
+        return await self._make(parent_inode, name, lambda path, **pino: self.fs.mkdir(
+            path, mode, uid=ctx.uid, gid=ctx.gid, **pino))
 
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: Any) -> pyfuse3.EntryAttributes:
-        return await self._make(parent_inode, name, lambda path: self.fs.symlink(
-            target, path, uid=ctx.uid, gid=ctx.gid))
+        return await self._make(parent_inode, name, lambda path, **pino: self.fs.symlink(
+            target, path, uid=ctx.uid, gid=ctx.gid, **pino))
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: Any) -> pyfuse3.EntryAttributes:
-        new = self._child_path(new_parent_inode, new_name)
-        await self._on_node(inode, lambda old, **ino: self.fs.link(old, new, **ino), slow=True)
+        pino = None if new_parent_inode == ROOT else new_parent_inode
+
+        async def attempt() -> dict[str, int]:
+            return await _thread(functools.partial(  # type: ignore[no-any-return]
+                self.fs.link, self.table.path(inode),
+                self._child_path(new_parent_inode, new_name),
+                ino=None if inode == ROOT else inode, parent_ino=pino))
+
+        st = await self._retrying(attempt)
         self._changed(new_parent_inode)
-        return await self._made(new_parent_inode, new_name, new)
+        return self._found(new_parent_inode, new_name, st)
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self._call(self.fs.unlink, self._child_path(parent_inode, name))
+        await self._in_dir(parent_inode, name, self.fs.unlink)
         self._changed(parent_inode)
         self.table.unlink(parent_inode, name)
 
     @_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
-        await self._call(self.fs.rmdir, self._child_path(parent_inode, name))
+        await self._in_dir(parent_inode, name, self.fs.rmdir)
         self._changed(parent_inode)
         self.table.unlink(parent_inode, name)
 
@@ -798,33 +854,43 @@ class LowLevelOperations(_Base):
                      name_new: bytes, flags: int, ctx: Any) -> None:
         if flags & ~RENAME_NOREPLACE:
             raise OSError(errno.EINVAL, "rename flag not supported")
-        old = self._child_path(parent_inode_old, name_old)
-        new = self._child_path(parent_inode_new, name_new)
+        pinos = {"old_parent_ino": None if parent_inode_old == ROOT else parent_inode_old,
+                 "new_parent_ino": None if parent_inode_new == ROOT else parent_inode_new}
 
-        def run() -> bool:
+        def run(old: bytes, new: bytes) -> bool:
             if flags & RENAME_NOREPLACE and self.fs.exists(new):
                 raise OSError(errno.EEXIST, "exists")
-            self.fs.rename(old, new)
+            self.fs.rename(old, new, **pinos)
             return self.fs.exists(old)  # two names of one file: rename(2) did nothing
 
         # lookups and listings that find nothing while a rename runs (their path was
-        # made from the table before it changes) look again rather than believe it
-        self._renames += 1
-        self._renaming += 1
-        try:
-            if await _thread(run):
-                return
-            self._changed(parent_inode_old, parent_inode_new)
-            t = self.table
-            t.unlink(parent_inode_new, name_new)  # what the new name named before
-            moved = t.child.pop((parent_inode_old, name_old), None)
-            node = t.nodes.get(moved) if moved is not None else None
-            if node is not None:
-                node.links.pop((parent_inode_old, name_old), None)
-                t.link(node.ino, parent_inode_new, name_new, node.is_dir)
-        finally:
-            self._renaming -= 1
+        # made from the table before it changes) look again rather than believe it;
+        # so does a rename whose own paths another rename moved (``_retrying``: it
+        # counts as running only while it may change something)
+        for tries in range(1, NODE_TRIES + 1):
+            renames = self._renames
             self._renames += 1
+            self._renaming += 1
+            try:
+                if await _thread(run, self._child_path(parent_inode_old, name_old),
+                                 self._child_path(parent_inode_new, name_new)):
+                    return
+                self._changed(parent_inode_old, parent_inode_new)
+                t = self.table
+                t.unlink(parent_inode_new, name_new)  # what the new name named before
+                moved = t.child.pop((parent_inode_old, name_old), None)
+                node = t.nodes.get(moved) if moved is not None else None
+                if node is not None:
+                    node.links.pop((parent_inode_old, name_old), None)
+                    t.link(node.ino, parent_inode_new, name_new, node.is_dir)
+                return
+            except FileNotFoundError:
+                if self._renaming == 1 and self._renames == renames + 1 or tries == NODE_TRIES:
+                    raise  # no other rename moved a name meanwhile: that is the answer
+            finally:
+                self._renaming -= 1
+                self._renames += 1
+            await self._renames_done()
 
     # --- open files ---------------------------------------------------------------------------
     def _opened(self, inode: int, fh: int, writing: bool) -> pyfuse3.FileInfo:
@@ -859,8 +925,8 @@ class LowLevelOperations(_Base):
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        path = self._child_path(parent_inode, name)
-        fh = await self._call(self.fs.create, path, mode, os.O_RDWR, uid=ctx.uid, gid=ctx.gid)
+        fh = await self._in_dir(parent_inode, name, self.fs.create, mode, os.O_RDWR,
+                                uid=ctx.uid, gid=ctx.gid)
         self._changed(parent_inode)
         try:
             st = await self._call(self.fs.fgetattr, fh)
@@ -921,13 +987,13 @@ class ReadOnlyLowLevelOperations(_Base):
         self._next_fh = 1
         super().__init__(node_stat(view.lookup(b"/")), on_ready)
 
-    def _getattr_path(self, path: bytes) -> dict[str, int]:
-        return node_stat(self.view.lookup(path))
+    def _getattr_path(self, path: bytes, parent_ino: int | None = None) -> dict[str, int]:
+        return node_stat(self.view.lookup(path))  # (nothing is ever renamed here)
 
     def _fgetattr(self, fh: int) -> dict[str, int]:
         return node_stat(self._files[fh])
 
-    def _listdir(self, path: bytes) -> list[tuple[bytes, dict[str, int]]]:
+    def _listdir(self, path: bytes, ino: int | None = None) -> list[tuple[bytes, dict[str, int]]]:
         return [(name, node_stat(child)) for name, child in self.view.listdir(path)]
 
     @_errors

@@ -435,11 +435,31 @@ class OverlayFS:
             return f.lower.ino
         return f.ust.st_ino if f.origin is None else f.origin
 
-    def _lookup_dir(self, vpath: bytes) -> Found:
-        f = self._lookup(vpath)
+    def _lookup_dir(self, vpath: bytes, ino: int | None = None) -> Found:
+        f = self._lookup(vpath, ino)
         if not f.is_dir:
             raise OverlayError(errno.ENOTDIR, vpath)
         return f
+
+    def _check_parent(self, vpath: bytes, ino: int | None) -> None:
+        """``OtherFileError`` unless the directory holding the entry at ``vpath`` (a
+        normalized path, as the FUSE adapter makes them) is object ``ino`` (any if
+        None): the adapter made ``vpath`` from that directory's path (``_lookup``).
+        From the walk cache when it has the directory, without a syscall."""
+        if ino is None:
+            return
+        parent = vpath.rpartition(b"/")[0] or b"/"
+        hit = self._dirs.get(parent)
+        if hit is None:
+            self._lookup(parent, ino)
+            return
+        fd, ust, lower, opaque, below, origin = hit
+        if lower is None and origin is _UNREAD:
+            origin = _origin_of(fd)
+            self._dirs[parent] = (fd, ust, lower, opaque, below, origin)
+        have = lower.ino if lower is not None else ust.st_ino if origin is None else origin
+        if have != ino:
+            raise OtherFileError(parent)
 
     @contextmanager
     def _dirfd(self, vpath: bytes, copy_up: bool = True) -> Iterator[int]:
@@ -756,7 +776,8 @@ class OverlayFS:
 
     def _make(self, vpath: bytes, make: Callable[[int, bytes], int | None],
               is_dir: bool = False, uid: int | None = None, gid: int | None = None,
-              mode: int | None = None, new_inode: bool = True) -> None:
+              mode: int | None = None, new_inode: bool = True,
+              parent_ino: int | None = None) -> None:
         """Create a new entry with ``make(dir_fd, name)``: directly in the upper, or, over a
         whiteout, in the work directory and then swapped in. A new directory is opaque
         when made over a whiteout or in a directory that merges with a lower one, as the
@@ -764,11 +785,12 @@ class OverlayFS:
         in a setgid directory) and then ``mode`` again, since a chown clears setuid and
         setgid; ``new_inode=False`` (a hard link) leaves the inode alone. ``make`` may
         return an fd of the new regular file (which stays the caller's): its owner and
-        mode are then set through it, mode always. Requires ``_lock``."""
+        mode are then set through it, mode always. ``parent_ino``: what the parent
+        directory must be (``_lookup``). Requires ``_lock``."""
         parent, name = _split(vpath)
         if name == b".":
             raise OverlayError(errno.EEXIST, vpath)
-        pf = self._lookup_dir(parent)
+        pf = self._lookup_dir(parent, parent_ino)
         merged_parent = pf.lower is not None  # None under an opaque upper directory too
         # the name in the lowers (looked up before any copy-up of the parent); in the
         # upper it is looked at below, where a whiteout may hide the lower one
@@ -865,20 +887,25 @@ class OverlayFS:
         return self._stat(self._lookup(vpath, ino))
 
     @_locked
-    def getattr_names(self, vpath: bytes) -> tuple[dict[str, int], list[bytes] | None]:
+    def getattr_names(self, vpath: bytes, parent_ino: int | None = None
+                      ) -> tuple[dict[str, int], list[bytes] | None]:
         """``getattr``, and the entry's xattr names as ``listxattr`` gives them if the
-        lookup had them at hand (``_known_names``; else None)."""
+        lookup had them at hand (``_known_names``; else None). ``parent_ino``: the
+        object the directory holding the entry must be (``_check_parent``), as in the
+        calls below that make, remove or rename an entry."""
+        self._check_parent(vpath, parent_ino)
         f = self._lookup(vpath)
         return self._stat(f), _known_names(f)
 
     @_locked
-    def readdir(self, vpath: bytes, names: dict[bytes, list[bytes]] | None = None
-                ) -> list[tuple[bytes, dict[str, int]]]:
+    def readdir(self, vpath: bytes, names: dict[bytes, list[bytes]] | None = None,
+                ino: int | None = None) -> list[tuple[bytes, dict[str, int]]]:
         """The visible entries of a directory with their attributes (what ``getattr``
         gives), sorted by name, never whiteouts: one pass over the upper directory and
         the merged lowers' listing, not one lookup per entry. ``names``, if given, gets
-        the xattr names of the entries the listing had them for (``getattr``)."""
-        f = self._lookup_dir(vpath)
+        the xattr names of the entries the listing had them for (``getattr``). ``ino``:
+        the object the directory must be (``_lookup``)."""
+        f = self._lookup_dir(vpath, ino)
         found: dict[bytes, Found] = {}
         hidden: set[bytes] = set()
         merges = f.lower is not None and f.lower.entry.type == DIR and not f.opaque
@@ -1001,7 +1028,8 @@ class OverlayFS:
     @_changes
     @_locked
     def create(self, vpath: bytes, mode: int, flags: int = os.O_RDWR,
-               uid: int | None = None, gid: int | None = None) -> int:
+               uid: int | None = None, gid: int | None = None,
+               parent_ino: int | None = None) -> int:
         """Create a new regular file (EEXIST if the path exists: O_EXCL) and open it."""
         fds: list[int] = []
 
@@ -1013,7 +1041,7 @@ class OverlayFS:
             return fd  # _make sets the mode through it (the daemon's umask is not the caller's)
 
         try:
-            self._make(vpath, make, uid=uid, gid=gid, mode=mode)
+            self._make(vpath, make, uid=uid, gid=gid, mode=mode, parent_ino=parent_ino)
         except BaseException:
             for fd in fds:
                 os.close(fd)
@@ -1209,7 +1237,10 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def mkdir(self, vpath: bytes, mode: int, uid: int | None = None, gid: int | None = None) -> None:
+    def mkdir(self, vpath: bytes, mode: int, uid: int | None = None, gid: int | None = None,
+              parent_ino: int | None = None) -> dict[str, int]:
+        """Make a directory; its attributes (what ``getattr`` gives), as the calls below
+        that make an entry give theirs."""
         def make(dfd: int, name: bytes) -> None:
             os.mkdir(name, 0o700, dir_fd=dfd)
             fd = open_dir_at(dfd, name)
@@ -1218,12 +1249,13 @@ class OverlayFS:
             finally:
                 os.close(fd)
 
-        self._make(vpath, make, is_dir=True, uid=uid, gid=gid, mode=mode)
+        self._make(vpath, make, is_dir=True, uid=uid, gid=gid, mode=mode, parent_ino=parent_ino)
+        return self._stat(self._lookup(vpath))
 
     @_changes
     @_locked
-    def mknod(self, vpath: bytes, mode: int, rdev: int = 0,
-              uid: int | None = None, gid: int | None = None) -> None:
+    def mknod(self, vpath: bytes, mode: int, rdev: int = 0, uid: int | None = None,
+              gid: int | None = None, parent_ino: int | None = None) -> dict[str, int]:
         def make(dfd: int, name: bytes) -> None:
             os.mknod(name, stat.S_IFMT(mode) | 0o600, rdev, dir_fd=dfd)
             with path_fd(dfd, name) as fd:
@@ -1233,20 +1265,25 @@ class OverlayFS:
         if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
                                      stat.S_IFSOCK, 0):
             raise OverlayError(errno.EINVAL, vpath)
-        self._make(vpath, make, uid=uid, gid=gid, mode=mode)
+        self._make(vpath, make, uid=uid, gid=gid, mode=mode, parent_ino=parent_ino)
+        return self._stat(self._lookup(vpath))
 
     @_changes
     @_locked
     def symlink(self, target: bytes, vpath: bytes, uid: int | None = None,
-                gid: int | None = None) -> None:
+                gid: int | None = None, parent_ino: int | None = None) -> dict[str, int]:
         """Make ``vpath`` a symlink to ``target`` (argument order of ``os.symlink``)."""
-        self._make(vpath, lambda dfd, name: os.symlink(target, name, dir_fd=dfd), uid=uid, gid=gid)
+        self._make(vpath, lambda dfd, name: os.symlink(target, name, dir_fd=dfd), uid=uid,
+                   gid=gid, parent_ino=parent_ino)
+        return self._stat(self._lookup(vpath))
 
     @_changes
     @_locked
-    def link(self, old: bytes, new: bytes, ino: int | None = None) -> None:
+    def link(self, old: bytes, new: bytes, ino: int | None = None,
+             parent_ino: int | None = None) -> dict[str, int]:
         """Hard link: a lower file is copied up first, then linked in the upper. ``ino``:
-        what ``old`` must name."""
+        what ``old`` must name; ``parent_ino``: what the directory of ``new`` must be."""
+        self._check_parent(new, parent_ino)
         fo = self._lookup(old, ino)
         if fo.is_dir:
             raise OverlayError(errno.EPERM, old)
@@ -1258,10 +1295,12 @@ class OverlayFS:
         with self._dirfd(op, copy_up=False) as ofd:
             self._make(new, lambda dfd, name: os.link(on, name, src_dir_fd=ofd, dst_dir_fd=dfd,
                                                       follow_symlinks=False), new_inode=False)
+        return self._stat(self._lookup(new))
 
     @_changes
     @_locked
-    def unlink(self, vpath: bytes) -> None:
+    def unlink(self, vpath: bytes, parent_ino: int | None = None) -> None:
+        self._check_parent(vpath, parent_ino)
         f = self._lookup(vpath)
         if f.is_dir:
             raise OverlayError(errno.EISDIR, vpath)
@@ -1269,7 +1308,8 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def rmdir(self, vpath: bytes) -> None:
+    def rmdir(self, vpath: bytes, parent_ino: int | None = None) -> None:
+        self._check_parent(vpath, parent_ino)
         f = self._lookup(vpath)
         if not f.is_dir:
             raise OverlayError(errno.ENOTDIR, vpath)
@@ -1284,11 +1324,15 @@ class OverlayFS:
 
     @_changes
     @_locked
-    def rename(self, old: bytes, new: bytes) -> None:
+    def rename(self, old: bytes, new: bytes, old_parent_ino: int | None = None,
+               new_parent_ino: int | None = None) -> None:
         """rename(2) with POSIX overwrite rules; lower and merged directories are copied
-        up whole first (see the module docstring), so there is no EXDEV."""
+        up whole first (see the module docstring), so there is no EXDEV. The parents
+        must be objects ``old_parent_ino`` and ``new_parent_ino`` (``_check_parent``)."""
         if not split_parts(old) or not split_parts(new):
             raise OverlayError(errno.EBUSY, old)
+        self._check_parent(old, old_parent_ino)
+        self._check_parent(new, new_parent_ino)
         fo = self._lookup(old)
         if not fo.is_dir:
             # a non-directory moves no directory (over a directory it is EISDIR): the
