@@ -159,7 +159,7 @@ def ours(ofs: OverlayFS, op: str, *a: Any) -> Any:
     if op == "mkdir":
         ofs.mkdir(a[0], a[1], uid=0, gid=0)
         return None  # (its attributes: "stat" steps compare those)
-    if op in ("symlink", "link", "mknod"):
+    if op in ("symlink", "link", "mknod", "rename"):
         getattr(ofs, op)(*a)
         return None
     if op == "listdir":
@@ -1303,25 +1303,30 @@ def test_lookups_and_listings_hand_over_attribute_names(overlays, monkeypatch):
 
 class _RenameInFlight:
     """A RENAME through the low-level adapter, in a thread of its own, held after its
-    overlay call (and ``then()``) and before it updates the table (the window in which a path made from
-    the table names what the rename moved): requests made meanwhile see it running.
-    It finishes 50 ms after ``release()``, or at the end of the ``with``."""
+    overlay call (and ``then()``) and before it updates the table (the window in which
+    a path made from the table names what the rename moved): requests made meanwhile
+    see it running. It goes on once the request's call of overlay method
+    ``release_after`` has returned or raised (so that call is made in the window,
+    whatever the machine's speed), or at the end of the ``with``."""
 
-    def __init__(self, ops: Any, parent: int, old: bytes, new: bytes,
+    def __init__(self, ops: Any, parent: int, old: bytes, new: bytes, release_after: str,
                  then: Callable[[], Any] | None = None):
         import threading
 
         import trio
 
         self.ops, self.renamed, self.go = ops, threading.Event(), threading.Event()
+        self.method, self.real_method = release_after, getattr(ops.fs, release_after)
         real = ops.fs.rename
 
-        def rename(*args: Any, **kwargs: Any) -> None:
-            real(*args, **kwargs)
-            if then is not None:  # something else that happens in the window
-                then()
-            self.renamed.set()
-            self.go.wait(10)
+        def rename(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return real(*args, **kwargs)
+            finally:
+                if then is not None:  # something else that happens in the window
+                    then()
+                self.renamed.set()
+                self.go.wait(10)
 
         async def run() -> None:
             await ops.rename(parent, old, parent, new, 0, _Ctx())
@@ -1336,17 +1341,24 @@ class _RenameInFlight:
         self.thread = threading.Thread(target=thread)
 
     def __enter__(self) -> Self:
+        method = self.real_method
+
+        def released(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.go.set()
+
         self.thread.start()
         assert self.renamed.wait(10)
         assert self.ops._renaming == 1
-        import threading
-
-        threading.Timer(0.05, self.go.set).start()  # while the request waits for it
+        setattr(self.ops.fs, self.method, released)
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.go.set()
         self.thread.join(10)
+        delattr(self.ops.fs, self.method)
 
 
 def _adapter(overlays: Overlays, copy_up: str) -> tuple[Any, OverlayFS, Any]:
@@ -1384,7 +1396,8 @@ def _ll(ops: Any, method: str, *args: Any) -> Any:
     return trio.run(call)
 
 
-def _setattr_args(mode: int | None = None, size: int | None = None) -> tuple[Any, Any]:
+def _setattr_args(mode: int | None = None, size: int | None = None,
+                  mtime_ns: int | None = None) -> tuple[Any, Any]:
     from layerstore.fuse import wire
 
     attr = wire.EntryAttributes()
@@ -1393,6 +1406,8 @@ def _setattr_args(mode: int | None = None, size: int | None = None) -> tuple[Any
         attr.st_mode, valid = stat.S_IFREG | mode, valid | wire.FATTR_MODE
     if size is not None:
         attr.st_size, valid = size, valid | wire.FATTR_SIZE
+    if mtime_ns is not None:
+        attr.st_mtime_ns, valid = mtime_ns, valid | wire.FATTR_MTIME
     return attr, wire.SetattrFields(valid)
 
 
@@ -1418,7 +1433,9 @@ def test_a_request_on_a_file_renamed_over_never_touches_the_new_one(overlays, co
         "setxattr": ("setxattr", x, b"user.k", b"changed", _Ctx()),
         "link": ("link", x, data, b"newlink", _Ctx()),
     }[request_]
-    with _RenameInFlight(ops, data, b"other", b"f.txt"):
+    method = {"open O_TRUNC": "open", "chmod": "chmod", "truncate": "truncate",
+              "setxattr": "setxattr", "link": "link"}[request_]
+    with _RenameInFlight(ops, data, b"other", b"f.txt", method):
         answer = _ll(ops, *args)
     assert answer == errno.ENOENT
     assert _read_all(ofs, b"/data/f.txt") == b"keep me\n"
@@ -1441,7 +1458,7 @@ def test_a_request_follows_its_file_through_a_rename(overlays, copy_up: str):
     fh = ofs.create(b"/data/other", 0o644)
     ofs.write(fh, b"other\n", 0)
     ofs.release(fh)
-    with _RenameInFlight(ops, data, b"other", b"h1"):
+    with _RenameInFlight(ops, data, b"other", b"h1", "open"):
         fi = _ll(ops, "open", linked, os.O_WRONLY, _Ctx())
     assert not isinstance(fi, int), fi
     ofs.write(fi.fh, b"L", 0)
@@ -1451,7 +1468,7 @@ def test_a_request_follows_its_file_through_a_rename(overlays, copy_up: str):
     assert _ll_getxattr(ops, linked, b"user.n") == b"1"
 
     moved = node(b"data", b"sub", b"deep")
-    with _RenameInFlight(ops, node(b"data", b"sub"), b"deep", b"deeper"):
+    with _RenameInFlight(ops, node(b"data", b"sub"), b"deep", b"deeper", "chmod"):
         entry = _ll(ops, "setattr", moved, *_setattr_args(mode=0o640), None, _Ctx())
     assert not isinstance(entry, int), entry
     assert stat.S_IMODE(ofs.getattr(b"/data/sub/deeper")["st_mode"]) == 0o640
@@ -1612,7 +1629,86 @@ def test_a_request_in_a_directory_follows_it_through_a_rename(overlays, copy_up:
     assert ofs.exists(b"/data/sub4/new")
 
     # and through a rename in flight (overlay call made, table not yet updated)
-    with _RenameInFlight(ops, data, b"sub4", b"sub5"):
+    with _RenameInFlight(ops, data, b"sub4", b"sub5", "mkdir"):
         entry = _ll(ops, "mkdir", sub, b"made", 0o755, _Ctx())
     assert not isinstance(entry, int), entry
     assert entry.st_ino == ofs.getattr(b"/data/sub5/made")["st_ino"]
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_a_request_under_a_directory_swapped_for_a_symlink_follows_it(overlays, copy_up: str):
+    """``mv sub sub2 && ln -s sub2 sub`` (a "current" link swapped in) while requests on
+    entries below ``sub`` run: their stale paths now go through a symlink, ENOTDIR, and
+    they look again at the directory's new name like after an ENOENT (a review found
+    they answered ENOTDIR)."""
+    ops, ofs, node = _adapter(overlays, copy_up)
+    data, sub = node(b"data"), node(b"data", b"sub")
+    ofs.mkdir(b"/data/sub/dd", 0o755)
+    dd, deep = node(b"data", b"sub", b"dd"), node(b"data", b"sub", b"deep")
+    ofs.setxattr(b"/data/sub/deep", b"user.k", b"v")
+
+    _renamed_meanwhile(ops, "getxattr", data, b"sub", b"sub2",
+                       then=lambda: ofs.symlink(b"sub2", b"/data/sub"))
+    assert _ll_getxattr(ops, deep, b"user.k") == b"v"
+    _renamed_meanwhile(ops, "create", data, b"sub2", b"sub3",
+                       then=lambda: ofs.symlink(b"sub3", b"/data/sub2"))
+    created = _ll(ops, "create", dd, b"new", stat.S_IFREG | 0o644, os.O_WRONLY, _Ctx())
+    assert not isinstance(created, int), created
+    _ll(ops, "release", created[0].fh)
+    assert ofs.exists(b"/data/sub3/dd/new")
+    assert sub == ofs.getattr(b"/data/sub3")["st_ino"]
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_a_getattr_keeps_its_link_when_the_directory_moves(overlays, copy_up: str):
+    """A GETATTR of ``sub/deep`` whose directory is renamed, and another ``sub/deep``
+    made, between its path and its overlay call: it answers the node's attributes
+    (at ``sub2/deep``), and keeps the node's link (a review found it answered ENOENT
+    and dropped the link, so the next GETATTR failed too)."""
+    ops, ofs, node = _adapter(overlays, copy_up)
+    data, deep = node(b"data"), node(b"data", b"sub", b"deep")
+
+    def replace() -> None:
+        ofs.mkdir(b"/data/sub", 0o755)
+        ofs.release(ofs.create(b"/data/sub/deep", 0o600))
+
+    _renamed_meanwhile(ops, "getattr_names", data, b"sub", b"sub2", then=replace)
+    for _ in range(2):
+        entry = _ll(ops, "getattr", deep, _Ctx())
+        assert not isinstance(entry, int), entry
+        assert entry.st_ino == deep == ofs.getattr(b"/data/sub2/deep")["st_ino"]
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_an_ftruncate_in_the_window_goes_through_its_handle(overlays, copy_up: str):
+    """An ftruncate (SETATTR of size and mtime with the file's handle) of a file whose
+    only name a rename replaces meanwhile: truncated through its handle, answered as
+    for an unlinked open file, and the file renamed there untouched (a review found it
+    truncated, then answered ENOENT)."""
+    ops, ofs, node = _adapter(overlays, copy_up)
+    data, x = node(b"data"), node(b"data", b"f.txt")
+    fi = _ll(ops, "open", x, os.O_RDWR, _Ctx())
+    fh = ofs.create(b"/data/other", 0o644)
+    ofs.write(fh, b"keep me\n", 0)
+    ofs.release(fh)
+    with _RenameInFlight(ops, data, b"other", b"f.txt", "utimens"):
+        entry = _ll(ops, "setattr", x, *_setattr_args(size=2, mtime_ns=10**18), fi.fh, _Ctx())
+    assert not isinstance(entry, int), entry
+    assert entry.st_size == 2 and ofs.fgetattr(fi.fh)["st_size"] == 2
+    assert _read_all(ofs, b"/data/f.txt") == b"keep me\n"
+    _ll(ops, "release", fi.fh)
+
+
+def test_rename_noreplace_is_checked_with_the_rename(ofs: OverlayFS):
+    """RENAME_NOREPLACE is checked by the rename itself, under the overlay's lock (the
+    adapter asked ``exists`` first, in a call of its own); rename says whether it moved
+    anything (not for two names of one file)."""
+    with pytest.raises(OSError) as info:
+        ofs.rename(b"/etc/os-release", b"/etc/group", noreplace=True)
+    assert info.value.errno == errno.EEXIST
+    assert ofs.exists(b"/etc/os-release")
+    assert ofs.rename(b"/etc/os-release", b"/etc/os-release.new", noreplace=True) is True
+    assert ofs.rename(b"/etc/os-release.new", b"/etc/os-release.new") is False
+    ofs.link(b"/etc/os-release.new", b"/etc/again")
+    assert ofs.rename(b"/etc/again", b"/etc/os-release.new") is False
+    assert ofs.exists(b"/etc/again")

@@ -110,6 +110,8 @@ RENAME_NOREPLACE = 1
 WRITEBACK = os.environ.get("LAYERSTORE_FUSE_WRITEBACK", "0") == "1"
 #: node ids whose last open for writing is remembered (``LowLevelOperations._write_mark``)
 KEEP_WRITTEN = 4096
+#: what an overlay call on a path a rename moved fails with (``_Base._retrying``)
+_MOVED = (errno.ENOENT, errno.ENOTDIR)
 #: a request on a node whose name a rename moved looks for it again this many times, and
 #: waits for the running renames at most this long each time (``_on_node``, seconds)
 NODE_TRIES = 8
@@ -333,8 +335,9 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     # the path is made again once the renames have updated the table.
     async def _retrying(self, attempt: Callable[[], Awaitable[Any]], tried: int = 0) -> Any:
         """``await attempt()`` (which makes its paths), again while it finds no entry
-        (FileNotFoundError) and a rename ran meanwhile; ENOENT after ``NODE_TRIES`` in
-        all (``tried``: how many the caller made already, each of them moved)."""
+        (ENOENT, or ENOTDIR: a path through what is now a file or a symlink) and a
+        rename ran meanwhile; ENOENT after ``NODE_TRIES`` in all (``tried``: how many
+        the caller made already, each of them moved)."""
         for _ in range(tried, NODE_TRIES):
             if tried:
                 await self._renames_done()
@@ -342,8 +345,8 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             renames = self._renames
             try:
                 return await attempt()
-            except FileNotFoundError:
-                if not self._renaming and renames == self._renames:
+            except OSError as exc:
+                if exc.errno not in _MOVED or not self._renaming and renames == self._renames:
                     raise  # no rename moved a name meanwhile: that is the answer
         raise pyfuse3.FUSEError(errno.ENOENT)
 
@@ -372,8 +375,8 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         renames = self._renames
         try:  # the first attempt inline (no loop: most requests)
             return await self._call(fn, self.table.path(inode), *args, ino=inode)
-        except FileNotFoundError:
-            if not self._renaming and renames == self._renames:
+        except OSError as exc:
+            if exc.errno not in _MOVED or not self._renaming and renames == self._renames:
                 raise
         return await self._retrying(attempt, tried=1)
 
@@ -386,8 +389,8 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         try:  # the first attempt inline (see _on_node)
             return await self._call(fn, self._child_path(parent, name), *args,
                                     parent_ino=pino, **kwargs)
-        except FileNotFoundError:
-            if not self._renaming and renames == self._renames:
+        except OSError as exc:
+            if exc.errno not in _MOVED or not self._renaming and renames == self._renames:
                 raise
 
         async def attempt() -> Any:
@@ -406,16 +409,27 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         for lk in list(node.links):
             if lk[0] not in self.table.nodes:
                 continue
-            try:
-                path = self.table.path(lk[0])
-                st = await self._call(self._getattr_path, _join(path, lk[1]))
-            except (OSError, pyfuse3.FUSEError):
+            renames = self._renames
+            parent = lk[0]
+            try:  # in the directory the link means (_in_dir, its first attempt inline)
+                st = await self._call(self._getattr_path, _join(self.table.path(parent), lk[1]),
+                                      None if parent == ROOT else parent)
+            except OSError as exc:
+                st = None
+                if exc.errno in _MOVED and (self._renaming or renames != self._renames):
+                    try:
+                        st = await self._in_dir(parent, lk[1], self._getattr_path)
+                    except (OSError, pyfuse3.FUSEError):
+                        pass
+            except pyfuse3.FUSEError:
                 st = None
             if st is not None and self.table.nodeid(st["st_ino"]) == ino:
                 return st
             # the name is another object's now: forget it (not when it was not found:
-            # a directory above may be being renamed, and the link is relative)
-            if st is not None and self.table.child.get(lk) == ino and not self._renaming:
+            # a directory above may be being renamed, and the link is relative; nor
+            # while a rename ran, which updates the table itself)
+            if st is not None and self.table.child.get(lk) == ino and not self._renaming \
+                    and renames == self._renames:
                 self.table.unlink(*lk)
         for fh in list(node.fhs):
             return await self._call(self._fgetattr, fh)  # type: ignore[no-any-return]
@@ -498,10 +512,11 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             # looked up again: all of this piece when something changed, else the
             # entries written through passthrough since the listing (size, times)
             if i >= 2 and (not fresh or (written is not None and written(st["st_ino"]))):
+                pino = None if ino == ROOT else ino  # (the directory it means)
                 try:
                     if base is None:
                         base = self.table.path(ino).rstrip(b"/") + b"/"
-                    st = await self._call(self._getattr_path, base + name)
+                    st = await self._call(self._getattr_path, base + name, pino)
                 except pyfuse3.FUSEError:
                     break  # the directory has no name now: send what there is
                 except OSError:
@@ -509,10 +524,11 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
                         continue  # gone since the listing
                     # a directory above was renamed meanwhile (the path was made
                     # before): look again under the directory's path now
+                    await self._renames_done()
                     renames = self._renames
                     try:
                         base = self.table.path(ino).rstrip(b"/") + b"/"
-                        st = await self._call(self._getattr_path, base + name)
+                        st = await self._call(self._getattr_path, base + name, pino)
                     except pyfuse3.FUSEError:
                         break
                     except OSError:
@@ -680,9 +696,19 @@ class LowLevelOperations(_Base):
         # lower file through the mount, wire.py, 5 runs: 1.7 ms with the hop, 1.05 ms
         # without)
         slow = bool(fields.update_size) or self.fs.copy_up_mode == FULL
-        if inode == ROOT or self._named(inode):
-            st = await self._on_node(inode, self._setattr, attr, fields, fh, slow=slow)
-        else:
+        st = None
+        named = inode == ROOT or self._named(inode)
+        if named:
+            try:
+                st = await self._on_node(inode, self._setattr, attr, fields, fh, slow=slow)
+            except (OSError, pyfuse3.FUSEError) as exc:
+                # a rename replaced its only name meanwhile: through the handle, if
+                # any, as for an unlinked file (an ftruncate may be done already)
+                if fh is None or self._named(inode) or not (
+                        isinstance(exc, pyfuse3.FUSEError) or exc.errno in _MOVED):
+                    raise
+                named = False
+        if not named:
             st = await self._call(self._setattr, None, attr, fields, fh)
         return self._entry(st if st is not None else await self._stat_of(inode))
 
@@ -858,10 +884,9 @@ class LowLevelOperations(_Base):
                  "new_parent_ino": None if parent_inode_new == ROOT else parent_inode_new}
 
         def run(old: bytes, new: bytes) -> bool:
-            if flags & RENAME_NOREPLACE and self.fs.exists(new):
-                raise OSError(errno.EEXIST, "exists")
-            self.fs.rename(old, new, **pinos)
-            return self.fs.exists(old)  # two names of one file: rename(2) did nothing
+            # False: nothing moved (two names of one file: rename(2) does nothing)
+            return bool(self.fs.rename(old, new, noreplace=bool(flags & RENAME_NOREPLACE),
+                                       **pinos))
 
         # lookups and listings that find nothing while a rename runs (their path was
         # made from the table before it changes) look again rather than believe it;
@@ -872,8 +897,8 @@ class LowLevelOperations(_Base):
             self._renames += 1
             self._renaming += 1
             try:
-                if await _thread(run, self._child_path(parent_inode_old, name_old),
-                                 self._child_path(parent_inode_new, name_new)):
+                if not await _thread(run, self._child_path(parent_inode_old, name_old),
+                                     self._child_path(parent_inode_new, name_new)):
                     return
                 self._changed(parent_inode_old, parent_inode_new)
                 t = self.table
@@ -884,8 +909,9 @@ class LowLevelOperations(_Base):
                     node.links.pop((parent_inode_old, name_old), None)
                     t.link(node.ino, parent_inode_new, name_new, node.is_dir)
                 return
-            except FileNotFoundError:
-                if self._renaming == 1 and self._renames == renames + 1 or tries == NODE_TRIES:
+            except OSError as exc:
+                if exc.errno not in _MOVED or tries == NODE_TRIES or (
+                        self._renaming == 1 and self._renames == renames + 1):
                     raise  # no other rename moved a name meanwhile: that is the answer
             finally:
                 self._renaming -= 1

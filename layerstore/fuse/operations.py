@@ -407,8 +407,6 @@ class Operations(_Base):
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         if flags & ~RENAME_NOREPLACE:
             raise OSError(errno.EINVAL, "rename flag not supported")
-        if flags & RENAME_NOREPLACE and self.fs.exists(_b(new)):
-            raise OSError(errno.EEXIST, "exists")
         hidden = False
         with self._lock:
             if new.rpartition("/")[2].startswith(HIDDEN_PREFIX):
@@ -420,7 +418,7 @@ class Operations(_Base):
                         self._paths[fh] = new
                     hidden = True
             if not hidden:
-                self.fs.rename(_b(old), _b(new))
+                self.fs.rename(_b(old), _b(new), noreplace=bool(flags & RENAME_NOREPLACE))
                 for fh, p in list(self._paths.items()):
                     if p == old or p.startswith(old + "/"):
                         self._paths[fh] = new + p[len(old):]

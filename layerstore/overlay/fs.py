@@ -275,6 +275,8 @@ class OverlayFS:
         #: ``_UNREAD``.)
         self._dirs: dict[bytes, tuple[int, os.stat_result, Node | None, bool, bool,
                                       int | None | object]] = {}
+        #: the parent ``Found`` of the last entry ``_find`` walked to (``_check_parent``)
+        self._parent_seen: Found | None = None
         self._root_st = os.fstat(self.upper_fd)
         for name in os.listdir(self.work_fd):  # copy-ups a crash left half done
             if os.fsencode(name).startswith(TMP_PREFIX):
@@ -320,6 +322,8 @@ class OverlayFS:
         for i, name in enumerate(parts):
             if not cur.is_dir:
                 raise OverlayError(errno.ENOTDIR, vpath)
+            if i == last:
+                self._parent_seen = cur  # for _check_parent
             path = join_vpath(cur.vpath, name)
             if fd >= 0:
                 hit = self._dirs.get(path)
@@ -441,14 +445,21 @@ class OverlayFS:
             raise OverlayError(errno.ENOTDIR, vpath)
         return f
 
-    def _check_parent(self, vpath: bytes, ino: int | None) -> None:
+    def _check_parent(self, vpath: bytes, ino: int | None, walked: bool = False) -> None:
         """``OtherFileError`` unless the directory holding the entry at ``vpath`` (a
         normalized path, as the FUSE adapter makes them) is object ``ino`` (any if
         None): the adapter made ``vpath`` from that directory's path (``_lookup``).
-        From the walk cache when it has the directory, without a syscall."""
+        ``walked``: a ``_find`` of ``vpath`` just found the entry, passing the directory
+        (a lower or merged one is then known by its lower node). Otherwise from the
+        walk cache when it has the directory, without a syscall; else a walk."""
         if ino is None:
             return
         parent = vpath.rpartition(b"/")[0] or b"/"
+        seen = self._parent_seen if walked else None
+        if seen is not None and seen.vpath == parent and seen.lower is not None:
+            if seen.lower.ino != ino:
+                raise OtherFileError(parent)
+            return
         hit = self._dirs.get(parent)
         if hit is None:
             self._lookup(parent, ino)
@@ -893,8 +904,8 @@ class OverlayFS:
         lookup had them at hand (``_known_names``; else None). ``parent_ino``: the
         object the directory holding the entry must be (``_check_parent``), as in the
         calls below that make, remove or rename an entry."""
-        self._check_parent(vpath, parent_ino)
         f = self._lookup(vpath)
+        self._check_parent(vpath, parent_ino, walked=True)
         return self._stat(f), _known_names(f)
 
     @_locked
@@ -1300,8 +1311,8 @@ class OverlayFS:
     @_changes
     @_locked
     def unlink(self, vpath: bytes, parent_ino: int | None = None) -> None:
-        self._check_parent(vpath, parent_ino)
         f = self._lookup(vpath)
+        self._check_parent(vpath, parent_ino, walked=True)
         if f.is_dir:
             raise OverlayError(errno.EISDIR, vpath)
         self._remove(f)
@@ -1309,8 +1320,8 @@ class OverlayFS:
     @_changes
     @_locked
     def rmdir(self, vpath: bytes, parent_ino: int | None = None) -> None:
-        self._check_parent(vpath, parent_ino)
         f = self._lookup(vpath)
+        self._check_parent(vpath, parent_ino, walked=True)
         if not f.is_dir:
             raise OverlayError(errno.ENOTDIR, vpath)
         if vpath.strip(b"/") == b"":
@@ -1325,28 +1336,34 @@ class OverlayFS:
     @_changes
     @_locked
     def rename(self, old: bytes, new: bytes, old_parent_ino: int | None = None,
-               new_parent_ino: int | None = None) -> None:
-        """rename(2) with POSIX overwrite rules; lower and merged directories are copied
-        up whole first (see the module docstring), so there is no EXDEV. The parents
-        must be objects ``old_parent_ino`` and ``new_parent_ino`` (``_check_parent``)."""
+               new_parent_ino: int | None = None, noreplace: bool = False) -> bool:
+        """rename(2) with POSIX overwrite rules (``noreplace``: EEXIST if ``new``
+        exists, ``RENAME_NOREPLACE``); lower and merged directories are copied up whole
+        first (see the module docstring), so there is no EXDEV. The parents must be
+        objects ``old_parent_ino`` and ``new_parent_ino`` (``_check_parent``). False if
+        nothing moved: ``old`` and ``new`` name one file (or are one path)."""
         if not split_parts(old) or not split_parts(new):
             raise OverlayError(errno.EBUSY, old)
-        self._check_parent(old, old_parent_ino)
-        self._check_parent(new, new_parent_ino)
         fo = self._lookup(old)
+        self._check_parent(old, old_parent_ino, walked=True)
         if not fo.is_dir:
             # a non-directory moves no directory (over a directory it is EISDIR): the
             # walk cache stays (dpkg renames every file it installs)
-            return self._rename(fo, old, new)
-        try:
-            return self._rename(fo, old, new)
-        finally:
-            self._forget_dirs()
+            self._rename(fo, old, new, new_parent_ino, noreplace)
+        else:
+            try:
+                self._rename(fo, old, new, new_parent_ino, noreplace)
+            finally:
+                self._forget_dirs()
+        return self._find(old) is None
 
-    def _rename(self, fo: Found, old: bytes, new: bytes) -> None:
+    def _rename(self, fo: Found, old: bytes, new: bytes, new_parent_ino: int | None,
+                noreplace: bool) -> None:
         new_parent, new_name = _split(new)
-        pn = self._lookup_dir(new_parent)
+        pn = self._lookup_dir(new_parent, new_parent_ino)
         fn = self._find(new)
+        if noreplace and fn is not None:
+            raise OverlayError(errno.EEXIST, new)
         old = b"/" + b"/".join(split_parts(old))
         new = b"/" + b"/".join(split_parts(new))
         if old == new:
