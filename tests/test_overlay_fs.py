@@ -1712,3 +1712,25 @@ def test_rename_noreplace_is_checked_with_the_rename(ofs: OverlayFS):
     ofs.link(b"/etc/os-release.new", b"/etc/again")
     assert ofs.rename(b"/etc/again", b"/etc/os-release.new") is False
     assert ofs.exists(b"/etc/again")
+
+
+@pytest.mark.parametrize("copy_up", [FULL, META])
+def test_a_renamed_directory_keeps_its_number_when_another_tool_made_its_upper(
+        overlays, copy_up: str):
+    """A merged directory whose upper half kernel overlayfs made (no origin of ours:
+    here made by hand, as overlayfs leaves it) keeps its inode number, and its merged
+    subdirectories theirs, when it is renamed (a review found the number changed to
+    the upper inode's, so the mount's node for it was lost)."""
+    ofs = overlays.make("meta:1", copy_up=copy_up)
+    before = {p: ofs.getattr(p)["st_ino"] for p in (b"/data", b"/data/sub", b"/data/sub/deep")}
+    upper = upper_of(ofs, "")
+    (upper / "data").mkdir()
+    (upper / "data" / "sub").mkdir()
+    (upper / "data" / "sub" / "mine").write_bytes(b"upper only\n")
+    ofs.close()
+    ofs = overlays.make("meta:1", copy_up=copy_up)  # the upper as another tool left it
+    assert {p: ofs.getattr(p)["st_ino"] for p in before} == before
+    ofs.rename(b"/data", b"/moved")
+    after = {p: ofs.getattr(b"/moved" + p[len(b"/data"):])["st_ino"] for p in before}
+    assert after == before
+    assert _read_all(ofs, b"/moved/sub/mine") == b"upper only\n"

@@ -721,6 +721,11 @@ class OverlayFS:
             if cf.data is not None:
                 self._set_redirect(child, cf.data)
         with self._dirfd(vpath, copy_up=False) as fd:
+            if f.lower is not None and _origin_of(fd) is None:
+                # an upper directory that kernel overlayfs (or a hand) made over the
+                # lower one has no origin of ours: without one, made opaque, it would
+                # show its upper inode number, and the mount's node for it be lost
+                os.setxattr(fd, ORIGIN_XATTR, f.lower.ino.to_bytes(8, "big"))
             if not is_opaque_fd(fd):
                 os.setxattr(fd, OPAQUE_XATTR, b"y")
             for n in os.listdir(fd):
