@@ -12,7 +12,6 @@ import contextlib
 import datetime
 import fcntl
 import json
-import mmap
 import os
 import platform
 import shutil
@@ -107,32 +106,6 @@ def fresh_dir(path: Path) -> Path:
 
 
 FS_IOC_GETFLAGS, FS_IOC_SETFLAGS, FS_TOPDIR_FL = 0x80086601, 0x40086602, 0x00020000
-
-
-#: a measurement that writes this much or more gets fresh memory first (``fresh_memory``),
-#: that much and this much more
-FRESH_MEMORY_FROM = 16 * MiB
-FRESH_MEMORY_MORE = 64 * MiB
-
-
-def fresh_memory(nbytes: int) -> None:
-    """Touch ``nbytes`` of anonymous memory and free it (untimed, right before a
-    measurement that writes about that much), so the pages the measurement's writes
-    get are backed by the host.
-
-    Why: this VM gives free memory back to its host a few seconds after it is freed
-    (virtio free page reporting), and the next use of such a page costs a fault in the
-    host. A 256 MiB copy-up right after a mount took 64-66 ms, and 100-121 ms when
-    the mount was followed by a 3 s pause (the previous measurement's 256 MiB upper had
-    just been deleted); the backend that takes longest to mount (a Python daemon) paid
-    it most often. With 320 MiB touched and freed before it: 64-66 ms after the same
-    pause. ``MAP_POPULATE`` touches the pages in one call."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-    try:
-        m = mmap.mmap(-1, nbytes, flags=flags)
-    except (OSError, ValueError):
-        return  # not that much memory to spare: measure as it is
-    m.close()
 
 
 def spread_subdirs(path: Path) -> bool:

@@ -355,9 +355,6 @@ class Spec:
     cold: bool
     params: dict[str, Any]
     fn: Callable[[Ctx], list[Sample]]
-    #: how much new data the measurement may write (a copy-up): so much memory is made
-    #: fresh for it, untimed (``common.fresh_memory``)
-    writes: int = 0
 
 
 def ms(ns: int) -> float:
@@ -627,14 +624,14 @@ def specs(cfg: Config) -> list[Spec]:
     for cold in (False, True):
         for size in cfg.copyup_sizes:
             out.append(Spec(1, f"copyup-{size_label(size)}-{'cold' if cold else 'warm'}", cold,
-                            {"size": size, "cold": cold}, copyup(size, cold), writes=size))
-    for op in ("chmod", "chown", "utime"):  # (a full copy-up copies the data)
+                            {"size": size, "cold": cold}, copyup(size, cold)))
+    for op in ("chmod", "chown", "utime"):
         out.append(Spec(2, f"meta-{op}", False, {"op": op, "size": cfg.big},
-                        metadata(op, cfg.big), writes=cfg.big))
+                        metadata(op, cfg.big)))
     out.append(Spec(3, "randwrite", False,
                     {"size": cfg.randwrite, "bs": 4096, "ios": cfg.randwrite_ios,
                      "tool": "fio" if shutil.which("fio") else "built-in loop"},
-                    randwrite(cfg.randwrite, cfg.randwrite_ios), writes=cfg.randwrite))
+                    randwrite(cfg.randwrite, cfg.randwrite_ios)))
     out.append(Spec(4, "seqread", True, {"size": cfg.big, "block": MiB},
                     seqread(cfg.big, big)))
     out.append(Spec(4, "randread", True, {"size": cfg.big, "count": cfg.randreads},

@@ -90,8 +90,6 @@ def measure(b: bk.Backend, spec: sc.Spec, prep: sc.Prepared,
         if spec.cold:
             sc.drop_caches()
             drops += 1
-        if spec.writes >= common.FRESH_MEMORY_FROM:
-            common.fresh_memory(spec.writes + common.FRESH_MEMORY_MORE)
         got = spec.fn(ctx)
         if sc.drops_so_far() > drops:  # someone else dropped the caches meanwhile
             for s in got:
