@@ -686,7 +686,6 @@ class LowLevelOperations(_Base):
                 keep(nodeid(st["st_ino"]), changes, known)
         return entries
 
-
     # --- attributes -------------------------------------------------------------------------
     @_errors
     async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None,
