@@ -346,9 +346,14 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             try:
                 return await attempt()
             except OSError as exc:
-                if exc.errno not in _MOVED or not self._renaming and renames == self._renames:
+                if not self._moved(exc, renames):
                     raise  # no rename moved a name meanwhile: that is the answer
         raise pyfuse3.FUSEError(errno.ENOENT)
+
+    def _moved(self, exc: OSError, renames: int) -> bool:
+        """Whether ``exc``, from a call whose path was made when ``self._renames`` was
+        ``renames``, may come from a rename that moved a name since (running or done)."""
+        return exc.errno in _MOVED and (self._renaming > 0 or renames != self._renames)
 
     async def _renames_done(self) -> None:
         """Wait, with the session's lock released, until no rename is running (each has
@@ -376,7 +381,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         try:  # the first attempt inline (no loop: most requests)
             return await self._call(fn, self.table.path(inode), *args, ino=inode)
         except OSError as exc:
-            if exc.errno not in _MOVED or not self._renaming and renames == self._renames:
+            if not self._moved(exc, renames):
                 raise
         return await self._retrying(attempt, tried=1)
 
@@ -390,7 +395,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
             return await self._call(fn, self._child_path(parent, name), *args,
                                     parent_ino=pino, **kwargs)
         except OSError as exc:
-            if exc.errno not in _MOVED or not self._renaming and renames == self._renames:
+            if not self._moved(exc, renames):
                 raise
 
         async def attempt() -> Any:
@@ -416,7 +421,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
                                       None if parent == ROOT else parent)
             except OSError as exc:
                 st = None
-                if exc.errno in _MOVED and (self._renaming or renames != self._renames):
+                if self._moved(exc, renames):
                     try:
                         st = await self._in_dir(parent, lk[1], self._getattr_path)
                     except (OSError, pyfuse3.FUSEError):
@@ -695,19 +700,14 @@ class LowLevelOperations(_Base):
         # lower file through the mount, wire.py, 5 runs: 1.7 ms with the hop, 1.05 ms
         # without)
         slow = bool(fields.update_size) or self.fs.copy_up_mode == FULL
-        st = None
-        named = inode == ROOT or self._named(inode)
-        if named:
-            try:
-                st = await self._on_node(inode, self._setattr, attr, fields, fh, slow=slow)
-            except (OSError, pyfuse3.FUSEError) as exc:
-                # a rename replaced its only name meanwhile: through the handle, if
-                # any, as for an unlinked file (an ftruncate may be done already)
-                if fh is None or self._named(inode) or not (
-                        isinstance(exc, pyfuse3.FUSEError) or exc.errno in _MOVED):
-                    raise
-                named = False
-        if not named:
+        try:
+            st = await self._on_node(inode, self._setattr, attr, fields, fh, slow=slow)
+        except (OSError, pyfuse3.FUSEError) as exc:
+            # no name (unlinked, still open; or a rename replaced its only name
+            # meanwhile, after an ftruncate maybe): through the handle, if any
+            if fh is None or inode == ROOT or self._named(inode) or not (
+                    isinstance(exc, pyfuse3.FUSEError) or exc.errno in _MOVED):
+                raise
             st = await self._call(self._setattr, None, attr, fields, fh)
         return self._entry(st if st is not None else await self._stat_of(inode))
 

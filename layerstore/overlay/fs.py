@@ -328,14 +328,10 @@ class OverlayFS:
             if fd >= 0:
                 hit = self._dirs.get(path)
                 if hit is not None:
-                    fd, ust, lower, opaque, below, origin = hit
+                    fd, ust, lower, opaque, below, _ = hit
                     if i == last:  # the directory itself: its attributes now
-                        ust = os.fstat(fd)
-                        if lower is None and origin is _UNREAD:
-                            origin = _origin_of(fd)
-                            self._dirs[path] = (fd, ust, lower, opaque, below, origin)
-                        return Found(path, ust, lower, opaque, below,
-                                     origin=None if lower is not None else origin)
+                        return Found(path, os.fstat(fd), lower, opaque, below,
+                                     origin=self._cached_origin(path, hit))
                     cur = Found(path, ust, lower, opaque, below)
                     continue
             ust = lstat_at(fd, name) if fd >= 0 else None
@@ -464,13 +460,22 @@ class OverlayFS:
         if hit is None:
             self._lookup(parent, ino)
             return
-        fd, ust, lower, opaque, below, origin = hit
-        if lower is None and origin is _UNREAD:
-            origin = _origin_of(fd)
-            self._dirs[parent] = (fd, ust, lower, opaque, below, origin)
-        have = lower.ino if lower is not None else ust.st_ino if origin is None else origin
-        if have != ino:
+        _, ust, lower, opaque, below, _ = hit
+        if self._ino(Found(parent, ust, lower, opaque, below,
+                           origin=self._cached_origin(parent, hit))) != ino:
             raise OtherFileError(parent)
+
+    def _cached_origin(self, path: bytes, hit: tuple[Any, ...]) -> int | None:
+        """The origin of the upper directory at ``path`` that the walk cache holds
+        (``hit``, its entry), read at its first need: None when it merges with a lower
+        one (that gives its number) or has none."""
+        fd, ust, lower, opaque, below, origin = hit
+        if lower is not None:
+            return None
+        if origin is _UNREAD:
+            origin = _origin_of(fd)
+            self._dirs[path] = (fd, ust, lower, opaque, below, origin)
+        return origin  # type: ignore[no-any-return]
 
     @contextmanager
     def _dirfd(self, vpath: bytes, copy_up: bool = True) -> Iterator[int]:
