@@ -213,21 +213,24 @@ def load(txn: lmdb.Transaction, env: Env, digest: bytes,
             for pgno, size, fp in zip(pages, sizes, prints)]
 
 
-def fits(view: memoryview, at: int, size: int, fp: int, whole: bool = True) -> bool:
-    """Whether the map ``view`` has, at ``at``, the start of an overflow value of
-    ``size`` bytes with fingerprint ``fp``: the page header before it names its own
-    page, the overflow flag and the page count such a value takes. Not ``whole``: only
-    the fingerprint's first half, on the header's page (a reader of a few KiB of the
-    value need not read its last page as well)."""
+def fits(view: memoryview, at: int, size: int, fp: int, whole: bool = True,
+         base: int = 0) -> bool:
+    """Whether ``view``, data.mdb from its offset ``base`` (the map: 0), has, at the
+    file's offset ``at``, the start of an overflow value of ``size`` bytes with
+    fingerprint ``fp``: the page header before it names its own page, the overflow flag
+    and the page count such a value takes. Not ``whole``: only the fingerprint's first
+    half, on the header's page (a reader of a few KiB of the value need not read its
+    last page as well)."""
     pgno, rem = divmod(at - PAGE_HEADER, PAGE)
-    if rem or at + size > len(view) or size < 8:
+    i = at - base
+    if rem or i < PAGE_HEADER or i + size > len(view) or size < 8:
         return False
-    got, _, flags, count = _PAGE_HEAD.unpack_from(view, at - PAGE_HEADER)
+    got, _, flags, count = _PAGE_HEAD.unpack_from(view, i - PAGE_HEADER)
     if got != pgno or not flags & P_OVERFLOW or count != -(-(size + PAGE_HEADER) // PAGE):
         return False
     if not whole:
-        return bytes(view[at + 1:at + 5]) == (fp & 0xFFFFFFFF).to_bytes(4, "little")
-    return fingerprint(bytes(view[at + 1:at + 5]), bytes(view[at + size - 4:at + size])) == fp
+        return bytes(view[i + 1:i + 5]) == (fp & 0xFFFFFFFF).to_bytes(4, "little")
+    return fingerprint(bytes(view[i + 1:i + 5]), bytes(view[i + size - 4:i + size])) == fp
 
 
 def check(txn: lmdb.Transaction, env: Env) -> list[str]:

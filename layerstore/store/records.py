@@ -161,9 +161,7 @@ class FileRecord:
         if len(data) < 9 or data[0] != FILE_VERSION or (len(data) - 9) % _CHUNK_REF.size:
             raise IntegrityError("corrupt file record")
         (size,) = struct.unpack_from(">Q", data, 1)
-        chunks = [(_CHUNK_REF.unpack_from(data, off)) for off in
-                  range(9, len(data), _CHUNK_REF.size)]
-        return cls(size, [(bytes(d), n) for d, n in chunks])
+        return cls(size, list(_CHUNK_REF.iter_unpack(bytes(data[9:]))))
 
 
 # --- layers, images, containers ------------------------------------------------------

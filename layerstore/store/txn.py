@@ -423,7 +423,6 @@ class Env:
         self._pages_known: bool | None = None
         self._gate = _Gate()  #: transactions against remaps (``_Gate``)
         self._view: tuple[int, memoryview] | None = None  #: (map_epoch, ``map_view``)
-        self._no_populate = False  #: MADV_POPULATE_READ refused (``populate``)
         #: data.mdb as /proc/self/maps names it (symlinks resolved)
         self._data_path = os.path.realpath(path / "data.mdb")
         self._read_ahead = _ReadAhead(self._data_path)
@@ -694,29 +693,10 @@ class Env:
                 self._pages_known = False
         return self._pages_known
 
-    def populate(self, offset: int, length: int) -> None:
-        """Map data.mdb[offset, offset + length) into this process now, pages that are
-        in the page cache (madvise MADV_POPULATE_READ, Linux 5.14+): ~0.4 us a page,
-        against ~1.3 us for each page a reader faults in (a fresh daemon's copy-up of a
-        256 MiB file spent ~85 ms in faults, pages all cached). An optimisation only."""
-        if self._no_populate or length <= 0:
-            return
-        ranges = self._ranges()
-        if len(ranges) != 1:
-            return
-        lo, hi = ranges[0]
-        start = lo + offset - offset % PAGE
-        end = min(lo + offset + length, hi)
-        if start >= end:
-            return
-        try:
-            if _c().madvise(start, end - start, _MADV_POPULATE_READ) != 0:
-                import ctypes
-
-                if ctypes.get_errno() == errno.EINVAL:  # an older kernel
-                    self._no_populate = True
-        except (OSError, AttributeError):
-            self._no_populate = True
+    def open_data(self) -> int:
+        """A new read-only fd on data.mdb, for a reader that reads much of it with
+        ``pread`` (its own readahead state: not the read-ahead thread's fd)."""
+        return os.open(self._data_path, os.O_RDONLY | os.O_CLOEXEC)
 
     def pread(self, offset: int, n: int) -> bytes:
         """``n`` bytes of data.mdb from ``offset``, read from the file (the map is not
