@@ -10,6 +10,7 @@ import errno
 import hashlib
 import json
 import os
+import re
 import random
 import signal
 import stat
@@ -276,6 +277,25 @@ def test_operations_through_the_mount(demo, cli, root: Path, mnt: Path):
         cli("umount", mnt)
     assert not os.path.ismount(mnt)
     assert_clean(root)
+
+
+def test_the_daemon_leaves_its_startup_objects_out_of_the_collector(demo, cli, root: Path,
+                                                                    mnt: Path):
+    """Once the mount is live the daemon freezes what it has made (``gc.freeze``): a
+    full collection walking all of it came in the middle of a big copy-up and made it
+    bimodal (``daemon._freeze_startup_objects``)."""
+    cli("create", "demo:app", "--name", "gc1")
+    cli("mount", "gc1", mnt, "--debug", timeout=MOUNT_TIMEOUT)
+    try:
+        assert os.path.ismount(mnt)
+        (mnt / "etc/new").write_bytes(b"x")
+    finally:
+        cli("umount", mnt)
+    text = (upper_of(cli, "gc1").parent / "daemon.log").read_text()
+    frozen = re.search(r"the mount is live: (\d+) objects left out of the garbage collector",
+                       text)
+    assert frozen is not None, text[-2000:]
+    assert int(frozen.group(1)) > 10_000  # the modules and the store, at least
 
 
 def test_permissions_for_non_root_users(demo, cli, mnt: Path):

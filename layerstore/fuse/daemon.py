@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import LayerstoreError, MountError, StoreError, UsageError
 
+log = logging.getLogger("layerstore.fuse.daemon")
+
 if TYPE_CHECKING:
     from ..overlay.lower import MergedLowers
 
@@ -259,12 +261,31 @@ def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path |
         foreground=True, use_ino=True, default_permissions=True,
         fsname=fsname, subtype=subtype, max_read=MAX_READ,
     )
+    def live() -> None:
+        _freeze_startup_objects()
+        on_ready()
+
     with _serving(view, mp, upper, work, copy_up, log) as fs:
         if LOWLEVEL:  # pyfuse3: the adapter itself sets caching per entry and per open file
-            _serve_lowlevel(view, fs, mp, on_ready=on_ready, debug=debug,
+            _serve_lowlevel(view, fs, mp, on_ready=live, debug=debug,
                             options={**options, "allow_other": allow_other, **(extra or {})})
         else:
-            _serve_highlevel(view, fs, mp, on_ready, options, allow_other, extra)
+            _serve_highlevel(view, fs, mp, live, options, allow_other, extra)
+
+
+def _freeze_startup_objects() -> None:
+    """Once the mount is live: leave what the daemon has made so far (modules, the
+    store, the warm-up's caches) out of Python's cyclic garbage collector
+    (``gc.freeze``). A full collection walks every tracked object, and in a fresh
+    daemon one came during the first big copy-up (its records' 7,000+ tuples filled the
+    young generations): 18-20 ms of a 256 MiB copy-up in about two runs of five of the
+    suite, which made the warm copy-up's medians bimodal. Collections of what requests
+    make afterwards go on as before."""
+    import gc
+
+    gc.freeze()
+    log.debug("the mount is live: %d objects left out of the garbage collector",
+              gc.get_freeze_count())
 
 
 def _raise_nofile() -> None:
