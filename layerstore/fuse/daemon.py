@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import gc
 import json
 import logging
 import os
@@ -281,8 +282,6 @@ def _freeze_startup_objects() -> None:
     young generations): 18-20 ms of a 256 MiB copy-up in about two runs of five of the
     suite, which made the warm copy-up's medians bimodal. Collections of what requests
     make afterwards go on as before."""
-    import gc
-
     gc.freeze()
     log.debug("the mount is live: %d objects left out of the garbage collector",
               gc.get_freeze_count())

@@ -34,7 +34,8 @@ import stat
 import threading
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,7 +97,7 @@ COPY_BATCH = 8 << 20
 WRITE_BATCH = 2 << 20
 #: values of a file this close in data.mdb are asked for as one stretch
 SPAN_GAP = 64 << 10
-#: a copy out of the store reads chunk values into a buffer of this size (``_copy_spots``)
+#: a copy out of the store reads chunk values into a buffer of this size (``_copy_runs``)
 COPY_BUFFER = WRITE_BATCH + (1 << 20)
 #: a copy-up of a file of this many chunks or more has their keys looked up ahead
 #: (``Env.warm_keys``), and so has a first read of a file of ``WARM_KEYS_READ_FROM``
@@ -211,7 +212,7 @@ class StoreLayers:
         self._places: dict[bytes, _Placed | None] = {}
         self._placed_chunks = 0  #: chunks of the files in ``_places``
         self._lock = threading.Lock()
-        #: the buffer of ``_copy_runs``, kept for the next copy (one copy at a time)
+        #: the buffer of ``_copy_runs``, kept for the next copy (``_buffer``)
         self._copy_buffer: mmap.mmap | None = None
         self._copy_buffer_lock = threading.Lock()
 
@@ -613,7 +614,7 @@ class StoreLayers:
                    spots: list[tuple[int, int, int]], runs: Runs, src: int,
                    trusted: bool) -> None:
         """Each run of values (``_value_runs``) is read from data.mdb (fd ``src``), page
-        headers and all, with one ``preadv`` into a buffer (kept for the next copy), and
+        headers and all, with one ``preadv`` into a buffer (``_buffer``), and
         ``WRITE_BATCH`` bytes at a time are written from there with one ``pwritev``.
         Not from the store's map: the pages a copy reads there must first be mapped
         into the daemon, page by page (~1.3 us each when faulted, ~0.4 with
@@ -621,64 +622,59 @@ class StoreLayers:
         cache. Copying the 3,720 values of a 256 MiB file out of data.mdb took 58-60 ms
         so, 61 ms from the populated map, 73-77 ms faulting the map in, 95 ms with
         ``copy_file_range`` per value."""
+        db = env.db("chunks")
         spans = [end - start for _, _, start, end in runs]
-        need = min(max(sum(spans), 1), COPY_BUFFER)
-        need = -(-max([need, *spans]) // PAGE) * PAGE
+        off, pos, batched = 0, 0, 0
+        bufs: list[memoryview | bytes] = []
+        with self._buffer(max([min(sum(spans), COPY_BUFFER), *spans])) as mem:
+            for (i, j, start, end), span in zip(runs, spans):
+                if bufs and (pos + span > len(mem) or batched >= WRITE_BATCH):
+                    off = _pwrite_all(fd, bufs, off)
+                    bufs, pos, batched = [], 0, 0
+                got = 0
+                if start >= 0:
+                    env.wait_read(start, end)
+                    got = os.preadv(src, [mem[pos:pos + span]], start)
+                base = start - pos  # the file offset at mem[0]
+                for k in range(i, j):
+                    at, n, fp = spots[k]
+                    d, length = rec.chunks[k]
+                    data: memoryview | bytes | None = None
+                    if at >= 0 and at + n - start <= got and (
+                            trusted or places.fits(mem, at, n, fp, base=base)):
+                        data = decode_chunk(mem[at - base:at - base + n])
+                    if data is None or len(data) != length:
+                        # a small value, in its leaf page, or a place that does not fit
+                        value = txn.get(d, db=db)
+                        if value is None:
+                            raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
+                        data = bytes(decode_chunk(value))  # not a view of the map: it moves
+                    bufs.append(data)
+                    batched += length
+                pos += span
+            if bufs:
+                _pwrite_all(fd, bufs, off)
+
+    @contextmanager
+    def _buffer(self, size: int) -> Iterator[memoryview]:
+        """A buffer of at least ``size`` bytes for ``_copy_runs``: the one kept for the
+        next copy, or, while another copy uses that, one of its own. An anonymous map,
+        mapped in one go and not zeroed here (a zeroed 3 MiB bytearray made a 1 MiB
+        copy-up take 2.9 ms instead of 1.8)."""
+        size = -(-max(size, 1) // PAGE) * PAGE
         kept = self._copy_buffer_lock.acquire(blocking=False)
         try:
             buf = self._copy_buffer if kept else None
-            if buf is None or len(buf) < need:
-                # not zeroed here (an mmap, not a bytearray: a zeroed 3 MiB one made a
-                # 1 MiB copy-up take 2.9 ms instead of 1.8), and mapped in one go
-                buf = mmap.mmap(-1, need, flags=(
+            if buf is None or len(buf) < size:
+                buf = mmap.mmap(-1, size, flags=(
                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE))
                 if kept:
                     self._copy_buffer = buf
-            mem = memoryview(buf)
-            try:
-                self._copy_runs_into(rec, env, txn, fd, spots, runs, spans, src, trusted,
-                                     mem)
-            finally:
-                mem.release()
+            with memoryview(buf) as mem:
+                yield mem
         finally:
             if kept:
                 self._copy_buffer_lock.release()
-
-    @staticmethod
-    def _copy_runs_into(rec: FileRecord, env: Env, txn: Any, fd: int,
-                        spots: list[tuple[int, int, int]],
-                        runs: Runs, spans: Sequence[int], src: int, trusted: bool,
-                        mem: memoryview) -> None:
-        db = env.db("chunks")
-        off, pos, batched = 0, 0, 0
-        bufs: list[memoryview | bytes] = []
-        for (i, j, start, end), span in zip(runs, spans):
-            if bufs and (pos + span > len(mem) or batched >= WRITE_BATCH):
-                off = _pwrite_all(fd, bufs, off)
-                bufs, pos, batched = [], 0, 0
-            got = 0
-            if start >= 0:
-                env.wait_read(start, end)
-                got = os.preadv(src, [mem[pos:pos + span]], start)
-            base = start - pos  # the file offset at mem[0]
-            for k in range(i, j):
-                at, n, fp = spots[k]
-                d, length = rec.chunks[k]
-                data: memoryview | bytes | None = None
-                if at >= 0 and at + n - start <= got and (
-                        trusted or places.fits(mem, at, n, fp, base=base)):
-                    data = decode_chunk(mem[at - base:at - base + n])
-                if data is None or len(data) != length:
-                    # a small value, in its leaf page, or a place that does not fit
-                    value = txn.get(d, db=db)
-                    if value is None:
-                        raise IntegrityError(f"chunk {d.hex()[:16]} is missing")
-                    data = bytes(decode_chunk(value))  # not a view of the map: it moves
-                bufs.append(data)
-                batched += length
-            pos += span
-        if bufs:
-            _pwrite_all(fd, bufs, off)
 
     def _copy_chunks_following(self, rec: FileRecord, env: Env, txn: Any, fd: int) -> None:
         """``copy_to`` where values cannot be located before they are read: each

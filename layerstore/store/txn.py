@@ -42,7 +42,6 @@ MAX_MAP_SIZE = 1 << 44
 
 
 _MADV_DONTNEED = 4
-_MADV_POPULATE_READ = 22
 _SYNC_FILE_RANGE_WRITE = 2
 #: what the read-ahead thread reads at a time, and how many requests may wait for it
 READ_AHEAD_PIECE = 4 << 20
