@@ -29,6 +29,14 @@ ask for what kernel 5.11+ and 6.x offer and libfuse 3.14 cannot pass on:
   it itself (``_Passthrough``; ``LAYERSTORE_FUSE_PASSTHROUGH=0`` turns it off). A write
   by a caller without CAP_FSETID then comes here as an empty SETATTR (the kernel's
   ``file_remove_privs``): setuid/setgid are cleared as for a WRITE.
+- ``FUSE_OVER_IO_URING`` (kernel 6.14+, when ``/sys/module/fuse/parameters/enable_uring``
+  is on; ``LAYERSTORE_FUSE_URING=0`` declines it): requests come through one io_uring
+  queue per CPU, each served by a thread pinned to its CPU (``uring.py``), so a request
+  is answered on the CPU of its caller. The queues are made before INIT is answered
+  (``_make_queues``; the kernel holds every request back until all are registered) and
+  registered after (``_start_queues``). Replies go into the request's ring entry
+  (``_send_pieces`` looks it up in ``current``); FORGET, INTERRUPT and notifications
+  still use the fd.
 
 The protocol is ``include/uapi/linux/fuse.h`` (7.x); structures are packed with
 ``struct`` below, named as there. The mount is made by ``fusermount3`` (it passes the
@@ -69,7 +77,7 @@ from typing import Any
 
 import trio
 
-from . import clear_setid, killed_mode, may_keep_setid
+from . import clear_setid, killed_mode, may_keep_setid, uring
 
 log = logging.getLogger("layerstore.fuse.wire")
 #: times ``_Session._warm_up`` runs each request (CPython specializes after a few runs)
@@ -366,6 +374,10 @@ class _Session:
         #: the connection's ``abort`` file under /sys/fs/fuse/connections, opened now:
         #: by the time it is used the number may name another mount's connection
         self.abort_fd = _abort_fd(_connection_of(mountpoint))
+        #: FUSE over io_uring (``uring.py``): one queue per CPU, made at INIT
+        self.queues: list[uring.Queue] = []
+        #: the queue thread's request being answered: (entry, unique)
+        self.current = threading.local()
 
     # replies
     def _send(self, unique: int, error: int, payload: bytes = b"") -> None:
@@ -377,6 +389,10 @@ class _Session:
     def _send_pieces(self, unique: int, pieces: list[bytes | memoryview], error: int = 0) -> None:
         """A reply whose payload is ``pieces``, one after the other, written as they are
         (one ``writev``; the kernel copies each)."""
+        cur = getattr(self.current, "req", None)
+        if cur is not None and cur[1] == unique:  # a request that came over io_uring
+            cur[0].reply(unique, error, pieces)
+            return
         if len(pieces) > MAX_PIECES:
             pieces = [b"".join(pieces)]
         try:
@@ -467,6 +483,8 @@ class _Session:
         if not isinstance(payload, bytes):
             payload = bytes(payload or b"")
         self._send(unique, 0, payload)
+        if opcode == INIT and self.queues:
+            self._start_queues()
 
     def inval_attrs(self, nodeid: int) -> None:
         """Tell the kernel to drop the attributes it caches for ``nodeid``
@@ -529,6 +547,10 @@ class _Session:
         elif PASSTHROUGH_WANTED and os.geteuid() == 0:
             # the kernel allows it with CAP_SYS_ADMIN and without the writeback cache
             want |= INIT_EXT | PASSTHROUGH
+        if flags & uring.OVER_IO_URING and uring.wanted():
+            self.queues = self._make_queues()
+            if self.queues:
+                want |= INIT_EXT | uring.OVER_IO_URING
         self.flags = flags & want
         self.passthrough.enabled = bool(self.flags & PASSTHROUGH)
         self._warm_up()
@@ -537,6 +559,46 @@ class _Session:
                              16, 12, MAX_WRITE, 1, MAX_WRITE // 4096, 0,
                              self.flags >> 32,
                              PASSTHROUGH_STACK_DEPTH if self.passthrough.enabled else 0)
+
+    def _make_queues(self) -> list[uring.Queue]:
+        """One io_uring queue per possible CPU (the kernel's count), made before INIT
+        is answered: once the kernel is told the daemon speaks io_uring, its requests
+        wait until every queue is registered, so nothing may fail after that."""
+        queues: list[uring.Queue] = []
+        try:
+            for qid in range(uring.possible_cpus()):
+                queues.append(uring.Queue(qid, MAX_WRITE))
+        except (OSError, ValueError) as exc:
+            log.info("FUSE over io_uring not used: %s", exc)
+            for q in queues:
+                q.close()
+            return []
+        return queues
+
+    def _start_queues(self) -> None:
+        for q in self.queues:
+            t = threading.Thread(target=self._serve_queue, args=(q,),
+                                 name=f"fuse-uring-{q.qid}", daemon=True)
+            self.threads.append(t)
+            t.start()
+
+    def _serve_queue(self, q: uring.Queue) -> None:
+        def dispatch(entry: uring._Entry, req: bytearray, unique: int) -> None:
+            self.current.req = (entry, unique)
+            try:
+                self._dispatch(memoryview(req))
+            finally:
+                self.current.req = None
+
+        try:
+            if not q.serve(self.fd, dispatch, lambda: self.stopped) and not self.stopped:
+                # the requests of this CPU's callers would wait for ever: end the mount,
+                # as a crashed daemon would (ENOTCONN), rather than hang them
+                log.error("io_uring queue %d stopped: aborting the mount", q.qid)
+                self.stopped = True
+                _abort(self.abort_fd)
+        finally:
+            q.close()
 
     def _warm_up(self) -> None:
         """Before the mount goes live (INIT is answered after this): run the requests a

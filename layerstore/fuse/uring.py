@@ -1,0 +1,359 @@
+"""FUSE over io_uring (kernel 6.14+, ``/sys/module/fuse/parameters/enable_uring``).
+
+With ``/dev/fuse`` read and written by a pool of threads, each request wakes a daemon
+thread on whichever CPU it last ran on, and each reply wakes the caller back: on this
+project's 2-vCPU VM, whose idle vCPUs halt, those cross-CPU wake-ups are most of the cost
+of a small request (benchmarks/README.md, session 14: creating files with the daemon and
+the creator pinned to one CPU ran at 5,400-6,100 files/s against 3,150-3,670).
+
+Over io_uring the kernel keeps one queue of requests per CPU: a request goes to the
+queue of the CPU its caller runs on, and is handed to the thread that registered that
+queue's entries. Here that thread is pinned to the CPU (``_Queue``), so a request and its
+reply are served where the caller runs. Each entry is a pair of buffers the kernel
+writes a request into (a header: ``fuse_in_header`` and the request's fixed-size
+argument; a payload: the rest) and the daemon writes the reply into, committed with the
+next fetch in one ``IORING_OP_URING_CMD`` (``FUSE_IO_URING_CMD_COMMIT_AND_FETCH``).
+
+FORGET and INTERRUPT still come through ``/dev/fuse``, as do notifications the daemon
+sends (``wire._Session`` keeps its readers for them).
+
+No library: Debian bookworm has no liburing binding for Python, and the ring needs
+four system calls and three maps (``Ring``), made here with ``ctypes`` and ``mmap``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import logging
+import mmap
+import os
+import struct
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+log = logging.getLogger("layerstore.fuse.uring")
+
+ENABLE_PARAM = "/sys/module/fuse/parameters/enable_uring"
+#: x86_64 (and most 64-bit) system call numbers
+_NR_SETUP, _NR_ENTER, _NR_REGISTER = 425, 426, 427
+REGISTER_ENABLE_RINGS = 12
+#: io_uring_setup flags
+SETUP_R_DISABLED = 1 << 6
+SETUP_SQE128 = 1 << 10
+SETUP_SINGLE_ISSUER = 1 << 12
+SETUP_DEFER_TASKRUN = 1 << 13
+FEAT_SINGLE_MMAP = 1 << 0
+ENTER_GETEVENTS = 1
+OFF_SQ_RING, OFF_CQ_RING, OFF_SQES = 0, 0x8000000, 0x10000000
+OP_READ, OP_URING_CMD = 22, 46
+SQE_SIZE = 128
+CQE = struct.Struct("<QiI")  # user_data res flags
+#: io_uring_params: 10 u32, then io_sqring_offsets and io_cqring_offsets (8 u32 + u64 each)
+PARAMS = struct.Struct("<IIIIIII3I" + "8IQ" + "8IQ")
+#: FUSE_OVER_IO_URING, in the INIT flags (flags | flags2 << 32)
+OVER_IO_URING = 1 << 41
+CMD_REGISTER, CMD_COMMIT_AND_FETCH = 1, 2
+#: fuse_uring_req_header: in_out[128], op_in[128], fuse_uring_ent_in_out (32)
+HEADER_SIZE = 288
+OP_IN_AT = 128
+ENT_IN_OUT_AT = 256
+ENT_IN_OUT = struct.Struct("<QQII")  # flags commit_id payload_sz padding (+ reserved u64)
+IN_HEADER_SIZE = 40
+#: entries per queue (requests in the daemon at once, per CPU)
+ENTRIES = 4
+#: a READ of this many bytes or more is served by a helper thread, not the queue's:
+#: its copy (the store's map -> the entry's payload) then runs beside the reader, on the
+#: other CPU, instead of taking turns with it on this one (``Queue.serve``)
+OFFLOAD_READ_FROM = 128 << 10
+FUSE_READ = 15
+#: user_data of the queue's read of its eventfd (entries are 0 .. ENTRIES - 1)
+_WAKE = 1 << 32
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+
+
+def wanted() -> bool:
+    """Whether to offer FUSE over io_uring: ``LAYERSTORE_FUSE_URING`` (``auto``, the
+    default: when the kernel's fuse module has it enabled; ``0``: never)."""
+    choice = os.environ.get("LAYERSTORE_FUSE_URING", "auto")
+    if choice == "0":
+        return False
+    try:
+        with open(ENABLE_PARAM) as f:
+            return f.read().strip() in ("Y", "1")
+    except OSError:
+        return False
+
+
+def possible_cpus() -> int:
+    """The kernel's ``num_possible_cpus()``: how many queues a ring must have."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        text = f.read().strip()
+    n = 0
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        n += int(hi or lo) - int(lo) + 1
+    return n
+
+
+def _address(buf: Any) -> int:
+    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
+
+
+def _unmap(*maps: mmap.mmap) -> None:
+    for m in maps:
+        try:
+            m.close()
+        except BufferError:  # a view of it is still held: unmapped when it is dropped
+            pass
+
+
+class Ring:
+    """One io_uring with 128-byte SQEs, submitted to and reaped by one thread only."""
+
+    def __init__(self, entries: int):
+        params = bytearray(PARAMS.size)
+        # disabled until ``enable`` (in the thread that will submit: the single issuer)
+        struct.pack_into("<I", params, 8, SETUP_R_DISABLED | SETUP_SQE128
+                         | SETUP_SINGLE_ISSUER | SETUP_DEFER_TASKRUN)
+        pbuf = (ctypes.c_char * len(params)).from_buffer(params)
+        fd = _syscall(_NR_SETUP, ctypes.c_uint(entries), pbuf)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"io_uring_setup: {os.strerror(err)}")
+        self.fd = int(fd)
+        p = PARAMS.unpack(params)
+        sq_entries, cq_entries, _flags, _cpu, _idle, features = p[:6]
+        sq = p[10:19]  # head tail ring_mask ring_entries flags dropped array resv1 user_addr
+        cq = p[19:28]  # head tail ring_mask ring_entries overflow cqes flags resv1 user_addr
+        if not features & FEAT_SINGLE_MMAP:
+            os.close(self.fd)
+            raise OSError(errno.ENOSYS, "io_uring without IORING_FEAT_SINGLE_MMAP")
+        size = max(sq[6] + sq_entries * 4, cq[5] + cq_entries * CQE.size)
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        self.rings = mmap.mmap(self.fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE,
+                               offset=OFF_SQ_RING)
+        self.sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, flags,
+                              mmap.PROT_READ | mmap.PROT_WRITE, offset=OFF_SQES)
+        self.sq_head, self.sq_tail, self.sq_array = sq[0], sq[1], sq[6]
+        self.sq_mask: int = struct.unpack_from("<I", self.rings, sq[2])[0]
+        self.sq_entries: int = sq_entries
+        self.cq_head, self.cq_tail, self.cqes = cq[0], cq[1], cq[5]
+        self.cq_mask: int = struct.unpack_from("<I", self.rings, cq[2])[0]
+        self.tail: int = struct.unpack_from("<I", self.rings, self.sq_tail)[0]
+        self.pending = 0  #: SQEs written and not submitted yet
+
+    def enable(self) -> None:
+        """Start the ring, with the calling thread as its only submitter."""
+        if _syscall(_NR_REGISTER, ctypes.c_uint(self.fd), ctypes.c_uint(REGISTER_ENABLE_RINGS),
+                    None, ctypes.c_uint(0)) < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"io_uring_register: {os.strerror(err)}")
+
+    def _next_sqe(self, user_data: int) -> int:
+        """The SQE at the tail, zeroed, with ``user_data``, queued for the next
+        ``enter``: its offset in ``sqes``, for the caller to fill in."""
+        i = self.tail & self.sq_mask
+        at = i * SQE_SIZE
+        self.sqes[at:at + SQE_SIZE] = bytes(SQE_SIZE)
+        struct.pack_into("<Q", self.sqes, at + 32, user_data)
+        struct.pack_into("<I", self.rings, self.sq_array + 4 * i, i)
+        self.tail = (self.tail + 1) & 0xFFFFFFFF
+        self.pending += 1
+        return at
+
+    def prep_read(self, fd: int, user_data: int, addr: int, n: int) -> None:
+        """Queue an IORING_OP_READ of ``n`` bytes into ``addr``."""
+        at = self._next_sqe(user_data)
+        struct.pack_into("<BBHiQQI", self.sqes, at, OP_READ, 0, 0, fd, 0, addr, n)
+
+    def prep_cmd(self, fd: int, cmd_op: int, user_data: int, iov_addr: int, cmd: bytes) -> None:
+        """Queue an IORING_OP_URING_CMD (``iov_addr``: two iovecs; ``cmd``: the command
+        area at byte 48)."""
+        at = self._next_sqe(user_data)
+        struct.pack_into("<BBHiIIQI", self.sqes, at, OP_URING_CMD, 0, 0, fd, cmd_op, 0,
+                         iov_addr, 2)
+        self.sqes[at + 48:at + 48 + len(cmd)] = cmd
+
+    def enter(self, wait: int) -> None:
+        """Publish the SQEs written, submit them and wait for ``wait`` completions."""
+        struct.pack_into("<I", self.rings, self.sq_tail, self.tail)  # x86: stores in order
+        n, self.pending = self.pending, 0
+        flags = ENTER_GETEVENTS if wait else 0
+        while True:
+            got = _syscall(_NR_ENTER, ctypes.c_uint(self.fd), ctypes.c_uint(n),
+                           ctypes.c_uint(wait), ctypes.c_uint(flags), None, ctypes.c_size_t(0))
+            if got >= 0:
+                return
+            err = ctypes.get_errno()
+            if err != errno.EINTR:
+                raise OSError(err, f"io_uring_enter: {os.strerror(err)}")
+            n = 0  # the SQEs went in: only wait again
+
+    def reap(self) -> list[tuple[int, int]]:
+        """The completions posted so far, as (user_data, res)."""
+        head = struct.unpack_from("<I", self.rings, self.cq_head)[0]
+        tail = struct.unpack_from("<I", self.rings, self.cq_tail)[0]
+        out = []
+        while head != tail:
+            ud, res, _ = CQE.unpack_from(self.rings, self.cqes + (head & self.cq_mask) * CQE.size)
+            out.append((ud, res))
+            head = (head + 1) & 0xFFFFFFFF
+        struct.pack_into("<I", self.rings, self.cq_head, head)
+        return out
+
+    def close(self) -> None:
+        _unmap(self.sqes, self.rings)
+        os.close(self.fd)
+
+
+class _Entry:
+    """A ring entry's buffers: the kernel writes a request in, the daemon its reply."""
+
+    def __init__(self, payload_size: int):
+        self.header = mmap.mmap(-1, HEADER_SIZE)
+        self.payload = mmap.mmap(-1, payload_size)
+        self.payload_size = payload_size
+        self.iov = bytearray(32)
+        struct.pack_into("<QQQQ", self.iov, 0, _address(self.header), HEADER_SIZE,
+                         _address(self.payload), payload_size)
+        self.iov_addr = _address(self.iov)
+        self.replied = False
+
+    def request(self) -> tuple[bytearray, int]:
+        """The request as ``/dev/fuse`` gives it (``fuse_in_header``, the fixed argument,
+        the rest), and its unique number."""
+        hdr = self.header
+        length, _op, unique = struct.unpack_from("<IIQ", hdr, 0)
+        psize = ENT_IN_OUT.unpack_from(hdr, ENT_IN_OUT_AT)[2]
+        arg0 = max(0, min(length - IN_HEADER_SIZE - psize, ENT_IN_OUT_AT - OP_IN_AT))
+        req = bytearray(IN_HEADER_SIZE + arg0 + psize)
+        req[:IN_HEADER_SIZE] = hdr[:IN_HEADER_SIZE]
+        req[IN_HEADER_SIZE:IN_HEADER_SIZE + arg0] = hdr[OP_IN_AT:OP_IN_AT + arg0]
+        req[IN_HEADER_SIZE + arg0:] = self.payload[:psize]
+        struct.pack_into("<I", req, 0, len(req))
+        return req, unique
+
+    def reply(self, unique: int, error: int, pieces: list[bytes | memoryview]) -> None:
+        at = 0
+        for piece in pieces:
+            n = len(piece)
+            if at + n > self.payload_size:
+                raise OSError(errno.EOVERFLOW, "reply larger than the ring's payload")
+            self.payload[at:at + n] = piece
+            at += n
+        struct.pack_into("<IiQ", self.header, 0, 16 + at, error, unique)
+        struct.pack_into("<I", self.header, ENT_IN_OUT_AT + 16, at)
+        self.replied = True
+
+    def close(self) -> None:
+        _unmap(self.header, self.payload)
+
+
+class Queue:
+    """The ring and entries of one CPU's queue, served by one thread pinned to it."""
+
+    def __init__(self, qid: int, payload_size: int, entries: int = ENTRIES):
+        self.qid = qid
+        self.ring = Ring(2 * entries + 2)
+        self.entries = [_Entry(payload_size) for _ in range(entries)]
+        #: large READs are answered in these threads (``OFFLOAD_READ_FROM``), which
+        #: put the entry in ``done`` and wake the queue's thread through ``wake``
+        self.helpers: ThreadPoolExecutor | None = None
+        self.done: deque[tuple[int, int]] = deque()
+        self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.wake_buf = bytearray(8)
+
+    def _cmd(self, commit_id: int) -> bytes:
+        return struct.pack("<QQH6x", 0, commit_id, self.qid)
+
+    def serve(self, dev_fd: int, dispatch: Callable[[_Entry, bytearray, int], None],
+              stopped: Callable[[], bool]) -> bool:
+        """Register the entries, then answer what they bring until the connection ends
+        (``dispatch(entry, request, unique)`` replies with ``entry.reply``). False if
+        the queue stopped on an error while the connection lives on."""
+        try:
+            if os.environ.get("LAYERSTORE_URING_PIN", "1") == "1":
+                os.sched_setaffinity(0, {self.qid})
+        except OSError:
+            pass  # the CPU is not ours (a cpuset): still served, from elsewhere
+        # the thread's name for ps/top -H (PR_SET_NAME)
+        _libc.prctl(15, ctypes.c_char_p(f"fuse-uring-{self.qid}".encode()), 0, 0, 0)
+        ring = self.ring
+        try:
+            ring.enable()
+        except OSError as exc:
+            log.error("io_uring queue %d: %s", self.qid, exc)
+            return False
+        for i, e in enumerate(self.entries):
+            ring.prep_cmd(dev_fd, CMD_REGISTER, i, e.iov_addr, self._cmd(0))
+        wake_addr = _address(self.wake_buf)
+        ring.prep_read(self.wake, _WAKE, wake_addr, 8)
+        first = True
+        while not stopped():
+            try:
+                ring.enter(1)
+            except OSError as exc:
+                log.error("io_uring queue %d: %s", self.qid, exc)
+                return False
+            for ud, res in ring.reap():
+                if ud == _WAKE:  # helpers answered: commit their entries
+                    while self.done:
+                        i, unique = self.done.popleft()
+                        ring.prep_cmd(dev_fd, CMD_COMMIT_AND_FETCH, i, self.entries[i].iov_addr,
+                                      self._cmd(unique))
+                    ring.prep_read(self.wake, _WAKE, wake_addr, 8)
+                    continue
+                e = self.entries[ud]
+                if res < 0:
+                    if res == -errno.EAGAIN:  # INIT not answered yet: register again
+                        ring.prep_cmd(dev_fd, CMD_REGISTER, ud, e.iov_addr, self._cmd(0))
+                        continue
+                    if res in (-errno.ENOTCONN, -errno.ECANCELED, -errno.ECONNABORTED):
+                        return True  # unmounted
+                    log.error("io_uring queue %d: %s", self.qid, os.strerror(-res))
+                    return False
+                if first:
+                    log.debug("io_uring queue %d: first request", self.qid)
+                    first = False
+                req, unique = e.request()
+                if (struct.unpack_from("<I", req, 4)[0] == FUSE_READ
+                        and struct.unpack_from("<I", req, IN_HEADER_SIZE + 16)[0]
+                        >= OFFLOAD_READ_FROM):
+                    if self.helpers is None:
+                        log.debug("io_uring queue %d: first large READ, to a helper", self.qid)
+                        self.helpers = ThreadPoolExecutor(2, f"fuse-uring-{self.qid}-read")
+                    self.helpers.submit(self._answer_elsewhere, ud, e, req, unique, dispatch)
+                    continue
+                self._answer(e, req, unique, dispatch)
+                ring.prep_cmd(dev_fd, CMD_COMMIT_AND_FETCH, ud, e.iov_addr, self._cmd(unique))
+        return True
+
+    def _answer(self, e: _Entry, req: bytearray, unique: int,
+                dispatch: Callable[[_Entry, bytearray, int], None]) -> None:
+        e.replied = False
+        try:
+            dispatch(e, req, unique)
+        except Exception:  # a request must be answered, or its caller hangs
+            log.exception("io_uring queue %d: request %d", self.qid, unique)
+        if not e.replied:
+            e.reply(unique, -errno.EIO, [])
+
+    def _answer_elsewhere(self, ud: int, e: _Entry, req: bytearray, unique: int,
+                          dispatch: Callable[[_Entry, bytearray, int], None]) -> None:
+        self._answer(e, req, unique, dispatch)
+        self.done.append((ud, unique))
+        os.eventfd_write(self.wake, 1)
+
+    def close(self) -> None:
+        if self.helpers is not None:
+            self.helpers.shutdown()
+        self.ring.close()
+        os.close(self.wake)
+        for e in self.entries:
+            e.close()
