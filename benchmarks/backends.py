@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import common
 
@@ -393,10 +394,11 @@ class LayerstoreBinding(Layerstore):
 
     mode = "meta"
     binding = ""
+    env: ClassVar[dict[str, str]] = {}
 
     def _mount_cmd(self, root: Path, extra: list[str]) -> None:
         assert self.cid is not None
-        env = dict(common.ls_env(), LAYERSTORE_FUSE=self.binding)
+        env = dict(common.ls_env(), LAYERSTORE_FUSE=self.binding, **self.env)
         proc = subprocess.run(common.ls_cmd(root, "mount", self.cid, self.mp, *extra), env=env,
                               capture_output=True, text=True, check=False)
         if proc.returncode:
@@ -429,6 +431,14 @@ class LayerstoreWire(LayerstoreBinding):
                    "(`layerstore/fuse/wire.py` under `lowlevel.py`)")
 
 
+class LayerstoreDevFuse(LayerstoreBinding):
+    name = "layerstore-devfuse"
+    binding = "wire"
+    env: ClassVar[dict[str, str]] = {"LAYERSTORE_FUSE_URING": "0"}
+    description = ("`layerstore mount --copy-up meta` reading its requests from /dev/fuse, "
+                   "not over io_uring (`LAYERSTORE_FUSE_URING=0`)")
+
+
 ALL = BACKENDS
 
 
@@ -447,6 +457,7 @@ def make_backends(data: Data, wanted: list[str]) -> tuple[list[Backend], dict[st
         "layerstore-mfusepy": lambda: LayerstoreMfusepy(data, True),
         "layerstore-pyfuse3": lambda: LayerstorePyfuse3(data, True),
         "layerstore-wire": lambda: LayerstoreWire(data, True),
+        "layerstore-devfuse": lambda: LayerstoreDevFuse(data, True),
     }
     ok, skipped = [], {}
     for name in wanted:

@@ -269,6 +269,45 @@ def hold_free_page_reporting() -> Iterator[dict[str, Any]]:
                 pass
 
 
+#: the kernel's switch for FUSE over io_uring (layerstore/fuse/uring.py)
+FUSE_URING_PARAM = Path("/sys/module/fuse/parameters/enable_uring")
+
+
+@contextlib.contextmanager
+def hold_fuse_io_uring() -> Iterator[dict[str, Any]]:
+    """Let FUSE daemons use io_uring for the duration of a benchmark (kernel 6.14+:
+    ``/sys/module/fuse/parameters/enable_uring``, off by default), so that the
+    layerstore backends serve their requests over it (``layerstore/fuse/uring.py``);
+    ``LAYERSTORE_FUSE_URING=0`` leaves the switch alone (and the mount on /dev/fuse).
+    fuse-overlayfs (libfuse 3.14) does not ask for io_uring, so the switch does not
+    change it. Root only; the old value comes back afterwards. Yields what was done."""
+    info: dict[str, Any] = {"used": False}
+    try:
+        old = FUSE_URING_PARAM.read_text().strip()
+    except OSError:
+        info["why_not"] = f"no {FUSE_URING_PARAM} (kernel before 6.14)"
+        yield info
+        return
+    if os.environ.get("LAYERSTORE_FUSE_URING") == "0":
+        info["why_not"] = "LAYERSTORE_FUSE_URING=0"
+        yield info
+        return
+    try:
+        FUSE_URING_PARAM.write_text("Y")
+        info.update(used=True, enable_uring=f"{old} -> Y")
+    except OSError as exc:
+        info["why_not"] = f"cannot set {FUSE_URING_PARAM}: {exc.strerror}"
+        info["used"] = old == "Y"
+    try:
+        yield info
+    finally:
+        if info.get("enable_uring"):
+            try:
+                FUSE_URING_PARAM.write_text(old)
+            except OSError:
+                pass
+
+
 def machine_info(work: Path | None = None) -> dict[str, Any]:
     mem_kib = None
     with open("/proc/meminfo") as f:

@@ -376,6 +376,14 @@ def markdown(result: dict[str, Any]) -> str:
                 + (f" (all but {', '.join(cfg.get('walk_skip'))})" if cfg.get("walk_skip")
                    else "") if result["data"].get("walk_entries") else "") + ". "
              f"Load average at start: {' '.join(m.get('loadavg', []))}.", ""]
+    uring = m.get("fuse_io_uring")
+    if uring is not None:
+        lines += [("The layerstore mounts served their requests over io_uring (the kernel's "
+                   "`enable_uring` "
+                   + uring.get("enable_uring", "was on") + " for the run)."
+                   if uring.get("used") else
+                   "The layerstore mounts read their requests from /dev/fuse (no FUSE over "
+                   f"io_uring: {uring.get('why_not', 'off')})."), ""]
     hit = sum(1 for s in result["samples"] if s.get("extra", {}).get("caches_dropped_by_others"))
     if hit:
         lines += [f"{hit} of {len(result['samples'])} samples ran while another process "
@@ -618,7 +626,8 @@ def run(a: argparse.Namespace, command: str) -> int:
     skipped: dict[str, str] = {}
     interrupted = False
     cmd = command
-    with interrupts_raise(), common.hold_free_page_reporting() as page_reporting:
+    with interrupts_raise(), common.hold_free_page_reporting() as page_reporting, \
+            common.hold_fuse_io_uring() as fuse_uring:
         try:
             specs = [s for s in sc.specs(cfg) if s.scenario in scen]
             if specs:
@@ -653,6 +662,7 @@ def run(a: argparse.Namespace, command: str) -> int:
     machine["git_at_start"] = git
     machine["page_cache"] = "warm, except the cold measurements (drop_caches after mounting)"
     machine["free_page_reporting"] = page_reporting
+    machine["fuse_io_uring"] = fuse_uring
     result = {"suite": "layerstore bench", "command": cmd, "quick": a.quick, "runs": runs,
               "interrupted": interrupted, "seconds": time.monotonic() - t0,
               "machine": machine, "config": {**cfg.__dict__, "runs": runs},

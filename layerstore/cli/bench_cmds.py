@@ -20,9 +20,10 @@ BACKENDS = ["dir", "kernel", "fuse-overlayfs", "layerstore", "layerstore-meta",
 #: run only when named: ``layerstore-meta`` on one chosen FUSE binding each
 #: (``LAYERSTORE_FUSE``; see layerstore/fuse/binding.py): fusepy/libfuse2, mfusepy/libfuse3
 #: (libfuse's high-level API), pyfuse3/libfuse3 (the low-level API) and the protocol
-#: spoken on /dev/fuse directly (wire.py)
+#: spoken on /dev/fuse directly (wire.py); and wire.py reading /dev/fuse instead of
+#: io_uring (``layerstore-devfuse``; see layerstore/fuse/uring.py)
 EXTRA_BACKENDS = ["layerstore-fusepy", "layerstore-mfusepy", "layerstore-pyfuse3",
-                  "layerstore-wire"]
+                  "layerstore-wire", "layerstore-devfuse"]
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
