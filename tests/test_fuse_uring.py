@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -73,6 +74,11 @@ def test_requests_go_over_one_pinned_queue_per_cpu(demo, cli, mnt: Path, enable_
             with open(mnt / "app-data/blob.bin", "rb", buffering=0) as f:
                 os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
                 blob[cpu] = hashlib.sha256(f.read()).hexdigest()
+            # after a streaming reader, the queue's thread is pinned again at its next
+            # small request (``STREAM_HOLD`` later)
+            time.sleep(5 * uring.STREAM_HOLD)
+            (mnt / f"etc/after-reading-{cpu}").write_bytes(b"z")  # a LOOKUP and a CREATE
+            assert uring_threads(daemon_pid(cli, "u1"))[f"fuse-uring-{cpu}"] == {cpu}
     finally:
         os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))
         cli("umount", mnt)
@@ -80,6 +86,9 @@ def test_requests_go_over_one_pinned_queue_per_cpu(demo, cli, mnt: Path, enable_
     served = set(re.findall(r"io_uring queue (\d+): first request", log))
     assert served == {str(q) for q in range(cpus)}, log[-2000:]
     assert re.search(r"io_uring queue \d+: first large READ, to a helper", log), log[-2000:]
+    for q in range(cpus):  # while the reader streamed, its queue ran on any CPU
+        assert f"io_uring queue {q}: unpinned for a streaming reader" in log, log[-2000:]
+        assert f"io_uring queue {q}: pinned again" in log, log[-2000:]
     # the same bytes as through /dev/fuse
     enable_uring(False)
     rw.mount(cli, "u1", mnt)
