@@ -8,11 +8,18 @@ the creator pinned to one CPU ran at 5,400-6,100 files/s against 3,150-3,670).
 
 Over io_uring the kernel keeps one queue of requests per CPU: a request goes to the
 queue of the CPU its caller runs on, and is handed to the thread that registered that
-queue's entries. Here that thread is pinned to the CPU (``_Queue``), so a request and its
+queue's entries. Here that thread is pinned to the CPU (``Queue``), so a request and its
 reply are served where the caller runs. Each entry is a pair of buffers the kernel
 writes a request into (a header: ``fuse_in_header`` and the request's fixed-size
 argument; a payload: the rest) and the daemon writes the reply into, committed with the
 next fetch in one ``IORING_OP_URING_CMD`` (``FUSE_IO_URING_CMD_COMMIT_AND_FETCH``).
+
+Streaming readers are the exception: the kernel sends their readahead READs without
+waiting, so the reader keeps its CPU busy, and a thread pinned there would pick the
+READs up only when the reader let it run. A READ of ``OFFLOAD_READ_FROM`` bytes or more
+is answered by a helper thread (its data is copied into the entry beside the reader),
+and the queue's thread may run on any CPU until ``STREAM_HOLD`` after the last such
+READ (``Queue.serve``).
 
 FORGET and INTERRUPT still come through ``/dev/fuse``, as do notifications the daemon
 sends (``wire._Session`` keeps its readers for them).
