@@ -591,7 +591,12 @@ class _Session:
                 self.current.req = None
 
         try:
-            if not q.serve(self.fd, dispatch, lambda: self.stopped) and not self.stopped:
+            try:
+                ended = q.serve(self.fd, dispatch, lambda: self.stopped)
+            except Exception:
+                log.exception("io_uring queue %d failed", q.qid)
+                ended = False
+            if not ended and not self.stopped:
                 # the requests of this CPU's callers would wait for ever: end the mount,
                 # as a crashed daemon would (ENOTCONN), rather than hang them
                 log.error("io_uring queue %d stopped: aborting the mount", q.qid)
