@@ -30,6 +30,7 @@ four system calls and three maps (``Ring``), made here with ``ctypes`` and ``mma
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import logging
@@ -156,10 +157,14 @@ class Ring:
             raise OSError(errno.ENOSYS, "io_uring without IORING_FEAT_SINGLE_MMAP")
         size = max(sq[6] + sq_entries * 4, cq[5] + cq_entries * CQE.size)
         flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        self.rings = mmap.mmap(self.fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE,
-                               offset=OFF_SQ_RING)
-        self.sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, flags,
-                              mmap.PROT_READ | mmap.PROT_WRITE, offset=OFF_SQES)
+        try:
+            self.rings = mmap.mmap(self.fd, size, flags, mmap.PROT_READ | mmap.PROT_WRITE,
+                                   offset=OFF_SQ_RING)
+            self.sqes = mmap.mmap(self.fd, sq_entries * SQE_SIZE, flags,
+                                  mmap.PROT_READ | mmap.PROT_WRITE, offset=OFF_SQES)
+        except OSError:
+            os.close(self.fd)
+            raise
         self.sq_head, self.sq_tail, self.sq_array = sq[0], sq[1], sq[6]
         self.sq_mask: int = struct.unpack_from("<I", self.rings, sq[2])[0]
         self.sq_entries: int = sq_entries
@@ -209,6 +214,8 @@ class Ring:
             got = _syscall(_NR_ENTER, ctypes.c_uint(self.fd), ctypes.c_uint(n),
                            ctypes.c_uint(wait), ctypes.c_uint(flags), None, ctypes.c_size_t(0))
             if got >= 0:
+                if got < n:  # the rest stays in the ring: submitted with the next call
+                    self.pending = n - got
                 return
             err = ctypes.get_errno()
             if err != errno.EINTR:
@@ -260,6 +267,8 @@ class _Entry:
         return req, unique
 
     def reply(self, unique: int, error: int, pieces: list[bytes | memoryview]) -> None:
+        if self.replied:  # as /dev/fuse refuses a second reply (ENOENT): the first stands
+            return
         at = 0
         for piece in pieces:
             n = len(piece)
@@ -281,12 +290,16 @@ class Queue:
     def __init__(self, qid: int, payload_size: int, entries: int = ENTRIES):
         self.qid = qid
         self.ring = Ring(2 * entries + 2)
-        self.entries = [_Entry(payload_size) for _ in range(entries)]
+        try:
+            self.entries = [_Entry(payload_size) for _ in range(entries)]
+            self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        except OSError:
+            self.ring.close()
+            raise
         #: large READs are answered in these threads (``OFFLOAD_READ_FROM``), which
         #: put the entry in ``done`` and wake the queue's thread through ``wake``
         self.helpers: ThreadPoolExecutor | None = None
         self.done: deque[tuple[int, int]] = deque()
-        self.wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self.wake_buf = bytearray(8)
 
     def _cmd(self, commit_id: int) -> bytes:
@@ -333,6 +346,12 @@ class Queue:
                         continue
                     if res in (-errno.ENOTCONN, -errno.ECANCELED, -errno.ECONNABORTED):
                         return True  # unmounted
+                    if first:
+                        # the kernel refused the registration: it then turns io_uring
+                        # off for the connection, and requests come through /dev/fuse
+                        log.warning("io_uring queue %d refused (%s): serving /dev/fuse",
+                                    self.qid, os.strerror(-res))
+                        return True
                     log.error("io_uring queue %d: %s", self.qid, os.strerror(-res))
                     return False
                 if first:
@@ -361,6 +380,8 @@ class Queue:
                     log.debug("io_uring queue %d: pinned again", self.qid)
                 self._answer(e, req, unique, dispatch)
                 ring.prep_cmd(dev_fd, CMD_COMMIT_AND_FETCH, ud, e.iov_addr, self._cmd(unique))
+        with contextlib.suppress(OSError):
+            ring.enter(0)  # the replies of the last round (stopped meanwhile)
         return True
 
     def _helper_start(self, cpus: set[int]) -> None:

@@ -64,6 +64,7 @@ import errno
 import fcntl
 import inspect
 import logging
+import mmap
 import os
 import re
 import socket
@@ -566,8 +567,10 @@ class _Session:
         wait until every queue is registered, so nothing may fail after that."""
         queues: list[uring.Queue] = []
         try:
+            # the kernel wants room for max_pages pages (MAX_WRITE // 4096, see h_init)
+            payload = max(MAX_WRITE, MAX_WRITE // 4096 * mmap.PAGESIZE)
             for qid in range(uring.possible_cpus()):
-                queues.append(uring.Queue(qid, MAX_WRITE))
+                queues.append(uring.Queue(qid, payload))
         except (OSError, ValueError) as exc:
             log.info("FUSE over io_uring not used: %s", exc)
             for q in queues:
@@ -579,8 +582,25 @@ class _Session:
         for q in self.queues:
             t = threading.Thread(target=self._serve_queue, args=(q,),
                                  name=f"fuse-uring-{q.qid}", daemon=True)
+            try:
+                t.start()
+            except RuntimeError:  # no more threads (a pids limit)
+                self._queue_failed(q.qid)
+                return
             self.threads.append(t)
-            t.start()
+
+    def _queue_failed(self, qid: int) -> None:
+        """An io_uring queue cannot serve: the kernel would hold its CPU's requests (or,
+        before all queues registered, every request) for ever. End the connection, as a
+        crashed daemon would (ENOTCONN), rather than hang its callers: through fusectl,
+        or, where that is not mounted, by ending the daemon."""
+        log.error("io_uring queue %d stopped: aborting the mount", qid)
+        self.stopped = True
+        if self.abort_fd >= 0:
+            _abort(self.abort_fd)
+        else:
+            logging.shutdown()
+            os._exit(1)
 
     def _serve_queue(self, q: uring.Queue) -> None:
         def dispatch(entry: uring._Entry, req: bytearray, unique: int) -> None:
@@ -597,11 +617,7 @@ class _Session:
                 log.exception("io_uring queue %d failed", q.qid)
                 ended = False
             if not ended and not self.stopped:
-                # the requests of this CPU's callers would wait for ever: end the mount,
-                # as a crashed daemon would (ENOTCONN), rather than hang them
-                log.error("io_uring queue %d stopped: aborting the mount", q.qid)
-                self.stopped = True
-                _abort(self.abort_fd)
+                self._queue_failed(q.qid)
         finally:
             q.close()
 
