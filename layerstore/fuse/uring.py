@@ -90,6 +90,12 @@ _WAKE = 1 << 32
 _libc = ctypes.CDLL(None, use_errno=True)
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
+#: io_uring_enter, once per request: typed once, so a call converts plain ints
+_enter = ctypes.CDLL(None, use_errno=True).syscall
+_enter.restype = ctypes.c_long
+_enter.argtypes = [ctypes.c_long, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                   ctypes.c_void_p, ctypes.c_size_t]
+_ZERO_SQE = bytes(SQE_SIZE)
 
 
 def wanted() -> bool:
@@ -185,7 +191,7 @@ class Ring:
         ``enter``: its offset in ``sqes``, for the caller to fill in."""
         i = self.tail & self.sq_mask
         at = i * SQE_SIZE
-        self.sqes[at:at + SQE_SIZE] = bytes(SQE_SIZE)
+        self.sqes[at:at + SQE_SIZE] = _ZERO_SQE
         struct.pack_into("<Q", self.sqes, at + 32, user_data)
         struct.pack_into("<I", self.rings, self.sq_array + 4 * i, i)
         self.tail = (self.tail + 1) & 0xFFFFFFFF
@@ -197,13 +203,14 @@ class Ring:
         at = self._next_sqe(user_data)
         struct.pack_into("<BBHiQQI", self.sqes, at, OP_READ, 0, 0, fd, 0, addr, n)
 
-    def prep_cmd(self, fd: int, cmd_op: int, user_data: int, iov_addr: int, cmd: bytes) -> None:
-        """Queue an IORING_OP_URING_CMD (``iov_addr``: two iovecs; ``cmd``: the command
-        area at byte 48)."""
+    def prep_cmd(self, fd: int, cmd_op: int, user_data: int, iov_addr: int, commit_id: int,
+                 qid: int) -> None:
+        """Queue an IORING_OP_URING_CMD of FUSE (``iov_addr``: two iovecs), with
+        ``fuse_uring_cmd_req`` (flags 0, ``commit_id``, ``qid``) in the command area."""
         at = self._next_sqe(user_data)
         struct.pack_into("<BBHiIIQI", self.sqes, at, OP_URING_CMD, 0, 0, fd, cmd_op, 0,
                          iov_addr, 2)
-        self.sqes[at + 48:at + 48 + len(cmd)] = cmd
+        struct.pack_into("<QQH", self.sqes, at + 48, 0, commit_id, qid)
 
     def enter(self, wait: int) -> None:
         """Publish the SQEs written, submit them and wait for ``wait`` completions."""
@@ -211,8 +218,7 @@ class Ring:
         n, self.pending = self.pending, 0
         flags = ENTER_GETEVENTS if wait else 0
         while True:
-            got = _syscall(_NR_ENTER, ctypes.c_uint(self.fd), ctypes.c_uint(n),
-                           ctypes.c_uint(wait), ctypes.c_uint(flags), None, ctypes.c_size_t(0))
+            got = _enter(_NR_ENTER, self.fd, n, wait, flags, None, 0)
             if got >= 0:
                 if got < n:  # the rest stays in the ring: submitted with the next call
                     self.pending = n - got
@@ -285,7 +291,8 @@ class _Entry:
 
 
 class Queue:
-    """The ring and entries of one CPU's queue, served by one thread pinned to it."""
+    """The ring and entries of one CPU's queue, served by one thread pinned to it (but
+    while a reader streams, see ``STREAM_HOLD``), and two helpers for large READs."""
 
     def __init__(self, qid: int, payload_size: int, entries: int = ENTRIES):
         self.qid = qid
@@ -302,8 +309,9 @@ class Queue:
         self.done: deque[tuple[int, int]] = deque()
         self.wake_buf = bytearray(8)
 
-    def _cmd(self, commit_id: int) -> bytes:
-        return struct.pack("<QQH6x", 0, commit_id, self.qid)
+    def _cmd(self, dev_fd: int, op: int, i: int, commit_id: int = 0) -> None:
+        """Queue REGISTER or COMMIT_AND_FETCH of entry ``i``."""
+        self.ring.prep_cmd(dev_fd, op, i, self.entries[i].iov_addr, commit_id, self.qid)
 
     def serve(self, dev_fd: int, dispatch: Callable[[_Entry, bytearray, int], None],
               stopped: Callable[[], bool]) -> bool:
@@ -321,7 +329,7 @@ class Queue:
             log.error("io_uring queue %d: %s", self.qid, exc)
             return False
         for i, e in enumerate(self.entries):
-            ring.prep_cmd(dev_fd, CMD_REGISTER, i, e.iov_addr, self._cmd(0))
+            self._cmd(dev_fd, CMD_REGISTER, i)
         wake_addr = _address(self.wake_buf)
         ring.prep_read(self.wake, _WAKE, wake_addr, 8)
         first = True
@@ -335,14 +343,13 @@ class Queue:
                 if ud == _WAKE:  # helpers answered: commit their entries
                     while self.done:
                         i, unique = self.done.popleft()
-                        ring.prep_cmd(dev_fd, CMD_COMMIT_AND_FETCH, i, self.entries[i].iov_addr,
-                                      self._cmd(unique))
+                        self._cmd(dev_fd, CMD_COMMIT_AND_FETCH, i, unique)
                     ring.prep_read(self.wake, _WAKE, wake_addr, 8)
                     continue
                 e = self.entries[ud]
                 if res < 0:
                     if res == -errno.EAGAIN:  # INIT not answered yet: register again
-                        ring.prep_cmd(dev_fd, CMD_REGISTER, ud, e.iov_addr, self._cmd(0))
+                        self._cmd(dev_fd, CMD_REGISTER, ud)
                         continue
                     if res in (-errno.ENOTCONN, -errno.ECANCELED, -errno.ECONNABORTED):
                         return True  # unmounted
@@ -379,7 +386,7 @@ class Queue:
                     pinned = self._pin({self.qid})
                     log.debug("io_uring queue %d: pinned again", self.qid)
                 self._answer(e, req, unique, dispatch)
-                ring.prep_cmd(dev_fd, CMD_COMMIT_AND_FETCH, ud, e.iov_addr, self._cmd(unique))
+                self._cmd(dev_fd, CMD_COMMIT_AND_FETCH, ud, unique)
         with contextlib.suppress(OSError):
             ring.enter(0)  # the replies of the last round (stopped meanwhile)
         return True

@@ -32,11 +32,11 @@ ask for what kernel 5.11+ and 6.x offer and libfuse 3.14 cannot pass on:
 - ``FUSE_OVER_IO_URING`` (kernel 6.14+, when ``/sys/module/fuse/parameters/enable_uring``
   is on; ``LAYERSTORE_FUSE_URING=0`` declines it): requests come through one io_uring
   queue per CPU, each served by a thread pinned to its CPU (``uring.py``; unpinned for a
-  while after a large READ), so a request is answered on the CPU of its caller. The queues are made before INIT is answered
-  (``_make_queues``; the kernel holds every request back until all are registered) and
-  registered after (``_start_queues``). Replies go into the request's ring entry
-  (``_send_pieces`` looks it up in ``current``); FORGET, INTERRUPT and notifications
-  still use the fd.
+  while after a large READ), so a request is answered on the CPU of its caller. The
+  queues are made before INIT is answered (``_make_queues``; the kernel holds every
+  request back until all are registered) and registered after (``_start_queues``).
+  Replies go into the request's ring entry (``_send_pieces`` looks it up in
+  ``current``); FORGET, INTERRUPT and notifications still use the fd.
 
 The protocol is ``include/uapi/linux/fuse.h`` (7.x); structures are packed with
 ``struct`` below, named as there. The mount is made by ``fusermount3`` (it passes the
