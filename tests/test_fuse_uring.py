@@ -56,8 +56,12 @@ def uring_threads(pid: int) -> dict[str, set[int]]:
     return out
 
 
-def test_requests_go_over_one_pinned_queue_per_cpu(demo, cli, mnt: Path, enable_uring):
+def test_requests_go_over_one_pinned_queue_per_cpu(demo, cli, mnt: Path, enable_uring,
+                                                   monkeypatch):
     enable_uring(True)
+    # every read of blob.bin through the daemon (a second open would be passed through
+    # to the store's file cache)
+    monkeypatch.setenv("LAYERSTORE_FILE_CACHE", "0")
     cli("create", "demo:app", "--name", "u1")
     cli("mount", "u1", mnt, "--debug", timeout=rw.MOUNT_TIMEOUT)
     try:

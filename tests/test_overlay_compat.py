@@ -22,9 +22,11 @@ import errno
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sysconfig
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -402,3 +404,46 @@ def test_no_symlink_followed_out_of_a_lower(tmp_path: Path):
         assert exc.value.errno == errno.EIO
     finally:
         layers.close()
+
+
+def test_big_lower_files_are_passed_through(tmp_path: Path, mounts):
+    """A file of 1 MiB or more in a lower directory is handed to the kernel itself
+    (FUSE passthrough): it is read while the daemon is stopped. An open that would copy
+    it up while such a reader is open is refused (ETXTBSY), the lower untouched; after
+    the reader, the write goes to the upper."""
+    lo, up, wk, mp = dirs(tmp_path, "lo", "up", "wk", "mnt")
+    data = os.urandom(3 << 20)
+    (lo / "big").write_bytes(data)
+    with ours(mounts, mp, f"lowerdir={lo},upperdir={up},workdir={wk}"):
+        (pid,) = daemons_of(mp)
+        with open(mp / "big", "rb") as f:
+            got: list[bytes] = []
+            t = threading.Thread(target=lambda: got.append(os.pread(f.fileno(), len(data), 0)),
+                                 daemon=True)
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                t.start()
+                t.join(2)
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            t.join(30)
+            assert got == [data], "the read waited for the daemon"
+            with pytest.raises(OSError) as exc:
+                os.open(mp / "big", os.O_WRONLY)
+            assert exc.value.errno == errno.ETXTBSY
+        deadline = time.monotonic() + 10
+        while True:  # (the kernel sends the reader's RELEASE after close returns)
+            try:
+                fd = os.open(mp / "big", os.O_WRONLY)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ETXTBSY or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        try:
+            os.pwrite(fd, b"NEW", 0)
+        finally:
+            os.close(fd)
+        assert (mp / "big").read_bytes() == b"NEW" + data[3:]
+    assert (lo / "big").read_bytes() == data
+    assert (up / "big").read_bytes() == b"NEW" + data[3:]

@@ -10,6 +10,7 @@ for callers without CAP_FSETID; files still being copied up lazily stay with the
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import signal
@@ -19,6 +20,8 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from test_mount_bindings import _as_user, _cached_mode, _state
 from test_mount_rw import MOUNT_TIMEOUT, pytestmark, upper_of  # noqa: F401  (fuse; root)
@@ -105,8 +108,10 @@ def test_off_by_environment(demo, cli, root: Path, mnt: Path):
 
 def test_opens_never_conflict(demo, cli, root: Path, mnt: Path):
     """The kernel fails an open (EIO) that mixes passthrough and its page cache on one
-    inode, or two backing files: every mix of opens here must work and agree."""
-    _mount(cli, mnt)
+    inode, or two backing files: every mix of opens here must work and agree. (Without
+    the file cache: a reader passed through to the cached copy of a lower file makes an
+    open for writing fail with ETXTBSY, ``test_file_cache.py``.)"""
+    _mount(cli, mnt, env={"LAYERSTORE_FILE_CACHE": "0"})
     try:
         blob = mnt / "app-data" / "blob.bin"
         lower = blob.read_bytes()
@@ -282,6 +287,37 @@ def test_io_mode_rules(monkeypatch):
     pt.enabled = False
     assert out(5, 11) == (wire.FOPEN_PASSTHROUGH, 7)
     assert out(6, 12) == (cached, 0)
+    pt.released(10)
+    pt.released(11)
+    pt.released(12)
+    pt.enabled = True
+    # a read-only copy of a lower file's data (the store's file cache): no passthrough
+    # begins while an open that may write is being made; while one is open, such an
+    # open (or a truncate) is refused before the overlay copies anything up
+    copy = os.open("/dev/null", os.O_RDONLY)
+    try:
+        def lower(fh: int) -> wire.FileInfo:
+            return wire.FileInfo(fh=fh, keep_cache=True, backing=lambda: copy,
+                                 lower_data=True)
+
+        with pt.writer(9):
+            _, flags, _ = wire.OPEN_OUT.unpack(pt.open_out(9, lower(20)))
+            assert flags == cached
+        pt.released(20)
+        assert not pt.writers
+        _, flags, bid = wire.OPEN_OUT.unpack(pt.open_out(9, lower(21)))
+        assert (flags, bid) == (wire.FOPEN_PASSTHROUGH, 7)
+        with pytest.raises(wire.FUSEError) as exc:
+            with pt.writer(9):
+                pass
+        assert exc.value.errno == errno.ETXTBSY
+        with pt.writer(5):  # other nodes are not concerned
+            pass
+        pt.released(21)
+        with pt.writer(9):  # the copy's last reader gone
+            pass
+    finally:
+        os.close(copy)
 
 
 def test_setuid_cleared_on_a_write_to_an_unlinked_file(demo, cli, root: Path, mnt: Path):

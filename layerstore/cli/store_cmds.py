@@ -6,6 +6,7 @@ import argparse
 from typing import Any
 
 from ..store.check import check
+from ..store.filecache import FileCache
 from ..store.gc import collect
 from ..store.usage import usage
 from . import open_store
@@ -23,6 +24,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser("gc", help="delete layers, files and chunks that nothing uses")
     p.add_argument("--wait", type=float, default=30.0,
                    help="seconds to wait for running imports (default 30)")
+    p.add_argument("--drop-file-cache", action="store_true",
+                   help="also empty the file cache (whole copies of big lower files that "
+                        "mounts pass through to the kernel; remade on use)")
     p.set_defaults(func=cmd_gc)
 
     p = sub.add_parser("check", help="re-hash every chunk and file, verify every reference")
@@ -34,8 +38,11 @@ def register(sub: Any) -> None:
 def cmd_df(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         u = usage(store.env)
+        fc = FileCache(store.root)
+        cached, cached_bytes = fc.usage()
     if args.json:
-        print_json(u.to_json())
+        print_json({**u.to_json(), "file_cache": {"files": cached, "bytes": cached_bytes,
+                                                  "budget": fc.budget}})
         return 0
     print(table(["IMAGES", "LAYERS", "LOGICAL", "CONTENT", "STORED", "CHUNKS", "DEDUP"],
                 [[str(u.images), str(u.layers), human_size(u.logical_bytes),
@@ -47,22 +54,27 @@ def cmd_df(args: argparse.Namespace) -> int:
                     [[i.id.split(":")[1][:12], ",".join(i.names) or "<none>",
                       human_size(i.logical_bytes), human_size(i.unique_bytes)]
                      for i in u.per_image]))
+    print()
+    print(f"file cache: {cached} files, {human_size(cached_bytes)} "
+          f"(budget {human_size(fc.budget)}; LAYERSTORE_FILE_CACHE sets it)")
     return 0
 
 
 def cmd_gc(args: argparse.Namespace) -> int:
     with open_store(args) as store, store.collecting(args.wait):
         with counter("marking layers", "layer", args.quiet) as tick:
-            r = collect(store.env, store.root, tick)
+            r = collect(store.env, store.root, tick, drop_file_cache=args.drop_file_cache)
     print(f"removed {r.layers} layers, {r.files} files, {r.chunks} chunks "
-          f"({human_size(r.bytes)})")
+          f"({human_size(r.bytes)})"
+          + (f"; {r.cache_files} file cache copies ({human_size(r.cache_bytes)})"
+             if r.cache_files else ""))
     return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     with open_store(args) as store:
         with counter("checking chunks", "B", args.quiet) as tick:
-            r = check(store.env, tick)
+            r = check(store.env, tick, store.root)
     if args.json:
         print_json({"clean": r.clean, "damage": r.damage, "chunks": r.chunks, "files": r.files,
                     "layers": r.layers, "images": r.images, "garbage_chunks": r.garbage_chunks,

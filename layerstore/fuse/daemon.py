@@ -371,6 +371,7 @@ def _serving(view: MergedLowers, mp: Path, upper: Path | None, work: Path | None
             fs.close()
         if lock >= 0:
             os.close(lock)
+        view.close()  # waits for the file cache's filler (``store.filecache``)
 
 
 def _warm_up(view: MergedLowers, fs: Any) -> None:

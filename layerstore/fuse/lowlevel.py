@@ -89,10 +89,10 @@ else:
     import pyfuse3
 
 from ..errors import NoXattrError
-from ..overlay.fs import FULL, OverlayFS
-from . import clear_setid, errno_of, may_keep_setid
+from ..overlay.fs import FULL, KEEP_AFTER, OverlayFS
 from ..overlay.lower import MergedLowers, Send, node_stat
 from ..store.records import SYMLINK
+from . import clear_setid, errno_of, may_keep_setid
 
 log = logging.getLogger("layerstore.fuse")
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -136,8 +136,9 @@ def _errors(fn: F) -> F:
 #: wire.py runs each request in the thread that read it, holding its lock; there, an
 #: overlay call that may take long runs with the lock released (``wire.unlocked``)
 _unlocked: Callable[..., Any] | None = getattr(pyfuse3, "unlocked", None)
-#: the transport can hand a plain upper file to the kernel (``wire._Passthrough``)
-_PASSTHROUGH = "backing" in getattr(pyfuse3.FileInfo, "__slots__", ())
+#: the transport can hand a plain upper file to the kernel (``wire._Passthrough``), and
+#: a read-only copy of a lower file's data (``lower_data``)
+_PASSTHROUGH = "lower_data" in getattr(pyfuse3.FileInfo, "__slots__", ())
 
 
 async def _thread(fn: Callable[..., Any], *args: Any) -> Any:
@@ -602,6 +603,7 @@ class LowLevelOperations(_Base):
 
     def __init__(self, fs: OverlayFS, on_ready: Callable[[], None] | None = None):
         self.fs = fs
+        fs.keep_lower_copies = _PASSTHROUGH
         #: node id -> (``fs.changes`` when listed, its attribute names): see getxattr
         self._xattr_names: dict[int, tuple[int, frozenset[bytes]]] = {}
         #: the overlay's re-entrant lock (see ``_call``)
@@ -929,7 +931,8 @@ class LowLevelOperations(_Base):
             self._writing[fh] = inode
             self._write_mark(inode, 1)
         return pyfuse3.FileInfo(fh=fh, keep_cache=True,
-                                backing=functools.partial(self.fs.backing_fd, fh))
+                                backing=functools.partial(self.fs.backing_fd, fh),
+                                lower_data=self.fs.lower_data(fh))
 
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
@@ -1009,6 +1012,8 @@ class ReadOnlyLowLevelOperations(_Base):
     def __init__(self, view: MergedLowers, on_ready: Callable[[], None] | None = None):
         self.view = view
         self._files: dict[int, Any] = {}
+        self._backing_fds: dict[int, int] = {}  #: handle -> its backing file (passthrough)
+        self._read: dict[int, int] = {}  #: handle -> bytes read through the daemon
         self._next_fh = 1
         super().__init__(node_stat(view.lookup(b"/")), on_ready)
 
@@ -1039,7 +1044,20 @@ class ReadOnlyLowLevelOperations(_Base):
         node = self.table.nodes.get(inode)
         if node is not None:
             node.fhs.add(fh)
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if not _PASSTHROUGH:
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True, lower_data=True,
+                                backing=functools.partial(self._backing, fh))
+
+    def _backing(self, fh: int) -> int | None:
+        """For passthrough: a read-only copy of the file's data (``MergedLowers.backing``),
+        kept open until the handle's release."""
+        fd = self._backing_fds.get(fh)
+        if fd is None:
+            fd = self.view.backing(self._files[fh])
+            if fd is not None:
+                self._backing_fds[fh] = fd
+        return fd
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -1047,11 +1065,17 @@ class ReadOnlyLowLevelOperations(_Base):
 
     @_errors
     async def read_into(self, fh: int, off: int, size: int, send: Send) -> None:
+        self._read[fh] = self._read.get(fh, 0) + size
         self.view.read_into(self._files[fh], off, size, send)
 
     @_errors
     async def release(self, fh: int) -> None:
-        self._files.pop(fh, None)
+        node = self._files.pop(fh, None)
+        fd = self._backing_fds.pop(fh, None)
+        if fd is not None:
+            os.close(fd)
+        if self._read.pop(fh, 0) >= KEEP_AFTER and node is not None and _PASSTHROUGH:
+            self.view.keep(node)  # read through the daemon: a copy for next time
         ino = self._fh_ino.pop(fh, None)
         if ino is not None:
             self.table.close_fh(ino, fh)

@@ -73,7 +73,7 @@ import subprocess
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any
 
 import trio
@@ -237,16 +237,20 @@ def _split_timeout(t: float) -> tuple[int, int]:
 
 
 class FileInfo:
-    __slots__ = ("backing", "direct_io", "fh", "keep_cache", "nonseekable")
+    __slots__ = ("backing", "direct_io", "fh", "keep_cache", "lower_data", "nonseekable")
 
     def __init__(self, fh: int = 0, direct_io: bool = False, keep_cache: bool = False,
-                 nonseekable: bool = False, backing: Callable[[], int | None] | None = None):
+                 nonseekable: bool = False, backing: Callable[[], int | None] | None = None,
+                 lower_data: bool = False):
         self.fh, self.direct_io, self.keep_cache, self.nonseekable = (
             fh, direct_io, keep_cache, nonseekable)
         #: for passthrough (``_Passthrough``): returns an fd on the plain file that
         #: holds this handle's data (the handle's: not closed); None (or returning
         #: None): the daemon serves the I/O
         self.backing = backing
+        #: the handle reads a lower file's data: ``backing`` gives a read-only copy of
+        #: it, never to be shared with an open of the upper file
+        self.lower_data = lower_data
 
     def open_out(self) -> bytes:
         flags = ((FOPEN_DIRECT_IO if self.direct_io else 0)
@@ -687,7 +691,13 @@ class _Session:
                 cleared = killed_mode(cur)
                 if cleared != cur:
                     fields.update_mode, attr.st_mode = True, cleared
-        e = await self.ops.setattr(nodeid, attr, fields, fh if valid & FATTR_FH else None, ctx)
+        if valid & FATTR_SIZE:
+            with self.passthrough.writer(nodeid):
+                e = await self.ops.setattr(nodeid, attr, fields,
+                                           fh if valid & FATTR_FH else None, ctx)
+        else:
+            e = await self.ops.setattr(nodeid, attr, fields, fh if valid & FATTR_FH else None,
+                                       ctx)
         return _attr_out(e)
 
     async def _write_kills_setid(self, nodeid: int, ctx: Any) -> None:
@@ -749,6 +759,12 @@ class _Session:
 
     async def h_open(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         flags, open_flags = OPEN_IN.unpack_from(body)
+        if (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
+            return await self._open(nodeid, flags, open_flags, ctx)
+        with self.passthrough.writer(nodeid):
+            return await self._open(nodeid, flags, open_flags, ctx)
+
+    async def _open(self, nodeid: int, flags: int, open_flags: int, ctx: Any) -> bytes:
         fi = await self.ops.open(nodeid, flags, ctx)
         if open_flags & FUSE_OPEN_KILL_SUIDGID and flags & os.O_TRUNC:
             # truncated by a caller without CAP_FSETID (the kernel leaves it to us)
@@ -975,23 +991,27 @@ class _Passthrough:
         self.fd = fd
         self.enabled = False  #: the kernel agreed at INIT
         self.lock = threading.Lock()
-        self.nodes: dict[int, list[int]] = {}  #: node id -> [backing id, passthrough opens]
+        #: node id -> [backing id, passthrough opens, (st_dev, st_ino) of a lower copy or None]
+        self.nodes: dict[int, list[Any]] = {}
         self.cached: dict[int, int] = {}       #: node id -> cached-mode opens
         self.fhs: dict[int, tuple[int, bool]] = {}  #: handle -> (node id, passthrough)
         self.was: set[int] = set()             #: node ids opened in passthrough before
+        self.writers: dict[int, int] = {}      #: node id -> opens that may write, being made
 
     def open_out(self, nodeid: int, fi: FileInfo) -> bytes:
         """The OPEN/CREATE reply for handle ``fi`` of ``nodeid``, in passthrough when
-        the rules allow it and the adapter offers a backing file."""
+        the rules allow it and the adapter offers a backing file (a copy of lower data
+        only while no open that may write is being made: ``writer``)."""
         if not self.enabled and not self.nodes:
             return fi.open_out()
         with self.lock:
             node = self.nodes.get(nodeid)
             if (node is None and self.enabled and fi.backing is not None
-                    and not self.cached.get(nodeid)):
-                backing_id = self._register(fi.backing)
+                    and not self.cached.get(nodeid)
+                    and not (fi.lower_data and self.writers.get(nodeid))):
+                backing_id, key = self._register(fi.backing, fi.lower_data)
                 if backing_id > 0:
-                    node = self.nodes[nodeid] = [backing_id, 0]
+                    node = self.nodes[nodeid] = [backing_id, 0, key]
             if node is not None:
                 node[1] += 1
                 self.fhs[fi.fh] = (nodeid, True)
@@ -1003,19 +1023,22 @@ class _Passthrough:
                 fi.keep_cache = False
             return fi.open_out()
 
-    def _register(self, backing: Callable[[], int | None]) -> int:
-        """A backing id for the file ``backing`` gives, or 0 (cached mode, then)."""
+    def _register(self, backing: Callable[[], int | None],
+                  lower_data: bool = False) -> tuple[int, tuple[int, int] | None]:
+        """A backing id for the file ``backing`` gives, or 0 (cached mode, then); with
+        ``lower_data``, also the file's (st_dev, st_ino)."""
         try:
             fd = backing()
         except OSError as exc:
             log.debug("no backing file: %s", exc)
-            return 0
+            return 0, None
         if fd is None:
-            return 0
+            return 0, None
         try:
+            key = _file_key(fd) if lower_data else None
             # a mutable buffer: ioctl's return value (the id) comes back
             return int(fcntl.ioctl(self.fd, DEV_IOC_BACKING_OPEN,
-                                   bytearray(BACKING_MAP.pack(fd, 0, 0))))
+                                   bytearray(BACKING_MAP.pack(fd, 0, 0)))), key
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ELOOP):
                 # not allowed here (CAP_SYS_ADMIN), or the upper is on a stacked file
@@ -1024,7 +1047,27 @@ class _Passthrough:
                 self.enabled = False
             else:
                 log.debug("backing file refused: %s", exc)
-            return 0
+            return 0, None
+
+    @contextlib.contextmanager
+    def writer(self, nodeid: int) -> Iterator[None]:
+        """Around an open that may write, or a truncate, of ``nodeid`` (before the
+        overlay copies the file up): refused with ETXTBSY ("text file busy", as for a
+        running executable) while the node is open in passthrough on a read-only copy of
+        its lower data (the kernel would hand that same copy to this open, and it
+        cannot be swapped for the upper file); meanwhile no such passthrough begins."""
+        with self.lock:
+            node = self.nodes.get(nodeid)
+            if node is not None and node[2] is not None:
+                raise FUSEError(errno.ETXTBSY)
+            self.writers[nodeid] = self.writers.get(nodeid, 0) + 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                n = self.writers.pop(nodeid) - 1
+                if n:
+                    self.writers[nodeid] = n
 
     def released(self, fh: int) -> None:
         with self.lock:
@@ -1054,6 +1097,11 @@ class _Passthrough:
         if self.was:
             with self.lock:
                 self.was.difference_update(nodeids)
+
+
+def _file_key(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _attr_out(e: EntryAttributes) -> bytes:

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import OverlayError
+from ..store.filecache import FILL_FROM
 from ..store.records import BLK, CHR, DIR, FIFO, OPAQUE, REG, SYMLINK, WHITEOUT, Entry, join_vpath
 from .upper import OVERLAY_XATTR_PREFIX, lstat_at, open_dir_at, split_parts, xattrs_at
 
@@ -273,6 +274,16 @@ class DirLayers:
                 os.close(self._files.popitem(last=False)[1])
             return os.dup(fd)
 
+    def backing(self, layer: int, vpath: bytes, entry: Entry) -> int | None:
+        """For FUSE passthrough: a read-only fd of the lower file itself (the caller's),
+        for files of at least ``FILL_FROM`` bytes, as for the store's layers."""
+        if entry.size < FILL_FROM:
+            return None
+        try:
+            return self._open(layer, vpath)
+        except OverlayError:
+            return None
+
     def read(self, layer: int, vpath: bytes, entry: Entry, offset: int, size: int) -> bytes:
         if size <= 0:
             return b""
@@ -314,6 +325,23 @@ class ChainedLayers:
         s, i = self._index[layer]
         paths = getattr(s, "group_paths", None)
         return paths(i, group) if paths is not None else []
+
+    def backing(self, layer: int, vpath: bytes, entry: Entry) -> int | None:
+        s, i = self._index[layer]
+        backing = getattr(s, "backing", None)
+        return backing(i, vpath, entry) if backing is not None else None
+
+    def keep(self, layer: int, vpath: bytes, entry: Entry) -> None:
+        s, i = self._index[layer]
+        keep = getattr(s, "keep", None)
+        if keep is not None:
+            keep(i, vpath, entry)
+
+    def close(self) -> None:
+        for s in self.sources:
+            close = getattr(s, "close", None)
+            if close is not None:
+                close()
 
     def read(self, layer: int, vpath: bytes, entry: Entry, offset: int, size: int) -> bytes:
         s, i = self._index[layer]

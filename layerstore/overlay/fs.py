@@ -110,6 +110,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 TMP_PREFIX = b"#layerstore-"
 #: bytes copied per read/write during a copy-up
 COPY_BLOCK = 1 << 20
+#: a handle that read this much of a big lower file through the daemon asks, when it is
+#: released, for a copy in the store's file cache (``MergedLowers.keep``): not an open
+#: that only looked (``file``, a stat), nor a reader while it reads
+KEEP_AFTER = 1 << 20
 
 #: copy-up modes: the data with the metadata, or the metadata alone (the data stays in
 #: the lowers until the first write)
@@ -192,6 +196,8 @@ class _Handle:
     node: Node | None = None  #: a lower file read in place (also the data of a metacopy file)
     ino: int | None = None  #: the inode number to report (the lower one after a copy-up)
     lazy: LazyFile | None = None  #: ``fd`` is a lazily copied-up file: read and write through it
+    backing: int = -1  #: a read-only fd of a plain file holding ``node``'s data (passthrough)
+    read: int = 0  #: bytes of ``node``'s data read through the handle (``release``)
 
 
 def _origin_of(target: int | str) -> int | None:
@@ -242,6 +248,9 @@ class OverlayFS:
         if copy_up not in COPY_UP_MODES:
             raise ValueError(f"copy-up mode {copy_up!r}: one of {', '.join(COPY_UP_MODES)}")
         self.lowers = lowers
+        #: big lower files read through the daemon get a copy in the store's file cache
+        #: (set by an adapter that can pass such a copy through to the kernel)
+        self.keep_lower_copies = False
         self.copy_up_mode = copy_up
         self.upper_fd = os.open(upper, DIR_FLAGS)
         try:
@@ -1070,18 +1079,38 @@ class OverlayFS:
         return self._add_handle(_Handle(vpath, fd=fds[0]))
 
     def backing_fd(self, fh: int) -> int | None:
-        """For FUSE passthrough: the handle's own fd on the file that holds all of
-        handle ``fh``'s data (not to be closed); None when the data is not all in one
-        plain upper file (a lower file, a metacopy, a lazy copy-up not yet done, a FIFO
-        or device). The kernel then reads and writes that file itself (it opens it anew
-        for each open, with that open's flags)."""
+        """For FUSE passthrough: an fd (not to be closed) of a plain file that holds all
+        of handle ``fh``'s data, or None (a lazy copy-up not yet done, a FIFO or device,
+        a small lower file, a big one whose copy the store's file cache does not have
+        yet). The kernel then reads (and writes, if the open may) that file itself: it
+        opens it anew for each open, with that open's flags.
+
+        - A plain upper file: the handle's own fd.
+        - A lower file read in place (also the data of a metacopy file): a read-only copy
+          of its whole content (``MergedLowers.backing``), kept with the handle.
+          ``lower_data`` tells the adapter these apart: such a file must never be
+          shared with an open that may write."""
         h = self._handles.get(fh)
         if h is None:
             return None
         fd, lazy = h.fd, h.lazy  # _switch_handles sets lazy before fd
-        if fd < 0 or (lazy is not None and not lazy.done):
+        if fd < 0:
+            if h.node is None:
+                return None
+            if h.backing < 0:
+                b = self.lowers.backing(h.node)
+                if b is None:
+                    return None
+                h.backing = b
+            return h.backing
+        if lazy is not None and not lazy.done:
             return None
         return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+
+    def lower_data(self, fh: int) -> bool:
+        """Whether handle ``fh`` reads a lower file's data in place (``backing_fd``)."""
+        h = self._handles.get(fh)
+        return h is not None and h.fd < 0 and h.node is not None
 
     def _handle(self, fh: int) -> _Handle:
         h = self._handles.get(fh)
@@ -1106,6 +1135,7 @@ class OverlayFS:
             return
         if h.node is None:
             raise OverlayError(errno.EISDIR, h.vpath)
+        h.read += size
         try:
             self.lowers.read_into(h.node, offset, size, send)
         except (LayerstoreError, lmdb.Error) as exc:
@@ -1184,8 +1214,13 @@ class OverlayFS:
     @_locked
     def release(self, fh: int) -> None:
         h = self._handles.pop(fh, None)
-        if h is not None and h.fd >= 0:
-            os.close(h.fd)
+        if h is not None:
+            if h.fd >= 0:
+                os.close(h.fd)
+            elif h.node is not None and h.read >= KEEP_AFTER and self.keep_lower_copies:
+                self.lowers.keep(h.node)  # read through the daemon: a copy for next time
+            if h.backing >= 0:
+                os.close(h.backing)
 
     @_changes
     @_locked

@@ -43,6 +43,7 @@ from ..digest import blake3_raw
 from ..errors import IntegrityError, NoEntryError, OverlayError
 from ..store import Store, places
 from ..store.chunks import CODEC_RAW, decode_chunk
+from ..store.filecache import FILL_FROM, FileCache
 from ..store.layers import list_dir, lookup, walk
 from ..store.records import (
     BLK,
@@ -215,6 +216,46 @@ class StoreLayers:
         #: the buffer of ``_copy_runs``, kept for the next copy (``_buffer``)
         self._copy_buffer: mmap.mmap | None = None
         self._copy_buffer_lock = threading.Lock()
+        #: whole copies of big files for FUSE passthrough (``backing``), made on first use
+        self._file_cache: FileCache | None = None
+
+    @property
+    def file_cache(self) -> FileCache:
+        fc = self._file_cache
+        if fc is None:
+            with self._lock:
+                if self._file_cache is None:
+                    self._file_cache = FileCache(self.store.root)
+                fc = self._file_cache
+        return fc
+
+    def backing(self, layer: int, vpath: bytes, entry: Entry) -> int | None:
+        """A read-only fd of a plain file that holds the whole content of a regular file
+        of the layers (the caller owns it), for FUSE passthrough: the store's file cache
+        (``store.filecache``) has big files once a mount has read them (``keep``). None
+        if there is none."""
+        if entry.size < FILL_FROM or not entry.digest:
+            return None
+        fc = self.file_cache
+        if not fc.enabled:
+            return None
+        return fc.open(entry.digest, entry.size)
+
+    def keep(self, layer: int, vpath: bytes, entry: Entry) -> None:
+        """After a reader of a big file closed it: ask the file cache's filler for a
+        copy (made in the background from the store's chunks, not while the reader
+        read), for the next opens."""
+        if entry.size < FILL_FROM or not entry.digest:
+            return
+        fc = self.file_cache
+        if fc.enabled and not fc.path(entry.digest).exists():
+            fc.want(entry.digest, entry.size,
+                    lambda out: self.copy_to(layer, vpath, entry, out))
+
+    def close(self) -> None:
+        """Let the file cache's filler finish (see ``FileCache.close``)."""
+        if self._file_cache is not None:
+            self._file_cache.close()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -945,6 +986,27 @@ class MergedLowers:
             send([self.layers.read(node.layer, node.vpath, node.entry, offset, size)])
         else:
             into(node.layer, node.vpath, node.entry, offset, size, send)
+
+    def backing(self, node: Node) -> int | None:
+        """A read-only fd (the caller's) of a plain file holding the whole content of
+        regular file ``node``, for FUSE passthrough, or None (see ``StoreLayers.backing``,
+        ``DirLayers.backing``)."""
+        backing = getattr(self.layers, "backing", None)
+        if backing is None or node.entry.type != REG:
+            return None
+        return backing(node.layer, node.vpath, node.entry)  # type: ignore[no-any-return]
+
+    def keep(self, node: Node) -> None:
+        """A reader read ``node``'s data through the daemon and closed it
+        (``StoreLayers.keep``)."""
+        keep = getattr(self.layers, "keep", None)
+        if keep is not None and node.entry.type == REG:
+            keep(node.layer, node.vpath, node.entry)
+
+    def close(self) -> None:
+        close = getattr(self.layers, "close", None)
+        if close is not None:
+            close()
 
     def copy_to(self, node: Node, fd: int, block: int = 1 << 20) -> None:
         """Write a regular file's whole content to ``fd`` from offset 0 (a copy-up)."""

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from typing import Any
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 from ..digest import blake3_hasher, blake3_raw
 from ..errors import IntegrityError
 from . import places
 from .chunks import decode_chunk
+from .filecache import FileCache
 from .gc import mark
 from .layers import iter_layer_values
 from .records import REG, ContainerRecord, Entry, FileRecord, ImageRecord, LayerRecord
@@ -64,7 +66,17 @@ def _check_tarsplit(txn: Any, env: Env, rec: LayerRecord, file_size: dict[bytes,
         bad(f"layer {rec.diff_id}: header stream rebuilds {total} bytes, not {rec.tar_size}")
 
 
-def check(env: Env, tick: Callable[[int], None] | None = None) -> CheckResult:
+def check(env: Env, tick: Callable[[int], None] | None = None,
+          root: Path | None = None) -> CheckResult:
+    """Re-hash and cross-check everything; with ``root``, also the copies in the store's
+    file cache (``store.filecache``: a damaged copy would be read by passthrough)."""
+    res = check_store(env, tick)
+    if root is not None:
+        res.damage += FileCache(root).verify()
+    return res
+
+
+def check_store(env: Env, tick: Callable[[int], None] | None = None) -> CheckResult:
     res = CheckResult()
     bad = res.damage.append
     chunk_len: dict[bytes, int] = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import lmdb
 
 from . import places
+from .filecache import FileCache
 from .images import all_images
 from .layers import iter_layer_values
 from .records import Entry, FileRecord, LayerRecord, layer_prefix
@@ -31,6 +32,8 @@ class GcResult:
     files: int = 0
     chunks: int = 0
     bytes: int = 0  #: bytes of chunk values freed
+    cache_files: int = 0  #: copies removed from the file cache (``store.filecache``)
+    cache_bytes: int = 0
 
 
 def mark(env: Env, tick: Callable[[int], None] | None = None) -> tuple[set[bytes], set[bytes], set[bytes]]:
@@ -65,14 +68,19 @@ def mark(env: Env, tick: Callable[[int], None] | None = None) -> tuple[set[bytes
     return live_layers, live_files, live_chunks
 
 
-def collect(env: Env, root: Path | None = None, tick: Callable[[int], None] | None = None) -> GcResult:
+def collect(env: Env, root: Path | None = None, tick: Callable[[int], None] | None = None,
+            drop_file_cache: bool = False) -> GcResult:
     """Delete everything unreachable. Requires the store lock held exclusive.
 
-    With ``root``, also removes leftover import files under ``ROOT/tmp`` and container
+    With ``root``, also removes leftover import files under ``ROOT/tmp``, container
     directories that no container record names (``remove_container`` deletes the record
-    first)."""
+    first), and the file cache's copies of content no layer has any more (all of them
+    with ``drop_file_cache``)."""
     live_layers, live_files, live_chunks = mark(env, tick)
     result = GcResult()
+    if root is not None:
+        result.cache_files, result.cache_bytes = FileCache(root).sweep(
+            None if drop_file_cache else live_files.__contains__)
     with env.read() as txn:
         dead_layers = []
         with txn.cursor(db=env.db("layers")) as cur:
