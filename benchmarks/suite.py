@@ -98,7 +98,7 @@ def measure(b: bk.Backend, spec: sc.Spec, prep: sc.Prepared,
             got = spec.fn(ctx)
         finally:
             gc.enable()
-        if sc.drops_so_far() > drops:  # someone else dropped the caches meanwhile
+        if sc.drops_so_far() > drops + ctx.own_drops:  # someone else dropped the caches
             for s in got:
                 s.extra["caches_dropped_by_others"] = True
     except BaseException:
@@ -319,6 +319,10 @@ def evaluate_bars(summary: list[dict[str, Any]], cfg: sc.Config,
               f"copy-up {big} {t}", "fuse-overlayfs", "<=", 1.0)
     ratio("warm sequential read >= 0.9x kernel", f"seq read {big} warm", "kernel", ">=", 0.9)
     ratio("cold sequential read >= 0.8x kernel", f"seq read {big} cold", "kernel", ">=", 0.8)
+    # (not a bar of its own: the same cold read, of a file no mount had opened since the
+    # store's file cache was emptied, so its copy is made while it is read)
+    ratio("cold sequential read, first since import (file cache empty) >= 0.8x kernel",
+          f"seq read {big} first", "kernel", ">=", 0.8)
     for tool in sc.tool_argvs([]):
         ratio(f"`{tool}` first <= 2x fuse-overlayfs", f"{tool} first", "fuse-overlayfs",
               "<=", 2.0)
