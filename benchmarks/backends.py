@@ -389,7 +389,7 @@ class Layerstore(Backend):
 
         digest = _DIGESTS.get(source)
         if digest is None:
-            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            h = blake3.blake3()  # (no thread pool in this process: daemons are its forks)
             h.update_mmap(source)
             digest = _DIGESTS[source] = h.digest()
         copy = FileCache(self.data.store).path(digest)

@@ -43,7 +43,7 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import blake3
+from ..digest import blake3_hasher
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +291,10 @@ class FileCache:
 
 
 def _hash_fd(fd: int, size: int) -> bytes:
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    # single-threaded (~1.5 GB/s): the daemon is a fork, and blake3's thread pool, if
+    # the parent had started it, would not be there after the fork (the hash waited
+    # for ever in a daemon forked by ``layerstore bench``)
+    h = blake3_hasher()
     if size:
         with mmap.mmap(fd, size, prot=mmap.PROT_READ) as m:
             h.update(m)
