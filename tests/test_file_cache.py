@@ -294,3 +294,31 @@ def test_check_gc_and_drop(demo, cli, root: Path, mnt: Path):
     cli("rmi", "demo:app")
     cli("gc")
     assert not copy.exists()
+
+
+def test_fill_in_a_fork_of_a_process_that_hashed_in_threads(tmp_path: Path):
+    """Mount daemons are forks (of ``layerstore bench`` too): a copy made in a fork of a
+    process whose blake3 had started its thread pool must not wait for those threads."""
+    data = os.urandom(4 * MiB)
+    blake3.blake3(data, max_threads=blake3.blake3.AUTO).digest()  # the pool starts
+    pid = os.fork()
+    if pid == 0:  # the child: make the copy, exit 0 if it was made
+        code = 2
+        try:
+            made = FileCache(tmp_path, budget=8 * MiB).fill(_digest(data), len(data),
+                                                             _writer(data))
+            code = 0 if made else 1
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail("the copy in the forked process never finished")
+        time.sleep(0.05)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert FileCache(tmp_path).usage() == (1, len(data))
