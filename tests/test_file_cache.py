@@ -13,7 +13,8 @@ What must hold:
 - an open that would copy the file up while a reader holds the copy is refused with
   ETXTBSY; the copy is never written; once the readers are gone the write works;
 - ``check`` re-hashes the cache, ``gc`` drops copies no layer has any more and
-  ``gc --drop-file-cache`` empties it.
+  ``gc --drop-file-cache`` empties it;
+- a copy-up of a file that has a copy reads the copy, not the chunks.
 """
 
 from __future__ import annotations
@@ -30,7 +31,10 @@ import blake3
 import pytest
 import test_mount_rw as rw
 
+from layerstore.overlay.lower import MergedLowers, StoreLayers
+from layerstore.store import Store
 from layerstore.store.filecache import FileCache, cache_dir, parse_budget
+from layerstore.store.images import resolve
 
 MiB = 1 << 20
 BLOB = "app-data/blob.bin"
@@ -322,3 +326,37 @@ def test_fill_in_a_fork_of_a_process_that_hashed_in_threads(tmp_path: Path):
         time.sleep(0.05)
     assert os.waitstatus_to_exitcode(status) == 0
     assert FileCache(tmp_path).usage() == (1, len(data))
+
+
+def test_copy_up_reads_the_copy(demo, root: Path, tmp_path: Path):
+    """A full copy (a copy-up) of a file whose copy is in the cache reads that copy, one
+    sequential file, not the chunks: shown by a copy changed behind the cache's back
+    (what ``check`` would call damage)."""
+    store = Store.open(root)
+    try:
+        with store.env.read() as txn:
+            img = resolve(txn, store.env, "demo:app")
+        view = MergedLowers(StoreLayers(store, img.diff_ids))
+        node = view.lookup(b"/" + BLOB.encode())
+        data = view.read(node, 0, node.entry.size)
+        out = tmp_path / "out"
+
+        def copied() -> bytes:
+            fd = os.open(out, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view.copy_to(node, fd)
+            finally:
+                os.close(fd)
+            return out.read_bytes()
+
+        assert copied() == data  # no copy yet: from the chunks
+        fc = FileCache(root)
+        assert fc.fill(node.entry.digest, len(data), _writer(data))
+        p = fc.path(node.entry.digest)
+        p.chmod(0o644)
+        with open(p, "r+b") as f:
+            f.write(b"COPY")
+        assert copied() == b"COPY" + data[4:]
+        view.close()
+    finally:
+        store.close()

