@@ -360,3 +360,31 @@ def test_copy_up_reads_the_copy(demo, root: Path, tmp_path: Path):
         view.close()
     finally:
         store.close()
+
+
+@mounting
+@pytest.mark.parametrize("delay", [0.0, 0.01, 0.05])
+def test_a_daemon_killed_while_it_copies_leaves_nothing_half_made(demo, cli, root: Path,
+                                                                  mnt: Path, delay: float):
+    """SIGKILL to the daemon right after a reader closed a big lower file (its filler
+    may be copying it): the cache holds the whole copy or none, and ``check`` calls the
+    store clean."""
+    _mounted(cli, mnt)
+    data = (mnt / BLOB).read_bytes()
+    time.sleep(delay)
+    os.kill(_pid(root, cli, "c1"), signal.SIGKILL)
+    cli("umount", "c1")
+    assert not os.path.ismount(mnt)
+    fc = FileCache(root)
+    for p, st in fc.entries():
+        assert p.name == _digest(data).hex() and st.st_size == len(data)
+        assert p.read_bytes() == data
+    assert not [p for p in cache_dir(root).rglob("*") if p.is_file()
+                and not fc.path(_digest(data)) == p]
+    assert cli("check").returncode == 0
+    # and the next mount still reads it right
+    rw.mount(cli, "c1", mnt)
+    try:
+        assert (mnt / BLOB).read_bytes() == data
+    finally:
+        cli("umount", "c1")
