@@ -198,6 +198,7 @@ class _Handle:
     lazy: LazyFile | None = None  #: ``fd`` is a lazily copied-up file: read and write through it
     backing: int = -1  #: a read-only fd of a plain file holding ``node``'s data (passthrough)
     read: int = 0  #: bytes of ``node``'s data read through the handle (``release``)
+    regular: bool = False  #: ``fd`` was made a regular file by ``create`` (``backing_fd``)
 
 
 def _origin_of(target: int | str) -> int | None:
@@ -1076,7 +1077,7 @@ class OverlayFS:
             for fd in fds:
                 os.close(fd)
             raise
-        return self._add_handle(_Handle(vpath, fd=fds[0]))
+        return self._add_handle(_Handle(vpath, fd=fds[0], regular=True))
 
     def backing_fd(self, fh: int) -> int | None:
         """For FUSE passthrough: an fd (not to be closed) of a plain file that holds all
@@ -1105,7 +1106,7 @@ class OverlayFS:
             return h.backing
         if lazy is not None and not lazy.done:
             return None
-        return fd if stat.S_ISREG(os.fstat(fd).st_mode) else None
+        return fd if h.regular or stat.S_ISREG(os.fstat(fd).st_mode) else None
 
     def lower_data(self, fh: int) -> bool:
         """Whether handle ``fh`` reads a lower file's data in place (``backing_fd``)."""
