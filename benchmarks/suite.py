@@ -319,8 +319,8 @@ def evaluate_bars(summary: list[dict[str, Any]], cfg: sc.Config,
               f"copy-up {big} {t}", "fuse-overlayfs", "<=", 1.0)
     ratio("warm sequential read >= 0.9x kernel", f"seq read {big} warm", "kernel", ">=", 0.9)
     ratio("cold sequential read >= 0.8x kernel", f"seq read {big} cold", "kernel", ">=", 0.8)
-    # (not a bar of its own: the same cold read, of a file no mount had opened since the
-    # store's file cache was emptied, so its copy is made while it is read)
+    # (not a bar of its own: the same cold read, of a file no mount had read since the
+    # store's file cache was emptied: read through the daemon; its copy is made after)
     ratio("cold sequential read, first since import (file cache empty) >= 0.8x kernel",
           f"seq read {big} first", "kernel", ">=", 0.8)
     for tool in sc.tool_argvs([]):

@@ -99,7 +99,7 @@ def test_filler_thread_and_off(tmp_path: Path):
     fc = FileCache(tmp_path, budget=8 * MiB)
     data = os.urandom(MiB)
     fc.want(_digest(data), len(data), _writer(data))
-    fc.close()  # waits for the copy asked for
+    assert fc.close()  # waits for the copy asked for
     assert fc.usage() == (1, MiB)
     off = FileCache(tmp_path / "off", budget=0)
     assert not off.enabled
@@ -201,11 +201,15 @@ def _retry(fn, timeout: float = 10):
 
 
 @mounting
-@pytest.mark.parametrize("how", ["rw", "read-only", "off"])
+@pytest.mark.parametrize("how", ["rw", "read-only", "off", "no-passthrough"])
 def test_lower_file_is_read_by_the_kernel(demo, cli, root: Path, mnt: Path, monkeypatch,
                                           how: str):
+    """``off``: no file cache; ``no-passthrough``: the kernel is not asked for
+    passthrough, so no copies are made either (nothing could read them but copy-ups)."""
     if how == "off":
         monkeypatch.setenv("LAYERSTORE_FILE_CACHE", "0")
+    if how == "no-passthrough":
+        monkeypatch.setenv("LAYERSTORE_FUSE_PASSTHROUGH", "0")
     cli("create", "demo:app", "--name", "c1")
     cli("mount", "c1", mnt, *(["--read-only"] if how == "read-only" else []),
         timeout=rw.MOUNT_TIMEOUT)
@@ -213,7 +217,7 @@ def test_lower_file_is_read_by_the_kernel(demo, cli, root: Path, mnt: Path, monk
         blob = mnt / BLOB
         data = blob.read_bytes()  # through the daemon; asks for the copy
         assert len(data) >= MiB
-        if how == "off":
+        if how in ("off", "no-passthrough"):
             time.sleep(1)
             assert FileCache(root).usage() == (0, 0)
             with open(blob, "rb") as f:
@@ -252,8 +256,10 @@ def test_a_copy_up_while_the_copy_is_read_is_refused(demo, cli, root: Path, mnt:
                 assert r2.read() == lower
             assert r.read() == lower
         assert blob.read_bytes() == lower  # (the chmod made a metacopy in the upper)
-        # the readers gone, the write goes to the upper; the copy is untouched
-        fd = _retry(lambda: os.open(blob, os.O_RDWR))
+        # the readers gone, the write goes to the upper (at once: the daemon waits for
+        # the last reader's RELEASE, which the kernel sends after close returned); the
+        # copy is untouched
+        fd = os.open(blob, os.O_RDWR)
         try:
             os.pwrite(fd, b"NEW", 0)
         finally:

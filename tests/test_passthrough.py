@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_mount_bindings import _as_user, _cached_mode, _state
 from test_mount_rw import MOUNT_TIMEOUT, pytestmark, upper_of  # noqa: F401  (fuse; root)
 
@@ -307,15 +306,41 @@ def test_io_mode_rules(monkeypatch):
         assert not pt.writers
         _, flags, bid = wire.OPEN_OUT.unpack(pt.open_out(9, lower(21)))
         assert (flags, bid) == (wire.FOPEN_PASSTHROUGH, 7)
-        with pytest.raises(wire.FUSEError) as exc:
-            with pt.writer(9):
-                pass
+        with pytest.raises(wire.FUSEError) as exc, pt.writer(9):  # after WRITER_WAIT
+            pass
         assert exc.value.errno == errno.ETXTBSY
         with pt.writer(5):  # other nodes are not concerned
             pass
         pt.released(21)
         with pt.writer(9):  # the copy's last reader gone
             pass
+        # the last reader's RELEASE comes after its close returned: a writer waits for
+        # it (up to WRITER_WAIT), then gets in
+        _, flags, bid = wire.OPEN_OUT.unpack(pt.open_out(9, lower(22)))
+        assert flags == wire.FOPEN_PASSTHROUGH
+        late = threading.Timer(0.05, pt.released, (22,))
+        late.start()
+        t0 = time.monotonic()
+        with pt.writer(9):
+            assert 0.03 < time.monotonic() - t0 < wire.WRITER_WAIT
+        late.join()
+        # a copy the kernel refuses (ELOOP: a stacked file system) stops lower copies
+        # only; upper files are still passed through
+        def refuse(fd: int, req: int, arg: bytearray) -> int:
+            if req == wire.DEV_IOC_BACKING_OPEN and wire.BACKING_MAP.unpack(arg)[0] == copy:
+                raise OSError(errno.ELOOP, "stacked")
+            return ioctl(fd, req, arg)
+
+        monkeypatch.setattr(wire.fcntl, "ioctl", refuse)
+        off: list[bool] = []
+        pt.lower_off = lambda: off.append(True)
+        _, flags, _ = wire.OPEN_OUT.unpack(pt.open_out(12, lower(23)))
+        assert flags == cached and not pt.lower_enabled and pt.enabled and off == [True]
+        pt.released(23)
+        _, flags, _ = wire.OPEN_OUT.unpack(pt.open_out(12, lower(24)))
+        assert flags == cached
+        pt.released(24)
+        assert out(11, 25) == (wire.FOPEN_PASSTHROUGH, 7)  # an upper file
     finally:
         os.close(copy)
 

@@ -56,7 +56,7 @@ def cmd_df(args: argparse.Namespace) -> int:
                      for i in u.per_image]))
     print()
     print(f"file cache: {cached} files, {human_size(cached_bytes)} "
-          f"(budget {human_size(fc.budget)}; LAYERSTORE_FILE_CACHE sets it)")
+          f"(budget {human_size(fc.budget)}: LAYERSTORE_FILE_CACHE, as a mount is made)")
     return 0
 
 

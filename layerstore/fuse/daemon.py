@@ -229,6 +229,7 @@ def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_o
         os.rename(tmp, state)
         ready()
 
+    view = None
     try:
         view = MergedLowers(StoreLayers(store, diff_ids))
         serve_fuse(view, mp, upper=None if read_only else cdir / "upper", work=cdir / "work",
@@ -240,7 +241,8 @@ def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_o
             state.unlink()
         except FileNotFoundError:
             pass
-        store.close()
+        if view is None or getattr(view, "closed_quietly", True):
+            store.close()  # (else a copy still reads the map: the exit closes it)
 
 
 def serve_fuse(view: MergedLowers, mp: Path, *, upper: Path | None, work: Path | None,
@@ -371,7 +373,8 @@ def _serving(view: MergedLowers, mp: Path, upper: Path | None, work: Path | None
             fs.close()
         if lock >= 0:
             os.close(lock)
-        view.close()  # waits for the file cache's filler (``store.filecache``)
+        # waits for the copy the file cache's filler is making (``store.filecache``)
+        view.closed_quietly = view.close()
 
 
 def _warm_up(view: MergedLowers, fs: Any) -> None:

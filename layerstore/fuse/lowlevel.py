@@ -603,7 +603,6 @@ class LowLevelOperations(_Base):
 
     def __init__(self, fs: OverlayFS, on_ready: Callable[[], None] | None = None):
         self.fs = fs
-        fs.keep_lower_copies = _PASSTHROUGH
         #: node id -> (``fs.changes`` when listed, its attribute names): see getxattr
         self._xattr_names: dict[int, tuple[int, frozenset[bytes]]] = {}
         #: the overlay's re-entrant lock (see ``_call``)
@@ -615,6 +614,12 @@ class LowLevelOperations(_Base):
         self._wseen: dict[int, int] = {}
         self._wepoch = self._wfloor = 0
         super().__init__(fs.getattr(b"/"), on_ready)
+
+    def keep_lower_copies(self, on: bool) -> None:
+        """Whether big lower files read through the daemon get a copy in the store's
+        file cache: the transport says so at INIT (and when the kernel refuses to pass
+        such a copy through): only while the kernel can pass it through."""
+        self.fs.keep_lower_copies = on
 
     def _changes(self) -> int:
         return self.fs.changes
@@ -1014,6 +1019,7 @@ class ReadOnlyLowLevelOperations(_Base):
         self._files: dict[int, Any] = {}
         self._backing_fds: dict[int, int] = {}  #: handle -> its backing file (passthrough)
         self._read: dict[int, int] = {}  #: handle -> bytes read through the daemon
+        self._keep = False  #: keep copies of big lower files (``keep_lower_copies``)
         self._next_fh = 1
         super().__init__(node_stat(view.lookup(b"/")), on_ready)
 
@@ -1049,6 +1055,10 @@ class ReadOnlyLowLevelOperations(_Base):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True, lower_data=True,
                                 backing=functools.partial(self._backing, fh))
 
+    def keep_lower_copies(self, on: bool) -> None:
+        """As ``LowLevelOperations.keep_lower_copies``."""
+        self._keep = on
+
     def _backing(self, fh: int) -> int | None:
         """For passthrough: a read-only copy of the file's data (``MergedLowers.backing``),
         kept open until the handle's release."""
@@ -1074,7 +1084,7 @@ class ReadOnlyLowLevelOperations(_Base):
         fd = self._backing_fds.pop(fh, None)
         if fd is not None:
             os.close(fd)
-        if self._read.pop(fh, 0) >= KEEP_AFTER and node is not None and _PASSTHROUGH:
+        if self._read.pop(fh, 0) >= KEEP_AFTER and node is not None and self._keep:
             self.view.keep(node)  # read through the daemon: a copy for next time
         ino = self._fh_ino.pop(fh, None)
         if ino is not None:

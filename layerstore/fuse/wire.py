@@ -92,6 +92,9 @@ MAX_WRITE = 1 << 20
 #: FUSE passthrough for plain upper files (``_Passthrough``; ``LAYERSTORE_FUSE_PASSTHROUGH=0``
 #: turns it off)
 PASSTHROUGH_WANTED = os.environ.get("LAYERSTORE_FUSE_PASSTHROUGH", "1") != "0"
+#: seconds an open for writing waits for the RELEASEs of a passed-through lower copy's
+#: last readers (``_Passthrough.writer``)
+WRITER_WAIT = 0.2
 #: tasks reading requests
 WORKERS = 16
 #: listings kept between READDIRPLUS requests (``_Lister``): at most this many, with at
@@ -558,6 +561,11 @@ class _Session:
                 want |= INIT_EXT | uring.OVER_IO_URING
         self.flags = flags & want
         self.passthrough.enabled = bool(self.flags & PASSTHROUGH)
+        keep = getattr(self.ops, "keep_lower_copies", None)
+        if keep is not None:
+            # copies of big lower files are made only while they can be passed through
+            keep(self.passthrough.enabled)
+            self.passthrough.lower_off = lambda: keep(False)
         self._warm_up()
         self.ops.init()
         return INIT_OUT.pack(MAJOR, min(minor, MINOR), max_readahead, self.flags & 0xFFFFFFFF,
@@ -997,6 +1005,11 @@ class _Passthrough:
         self.fhs: dict[int, tuple[int, bool]] = {}  #: handle -> (node id, passthrough)
         self.was: set[int] = set()             #: node ids opened in passthrough before
         self.writers: dict[int, int] = {}      #: node id -> opens that may write, being made
+        #: copies of lower data may be passed through (the kernel refused none yet: a
+        #: lower directory on a stacked file system, say, which an upper need not be)
+        self.lower_enabled = True
+        #: called with False when passthrough of lower data stops for good
+        self.lower_off: Callable[[], None] | None = None
 
     def open_out(self, nodeid: int, fi: FileInfo) -> bytes:
         """The OPEN/CREATE reply for handle ``fi`` of ``nodeid``, in passthrough when
@@ -1008,7 +1021,8 @@ class _Passthrough:
             node = self.nodes.get(nodeid)
             if (node is None and self.enabled and fi.backing is not None
                     and not self.cached.get(nodeid)
-                    and not (fi.lower_data and self.writers.get(nodeid))):
+                    and not (fi.lower_data and (self.writers.get(nodeid)
+                                                or not self.lower_enabled))):
                 backing_id, key = self._register(fi.backing, fi.lower_data)
                 if backing_id > 0:
                     node = self.nodes[nodeid] = [backing_id, 0, key]
@@ -1040,11 +1054,21 @@ class _Passthrough:
             return int(fcntl.ioctl(self.fd, DEV_IOC_BACKING_OPEN,
                                    bytearray(BACKING_MAP.pack(fd, 0, 0)))), key
         except OSError as exc:
-            if exc.errno in (errno.EPERM, errno.ELOOP):
+            if exc.errno in (errno.EPERM, errno.ELOOP) and lower_data:
+                # a copy or a lower directory on a stacked file system: lower files stay
+                # with the daemon (upper ones may still be passed through)
+                log.warning("FUSE passthrough of lower files refused (%s): the daemon "
+                            "serves their reads", exc)
+                self.lower_enabled = False
+                if self.lower_off is not None:
+                    self.lower_off()
+            elif exc.errno in (errno.EPERM, errno.ELOOP):
                 # not allowed here (CAP_SYS_ADMIN), or the upper is on a stacked file
                 # system (overlayfs): so for every file, stop asking
                 log.warning("FUSE passthrough refused (%s): the daemon serves all I/O", exc)
                 self.enabled = False
+                if self.lower_off is not None:
+                    self.lower_off()
             else:
                 log.debug("backing file refused: %s", exc)
             return 0, None
@@ -1055,12 +1079,25 @@ class _Passthrough:
         overlay copies the file up): refused with ETXTBSY ("text file busy", as for a
         running executable) while the node is open in passthrough on a read-only copy of
         its lower data (the kernel would hand that same copy to this open, and it
-        cannot be swapped for the upper file); meanwhile no such passthrough begins."""
-        with self.lock:
-            node = self.nodes.get(nodeid)
-            if node is not None and node[2] is not None:
+        cannot be swapped for the upper file); meanwhile no such passthrough begins.
+
+        The kernel sends a RELEASE after ``close`` has returned, so the readers may be
+        gone already while their RELEASEs are still on their way: the open waits for
+        them up to ``WRITER_WAIT`` seconds, without the session's lock (other threads
+        serve them meanwhile), before it is refused."""
+        deadline = None
+        while True:
+            with self.lock:
+                node = self.nodes.get(nodeid)
+                if node is None or node[2] is None:
+                    self.writers[nodeid] = self.writers.get(nodeid, 0) + 1
+                    break
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + WRITER_WAIT
+            elif now > deadline:
                 raise FUSEError(errno.ETXTBSY)
-            self.writers[nodeid] = self.writers.get(nodeid, 0) + 1
+            unlocked(time.sleep, 0.001)
         try:
             yield
         finally:
@@ -1100,6 +1137,8 @@ class _Passthrough:
 
 
 def _file_key(fd: int) -> tuple[int, int]:
+    """(st_dev, st_ino) of a registered copy of lower data: kept with the node, which
+    it marks as passed through to lower data (``_Passthrough.writer``), and for logs."""
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
 

@@ -337,11 +337,13 @@ class ChainedLayers:
         if keep is not None:
             keep(i, vpath, entry)
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        done = True
         for s in self.sources:
             close = getattr(s, "close", None)
-            if close is not None:
-                close()
+            if close is not None and close() is False:
+                done = False
+        return done
 
     def read(self, layer: int, vpath: bytes, entry: Entry, offset: int, size: int) -> bytes:
         s, i = self._index[layer]

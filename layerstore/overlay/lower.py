@@ -254,10 +254,10 @@ class StoreLayers:
             fc.want(entry.digest, entry.size,
                     lambda out: self.copy_to(layer, vpath, entry, out))
 
-    def close(self) -> None:
-        """Let the file cache's filler finish (see ``FileCache.close``)."""
-        if self._file_cache is not None:
-            self._file_cache.close()
+    def close(self) -> bool:
+        """Let the file cache's filler finish the copies asked for (see
+        ``FileCache.close``); False if it has not (the store must stay open)."""
+        return self._file_cache is None or self._file_cache.close()
 
     def __len__(self) -> int:
         return len(self.records)
@@ -600,7 +600,7 @@ class StoreLayers:
         """Write a regular file's whole content to ``fd`` from offset 0, straight from
         the store's map (a raw chunk is written without a copy in Python; one read
         transaction; the chunk cache is left alone). A file whose copy is in the store's
-        file cache is copied from that copy by the kernel (``copy_file_range``): one
+        file cache is copied from that copy instead (``_copy_from_cache``): one
         sequential file, as fuse-overlayfs copies a lower file."""
         if not entry.digest or entry.size == 0:
             return
@@ -900,6 +900,8 @@ class MergedLowers:
         #: directory -> its visible children, made once (layers never change)
         self._listings: dict[bytes, list[tuple[bytes, Node]]] = {}
         self._lock = threading.Lock()
+        #: ``close`` found no copy for the file cache still being made (the daemon)
+        self.closed_quietly = True
 
     def _ino(self, vpath: bytes, layer: int, e: Entry) -> int:
         if e.type == DIR:
@@ -1030,10 +1032,11 @@ class MergedLowers:
         if keep is not None and node.entry.type == REG:
             keep(node.layer, node.vpath, node.entry)
 
-    def close(self) -> None:
+    def close(self) -> bool:
+        """Close the layers; False if a copy for the file cache is still being made
+        from the store (which must then stay open: ``StoreLayers.close``)."""
         close = getattr(self.layers, "close", None)
-        if close is not None:
-            close()
+        return close is None or close() is not False
 
     def copy_to(self, node: Node, fd: int, block: int = 1 << 20) -> None:
         """Write a regular file's whole content to ``fd`` from offset 0 (a copy-up)."""

@@ -154,16 +154,22 @@ class FileCache:
                 self._thread.start()
             self._wake.notify()
 
-    def close(self, timeout: float = 20.0) -> None:
-        """Stop taking requests; wait up to ``timeout`` for the file being made and
-        those asked for before (the daemon's exit: a short-lived mount still leaves its
-        big files cached for the next one)."""
+    def close(self, timeout: float = 20.0) -> bool:
+        """Stop taking requests; wait up to ``timeout`` for the copies asked for (the
+        daemon's exit: a short-lived mount still leaves the big files it read cached
+        for the next one). False if the filler is still copying then (the store must
+        stay open: it reads the store's map; the process's exit ends it, and an
+        unfinished copy has no name)."""
         with self._lock:
             self._closed = True
             t = self._thread
             self._wake.notify()
         if t is not None:
             t.join(timeout)
+            if t.is_alive():
+                log.warning("file cache: a copy was still being made at exit")
+                return False
+        return True
 
     def _fill_loop(self) -> None:
         # behind the mount's own work: a nice thread (Linux: per thread)
