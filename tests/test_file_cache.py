@@ -394,3 +394,48 @@ def test_a_daemon_killed_while_it_copies_leaves_nothing_half_made(demo, cli, roo
         assert (mnt / BLOB).read_bytes() == data
     finally:
         cli("umount", "c1")
+
+
+@mounting
+def test_readers_that_keep_coming_do_not_shut_a_writer_out(demo, cli, root: Path,
+                                                           mnt: Path):
+    """Four threads open, read and close the copied file in a loop; an open for writing
+    still gets in (new readers wait while it waits for the open ones to go)."""
+    _mounted(cli, mnt)
+    try:
+        blob = mnt / BLOB
+        lower = blob.read_bytes()
+        _wait_cached(root, lower)
+        with _retry(lambda: _opened_and_passed_through(root, cli, "c1", blob)):
+            pass
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def read() -> None:
+            try:
+                while not stop.is_set():
+                    with open(blob, "rb") as f:
+                        f.read(64 << 10)
+            except BaseException as exc:  # noqa: BLE001  (reported below)
+                errors.append(exc)
+
+        readers = [threading.Thread(target=read) for _ in range(4)]
+        for t in readers:
+            t.start()
+        try:
+            time.sleep(0.3)
+            # (a reader slowed down past WRITER_WAIT on a busy machine: one more try;
+            # without the waiting readers the writer stayed out for 20 s and more)
+            fd = _retry(lambda: os.open(blob, os.O_WRONLY | os.O_APPEND), timeout=2)
+            try:
+                os.write(fd, b"END")
+            finally:
+                os.close(fd)
+        finally:
+            stop.set()
+            for t in readers:
+                t.join(30)
+        assert not errors, errors
+        assert blob.read_bytes() == lower + b"END"
+    finally:
+        cli("umount", "c1")

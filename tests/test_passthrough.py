@@ -324,6 +324,28 @@ def test_io_mode_rules(monkeypatch):
         with pt.writer(9):
             assert 0.03 < time.monotonic() - t0 < wire.WRITER_WAIT
         late.join()
+        # while a writer waits, new readers wait too: readers that keep coming do not
+        # shut it out
+        _, flags, _ = wire.OPEN_OUT.unpack(pt.open_out(13, lower(30)))
+        assert flags == wire.FOPEN_PASSTHROUGH
+        got_in: list[float] = []
+
+        def write() -> None:
+            with pt.writer(13):
+                got_in.append(time.monotonic())
+
+        w = threading.Thread(target=write)
+        t0 = time.monotonic()
+        w.start()
+        while 13 not in pt.waiting:
+            time.sleep(0.001)
+        late = threading.Timer(0.05, pt.released, (30,))
+        late.start()
+        pt.writer_first(13)  # a new reader of node 13
+        waited = time.monotonic() - t0
+        w.join()
+        late.join()
+        assert got_in and got_in[0] - t0 >= 0.04 and waited >= 0.04 and not pt.waiting
         # a copy the kernel refuses (ELOOP: a stacked file system) stops lower copies
         # only; upper files are still passed through
         def refuse(fd: int, req: int, arg: bytearray) -> int:

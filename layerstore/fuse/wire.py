@@ -768,6 +768,8 @@ class _Session:
     async def h_open(self, nodeid: int, body: memoryview, ctx: Any) -> bytes:
         flags, open_flags = OPEN_IN.unpack_from(body)
         if (flags & os.O_ACCMODE) == os.O_RDONLY and not flags & os.O_TRUNC:
+            if self.passthrough.waiting:
+                self.passthrough.writer_first(nodeid)
             return await self._open(nodeid, flags, open_flags, ctx)
         with self.passthrough.writer(nodeid):
             return await self._open(nodeid, flags, open_flags, ctx)
@@ -1005,6 +1007,7 @@ class _Passthrough:
         self.fhs: dict[int, tuple[int, bool]] = {}  #: handle -> (node id, passthrough)
         self.was: set[int] = set()             #: node ids opened in passthrough before
         self.writers: dict[int, int] = {}      #: node id -> opens that may write, being made
+        self.waiting: dict[int, int] = {}      #: node id -> such opens waiting for readers
         #: copies of lower data may be passed through (the kernel refused none yet: a
         #: lower directory on a stacked file system, say, which an upper need not be)
         self.lower_enabled = True
@@ -1086,18 +1089,27 @@ class _Passthrough:
         them up to ``WRITER_WAIT`` seconds, without the session's lock (other threads
         serve them meanwhile), before it is refused."""
         deadline = None
-        while True:
-            with self.lock:
-                node = self.nodes.get(nodeid)
-                if node is None or node[2] is None:
-                    self.writers[nodeid] = self.writers.get(nodeid, 0) + 1
-                    break
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + WRITER_WAIT
-            elif now > deadline:
-                raise FUSEError(errno.ETXTBSY)
-            unlocked(time.sleep, 0.001)
+        try:
+            while True:
+                with self.lock:
+                    node = self.nodes.get(nodeid)
+                    if node is None or node[2] is None:
+                        self.writers[nodeid] = self.writers.get(nodeid, 0) + 1
+                        break
+                    if deadline is None:  # new readers wait meanwhile (``writer_first``)
+                        self.waiting[nodeid] = self.waiting.get(nodeid, 0) + 1
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + WRITER_WAIT
+                elif now > deadline:
+                    raise FUSEError(errno.ETXTBSY)
+                unlocked(time.sleep, 0.001)
+        finally:
+            if deadline is not None:
+                with self.lock:
+                    n = self.waiting.pop(nodeid) - 1
+                    if n:
+                        self.waiting[nodeid] = n
         try:
             yield
         finally:
@@ -1105,6 +1117,15 @@ class _Passthrough:
                 n = self.writers.pop(nodeid) - 1
                 if n:
                     self.writers[nodeid] = n
+
+    def writer_first(self, nodeid: int) -> None:
+        """Before a read-only open of ``nodeid``: while an open for writing waits for the
+        node's readers of a lower copy to go (``writer``), a new reader waits too (up to
+        ``WRITER_WAIT``, without the session's lock), so that readers that keep coming
+        do not shut the writer out."""
+        deadline = time.monotonic() + WRITER_WAIT
+        while nodeid in self.waiting and time.monotonic() < deadline:
+            unlocked(time.sleep, 0.001)
 
     def released(self, fh: int) -> None:
         with self.lock:
