@@ -25,6 +25,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import blake3
@@ -182,9 +184,18 @@ def mounting(test):
     return pytest.mark.fuse(test)
 
 
-def _mounted(cli, mnt: Path) -> None:
-    cli("create", "demo:app", "--name", "c1")
-    rw.mount(cli, "c1", mnt)
+@contextmanager
+def _mounted(cli, mnt: Path, *args: str, create: bool = True) -> Iterator[Path]:
+    """Container c1 of demo:app (made unless ``create`` is False) mounted at ``mnt``
+    with ``args``; unmounted at the end."""
+    if create:
+        cli("create", "demo:app", "--name", "c1")
+    cli("mount", "c1", mnt, *args, timeout=rw.MOUNT_TIMEOUT)
+    assert os.path.ismount(mnt)
+    try:
+        yield mnt
+    finally:
+        cli("umount", "c1")
 
 
 def _retry(fn, timeout: float = 10):
@@ -210,10 +221,7 @@ def test_lower_file_is_read_by_the_kernel(demo, cli, root: Path, mnt: Path, monk
         monkeypatch.setenv("LAYERSTORE_FILE_CACHE", "0")
     if how == "no-passthrough":
         monkeypatch.setenv("LAYERSTORE_FUSE_PASSTHROUGH", "0")
-    cli("create", "demo:app", "--name", "c1")
-    cli("mount", "c1", mnt, *(["--read-only"] if how == "read-only" else []),
-        timeout=rw.MOUNT_TIMEOUT)
-    try:
+    with _mounted(cli, mnt, *(["--read-only"] if how == "read-only" else [])):
         blob = mnt / BLOB
         data = blob.read_bytes()  # through the daemon; asks for the copy
         assert len(data) >= MiB
@@ -230,15 +238,12 @@ def test_lower_file_is_read_by_the_kernel(demo, cli, root: Path, mnt: Path, monk
         # small lower files stay with the daemon (and its page cache)
         with open(mnt / SMALL, "rb") as f:
             assert _read_while_stopped(root, cli, "c1", f.fileno()) is None
-    finally:
-        cli("umount", "c1")
     assert cli("check").returncode == 0
 
 
 @mounting
 def test_a_copy_up_while_the_copy_is_read_is_refused(demo, cli, root: Path, mnt: Path):
-    _mounted(cli, mnt)
-    try:
+    with _mounted(cli, mnt):
         blob = mnt / BLOB
         lower = blob.read_bytes()
         copy = _wait_cached(root, lower)
@@ -268,19 +273,14 @@ def test_a_copy_up_while_the_copy_is_read_is_refused(demo, cli, root: Path, mnt:
         assert blob.read_bytes() == want
         assert (rw.upper_of(cli, "c1") / BLOB).read_bytes() == want
         assert copy.read_bytes() == lower
-    finally:
-        cli("umount", "c1")
     assert cli("check").returncode == 0
 
 
 @mounting
 def test_check_gc_and_drop(demo, cli, root: Path, mnt: Path):
-    _mounted(cli, mnt)
-    try:
+    with _mounted(cli, mnt):
         data = (mnt / BLOB).read_bytes()
         copy = _wait_cached(root, data)
-    finally:
-        cli("umount", "c1")
     assert "file cache" in cli("df").stdout
     assert cli("check").returncode == 0
     # a changed copy is damage check names
@@ -294,11 +294,8 @@ def test_check_gc_and_drop(demo, cli, root: Path, mnt: Path):
     assert not copy.exists()
     assert cli("check").returncode == 0
     # gc drops the copies of content no layer has any more
-    rw.mount(cli, "c1", mnt)
-    try:
+    with _mounted(cli, mnt, create=False):
         (mnt / BLOB).read_bytes()
-    finally:
-        cli("umount", "c1")
     assert copy.exists()
     cli("rm", "c1")
     cli("rmi", "demo:app")
@@ -375,11 +372,10 @@ def test_a_daemon_killed_while_it_copies_leaves_nothing_half_made(demo, cli, roo
     """SIGKILL to the daemon right after a reader closed a big lower file (its filler
     may be copying it): the cache holds the whole copy or none, and ``check`` calls the
     store clean."""
-    _mounted(cli, mnt)
-    data = (mnt / BLOB).read_bytes()
-    time.sleep(delay)
-    os.kill(_pid(root, cli, "c1"), signal.SIGKILL)
-    cli("umount", "c1")
+    with _mounted(cli, mnt):  # (its umount cleans up after the killed daemon)
+        data = (mnt / BLOB).read_bytes()
+        time.sleep(delay)
+        os.kill(_pid(root, cli, "c1"), signal.SIGKILL)
     assert not os.path.ismount(mnt)
     fc = FileCache(root)
     for p, st in fc.entries():
@@ -389,11 +385,8 @@ def test_a_daemon_killed_while_it_copies_leaves_nothing_half_made(demo, cli, roo
                 and fc.path(_digest(data)) != p]
     assert cli("check").returncode == 0
     # and the next mount still reads it right
-    rw.mount(cli, "c1", mnt)
-    try:
+    with _mounted(cli, mnt, create=False):
         assert (mnt / BLOB).read_bytes() == data
-    finally:
-        cli("umount", "c1")
 
 
 @mounting
@@ -401,8 +394,7 @@ def test_readers_that_keep_coming_do_not_shut_a_writer_out(demo, cli, root: Path
                                                            mnt: Path):
     """Four threads open, read and close the copied file in a loop; an open for writing
     still gets in (new readers wait while it waits for the open ones to go)."""
-    _mounted(cli, mnt)
-    try:
+    with _mounted(cli, mnt):
         blob = mnt / BLOB
         lower = blob.read_bytes()
         _wait_cached(root, lower)
@@ -437,5 +429,3 @@ def test_readers_that_keep_coming_do_not_shut_a_writer_out(demo, cli, root: Path
                 t.join(30)
         assert not errors, errors
         assert blob.read_bytes() == lower + b"END"
-    finally:
-        cli("umount", "c1")

@@ -241,7 +241,7 @@ def _serve_container(root: Path, cid: str, diff_ids: list[str], mp: Path, read_o
             state.unlink()
         except FileNotFoundError:
             pass
-        if view is None or getattr(view, "closed_quietly", True):
+        if view is None or view.closed_quietly:
             store.close()  # (else a copy still reads the map: the exit closes it)
 
 
@@ -373,8 +373,7 @@ def _serving(view: MergedLowers, mp: Path, upper: Path | None, work: Path | None
             fs.close()
         if lock >= 0:
             os.close(lock)
-        # waits for the copy the file cache's filler is making (``store.filecache``)
-        view.closed_quietly = view.close()
+        view.close()  # waits for the file cache's filler (``store.filecache``)
 
 
 def _warm_up(view: MergedLowers, fs: Any) -> None:

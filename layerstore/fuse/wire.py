@@ -699,11 +699,8 @@ class _Session:
                 cleared = killed_mode(cur)
                 if cleared != cur:
                     fields.update_mode, attr.st_mode = True, cleared
-        if valid & FATTR_SIZE:
-            with self.passthrough.writer(nodeid):
-                e = await self.ops.setattr(nodeid, attr, fields,
-                                           fh if valid & FATTR_FH else None, ctx)
-        else:
+        with (self.passthrough.writer(nodeid) if valid & FATTR_SIZE
+              else contextlib.nullcontext()):
             e = await self.ops.setattr(nodeid, attr, fields, fh if valid & FATTR_FH else None,
                                        ctx)
         return _attr_out(e)
@@ -1001,7 +998,7 @@ class _Passthrough:
         self.fd = fd
         self.enabled = False  #: the kernel agreed at INIT
         self.lock = threading.Lock()
-        #: node id -> [backing id, passthrough opens, (st_dev, st_ino) of a lower copy or None]
+        #: node id -> [backing id, passthrough opens, the file is a copy of lower data]
         self.nodes: dict[int, list[Any]] = {}
         self.cached: dict[int, int] = {}       #: node id -> cached-mode opens
         self.fhs: dict[int, tuple[int, bool]] = {}  #: handle -> (node id, passthrough)
@@ -1026,9 +1023,9 @@ class _Passthrough:
                     and not self.cached.get(nodeid)
                     and not (fi.lower_data and (self.writers.get(nodeid)
                                                 or not self.lower_enabled))):
-                backing_id, key = self._register(fi.backing, fi.lower_data)
+                backing_id = self._register(fi.backing, fi.lower_data)
                 if backing_id > 0:
-                    node = self.nodes[nodeid] = [backing_id, 0, key]
+                    node = self.nodes[nodeid] = [backing_id, 0, fi.lower_data]
             if node is not None:
                 node[1] += 1
                 self.fhs[fi.fh] = (nodeid, True)
@@ -1040,22 +1037,20 @@ class _Passthrough:
                 fi.keep_cache = False
             return fi.open_out()
 
-    def _register(self, backing: Callable[[], int | None],
-                  lower_data: bool = False) -> tuple[int, tuple[int, int] | None]:
-        """A backing id for the file ``backing`` gives, or 0 (cached mode, then); with
-        ``lower_data``, also the file's (st_dev, st_ino)."""
+    def _register(self, backing: Callable[[], int | None], lower_data: bool = False) -> int:
+        """A backing id for the file ``backing`` gives, or 0 (cached mode, then);
+        ``lower_data``: that file is a copy of lower data."""
         try:
             fd = backing()
         except OSError as exc:
             log.debug("no backing file: %s", exc)
-            return 0, None
+            return 0
         if fd is None:
-            return 0, None
+            return 0
         try:
-            key = _file_key(fd) if lower_data else None
             # a mutable buffer: ioctl's return value (the id) comes back
             return int(fcntl.ioctl(self.fd, DEV_IOC_BACKING_OPEN,
-                                   bytearray(BACKING_MAP.pack(fd, 0, 0)))), key
+                                   bytearray(BACKING_MAP.pack(fd, 0, 0))))
         except OSError as exc:
             if exc.errno in (errno.EPERM, errno.ELOOP) and lower_data:
                 # a copy or a lower directory on a stacked file system: lower files stay
@@ -1074,7 +1069,7 @@ class _Passthrough:
                     self.lower_off()
             else:
                 log.debug("backing file refused: %s", exc)
-            return 0, None
+            return 0
 
     @contextlib.contextmanager
     def writer(self, nodeid: int) -> Iterator[None]:
@@ -1093,7 +1088,7 @@ class _Passthrough:
             while True:
                 with self.lock:
                     node = self.nodes.get(nodeid)
-                    if node is None or node[2] is None:
+                    if node is None or not node[2]:
                         self.writers[nodeid] = self.writers.get(nodeid, 0) + 1
                         break
                     if deadline is None:  # new readers wait meanwhile (``writer_first``)
@@ -1155,13 +1150,6 @@ class _Passthrough:
         if self.was:
             with self.lock:
                 self.was.difference_update(nodeids)
-
-
-def _file_key(fd: int) -> tuple[int, int]:
-    """(st_dev, st_ino) of a registered copy of lower data: kept with the node, which
-    it marks as passed through to lower data (``_Passthrough.writer``), and for logs."""
-    st = os.fstat(fd)
-    return st.st_dev, st.st_ino
 
 
 def _attr_out(e: EntryAttributes) -> bytes:

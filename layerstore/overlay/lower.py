@@ -1033,10 +1033,12 @@ class MergedLowers:
             keep(node.layer, node.vpath, node.entry)
 
     def close(self) -> bool:
-        """Close the layers; False if a copy for the file cache is still being made
-        from the store (which must then stay open: ``StoreLayers.close``)."""
+        """Close the layers; False (and ``closed_quietly``) if a copy for the file
+        cache is still being made from the store, which must then stay open
+        (``StoreLayers.close``)."""
         close = getattr(self.layers, "close", None)
-        return close is None or close() is not False
+        self.closed_quietly = close is None or close() is not False
+        return self.closed_quietly
 
     def copy_to(self, node: Node, fd: int, block: int = 1 << 20) -> None:
         """Write a regular file's whole content to ``fd`` from offset 0 (a copy-up)."""
