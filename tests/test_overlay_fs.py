@@ -278,6 +278,36 @@ def errno_of(ofs: OverlayFS, steps: list[tuple]) -> int:
     return run_step(ours, ofs, *steps[-1])[0]
 
 
+@needs_root
+def test_a_whiteout_with_nothing_below_is_made_over(ofs: OverlayFS):
+    """An upper whiteout that hides nothing (left by another lower set, say), in an
+    upper-only directory: a create, mkdir or symlink there replaces it as the kernel
+    does (the new directory opaque), and a name that is there is EEXIST. A create
+    with no lower entry below tries the file at once, and looks at the name only on
+    EEXIST (session 17); this is that path."""
+    ofs.mkdir(b"/new", 0o755)
+    for name in ("f", "d", "l"):
+        os.mknod(upper_of(ofs, f"new/{name}"), stat.S_IFCHR | 0o000, 0)
+    assert ofs.readdir(b"/new") == []
+    fh = ofs.create(b"/new/f", 0o640)
+    ofs.write(fh, b"x", 0)
+    ofs.release(fh)
+    ofs.mkdir(b"/new/d", 0o700)
+    ofs.symlink(b"f", b"/new/l")
+    assert stat.S_ISREG(os.lstat(upper_of(ofs, "new/f")).st_mode)
+    assert upper_of(ofs, "new/f").read_bytes() == b"x"
+    assert stat.S_IMODE(ofs.getattr(b"/new/f")["st_mode"]) == 0o640
+    assert os.getxattr(upper_of(ofs, "new/d"), OPAQUE_XATTR) == b"y"
+    assert os.readlink(upper_of(ofs, "new/l")) == "f"
+    assert [n for n, _ in ofs.readdir(b"/new")] == [b"d", b"f", b"l"]
+    for call in (lambda: ofs.create(b"/new/f", 0o644), lambda: ofs.mkdir(b"/new/f", 0o755),
+                 lambda: ofs.symlink(b"x", b"/new/d")):
+        with pytest.raises(OSError) as exc:
+            call()
+        assert exc.value.errno == errno.EEXIST
+    assert os.listdir(ofs.work_fd) == []  # the whiteouts went there, and were removed
+
+
 # --- 1. table of cases -----------------------------------------------------------------
 
 CASES = [
@@ -1611,14 +1641,14 @@ def test_a_request_in_a_directory_follows_it_through_a_rename(overlays, copy_up:
     ops, ofs, node = _adapter(overlays, copy_up)
     data, sub = node(b"data"), node(b"data", b"sub")
 
-    _renamed_meanwhile(ops, "create", data, b"sub", b"sub2",
+    _renamed_meanwhile(ops, "create_stat", data, b"sub", b"sub2",
                        then=lambda: ofs.mkdir(b"/data/sub", 0o755))
     created = _ll(ops, "create", sub, b"new", stat.S_IFREG | 0o644, os.O_WRONLY, _Ctx())
     assert not isinstance(created, int), created
     _ll(ops, "release", created[0].fh)
     assert ofs.exists(b"/data/sub2/new") and not ofs.exists(b"/data/sub/new")
 
-    _renamed_meanwhile(ops, "getattr_names", data, b"sub2", b"sub3")
+    _renamed_meanwhile(ops, "lookup_names", data, b"sub2", b"sub3")
     entry = _ll(ops, "lookup", sub, b"deep", _Ctx())
     assert not isinstance(entry, int), entry
     assert entry.st_ino == ofs.getattr(b"/data/sub3/deep")["st_ino"]
@@ -1650,7 +1680,7 @@ def test_a_request_under_a_directory_swapped_for_a_symlink_follows_it(overlays, 
     _renamed_meanwhile(ops, "getxattr", data, b"sub", b"sub2",
                        then=lambda: ofs.symlink(b"sub2", b"/data/sub"))
     assert _ll_getxattr(ops, deep, b"user.k") == b"v"
-    _renamed_meanwhile(ops, "create", data, b"sub2", b"sub3",
+    _renamed_meanwhile(ops, "create_stat", data, b"sub2", b"sub3",
                        then=lambda: ofs.symlink(b"sub3", b"/data/sub2"))
     created = _ll(ops, "create", dd, b"new", stat.S_IFREG | 0o644, os.O_WRONLY, _Ctx())
     assert not isinstance(created, int), created
@@ -1672,7 +1702,7 @@ def test_a_getattr_keeps_its_link_when_the_directory_moves(overlays, copy_up: st
         ofs.mkdir(b"/data/sub", 0o755)
         ofs.release(ofs.create(b"/data/sub/deep", 0o600))
 
-    _renamed_meanwhile(ops, "getattr_names", data, b"sub", b"sub2", then=replace)
+    _renamed_meanwhile(ops, "lookup_names", data, b"sub", b"sub2", then=replace)
     for _ in range(2):
         entry = _ll(ops, "getattr", deep, _Ctx())
         assert not isinstance(entry, int), entry

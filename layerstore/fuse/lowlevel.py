@@ -88,7 +88,7 @@ if TRANSPORT == "wire":
 else:
     import pyfuse3
 
-from ..errors import NoXattrError
+from ..errors import NoEntryError, NoXattrError
 from ..overlay.fs import FULL, KEEP_AFTER, OverlayFS
 from ..overlay.lower import MergedLowers, Send, node_stat
 from ..store.records import SYMLINK
@@ -282,6 +282,13 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         (``OverlayFS.getattr_names``)."""
         raise NotImplementedError
 
+    def _lookup_path(self, path: bytes, parent_ino: int | None = None) -> dict[str, int] | None:
+        """``_getattr_path``, or None where there is no entry."""
+        try:
+            return self._getattr_path(path, parent_ino)
+        except FileNotFoundError:
+            return None
+
     def _fgetattr(self, fh: int) -> dict[str, int]:
         raise NotImplementedError
 
@@ -444,9 +451,16 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     # --- lookups and attributes -------------------------------------------------------------
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        renames = self._renames
         try:
-            st = await self._in_dir(parent_inode, name, self._getattr_path)
+            st = await self._in_dir(parent_inode, name, self._lookup_path)
+            if st is None and (self._renaming or renames != self._renames):
+                # the path may have been made before a rename moved the name: made
+                # again, as for an ENOENT (``_in_dir``)
+                st = await self._in_dir(parent_inode, name, self._getattr_path)
         except FileNotFoundError:
+            st = None
+        if st is None:
             return self._negative()  # (renames all along: ENOENT, not cached)
         return self._found(parent_inode, name, st)
 
@@ -675,11 +689,20 @@ class LowLevelOperations(_Base):
         return await trio.to_thread.run_sync(functools.partial(fn, *args, **kwargs))
 
     def _getattr_path(self, path: bytes, parent_ino: int | None = None) -> dict[str, int]:
+        st = self._lookup_path(path, parent_ino)
+        if st is None:
+            raise NoEntryError(path)
+        return st
+
+    def _lookup_path(self, path: bytes, parent_ino: int | None = None) -> dict[str, int] | None:
         # the entry's xattr names, when the overlay's lookup had them, are kept for
         # getxattr: `ls -l` asks for security.selinux of every file (and so does a
         # chown, for security.capability), and a miss then needs no walk
         changes = self.fs.changes
-        st, names = self.fs.getattr_names(path, parent_ino)
+        got = self.fs.lookup_names(path, parent_ino)
+        if got is None:
+            return None
+        st, names = got
         if names is not None:
             self._keep_xattr_names(self.table.nodeid(st["st_ino"]), changes, names)
         return st
@@ -958,14 +981,9 @@ class LowLevelOperations(_Base):
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh = await self._in_dir(parent_inode, name, self.fs.create, mode, os.O_RDWR,
-                                uid=ctx.uid, gid=ctx.gid)
+        fh, st = await self._in_dir(parent_inode, name, self.fs.create_stat, mode, os.O_RDWR,
+                                    uid=ctx.uid, gid=ctx.gid)
         self._changed(parent_inode)
-        try:
-            st = await self._call(self.fs.fgetattr, fh)
-        except BaseException:
-            await self._call(self.fs.release, fh)
-            raise
         entry = self._found(parent_inode, name, st)
         self._learn_xattr_names(entry.st_ino, fh)
         return self._opened(entry.st_ino, fh, True), entry

@@ -59,7 +59,7 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -287,7 +287,8 @@ class OverlayFS:
                                       int | None | object]] = {}
         #: the parent ``Found`` of the last entry ``_find`` walked to (``_check_parent``)
         self._parent_seen: Found | None = None
-        self._root_st = os.fstat(self.upper_fd)
+        #: where each walk starts (never changed: the lowers and the root's type stay)
+        self._root = Found(b"/", os.fstat(self.upper_fd), self.lowers.resolve(b"/"), False, False)
         for name in os.listdir(self.work_fd):  # copy-ups a crash left half done
             if os.fsencode(name).startswith(TMP_PREFIX):
                 remove_tree_at(self.work_fd, os.fsencode(name))
@@ -322,12 +323,11 @@ class OverlayFS:
         """The merged entry at ``vpath``, None if there is none; ENOTDIR if a parent is
         not a directory. Requires ``_lock``."""
         parts = split_parts(vpath)
-        root_lower = self.lowers.resolve(b"/")
+        cur = self._root
         if not parts:
-            return Found(b"/", os.fstat(self.upper_fd), root_lower, False, False)
+            return Found(b"/", os.fstat(self.upper_fd), cur.lower, False, False)
         #: the upper directory of ``cur`` (-1: none): the root, or one in ``_dirs``
         fd = self.upper_fd
-        cur = Found(b"/", self._root_st, root_lower, False, False)
         last = len(parts) - 1
         for i, name in enumerate(parts):
             if not cur.is_dir:
@@ -808,7 +808,7 @@ class OverlayFS:
     def _make(self, vpath: bytes, make: Callable[[int, bytes], int | None],
               is_dir: bool = False, uid: int | None = None, gid: int | None = None,
               mode: int | None = None, new_inode: bool = True,
-              parent_ino: int | None = None) -> None:
+              parent_ino: int | None = None) -> os.stat_result | None:
         """Create a new entry with ``make(dir_fd, name)``: directly in the upper, or, over a
         whiteout, in the work directory and then swapped in. A new directory is opaque
         when made over a whiteout or in a directory that merges with a lower one, as the
@@ -816,8 +816,9 @@ class OverlayFS:
         in a setgid directory) and then ``mode`` again, since a chown clears setuid and
         setgid; ``new_inode=False`` (a hard link) leaves the inode alone. ``make`` may
         return an fd of the new regular file (which stays the caller's): its owner and
-        mode are then set through it, mode always. ``parent_ino``: what the parent
-        directory must be (``_lookup``). Requires ``_lock``."""
+        mode are then set through it, mode always, and its attributes are returned when
+        it was made in place (else None). ``parent_ino``: what the parent directory must
+        be (``_lookup``). Requires ``_lock``."""
         parent, name = _split(vpath)
         if name == b".":
             raise OverlayError(errno.EEXIST, vpath)
@@ -828,22 +829,37 @@ class OverlayFS:
         below = self.lowers.resolve(vpath) if merged_parent else None
         if pf.ust is None and below is not None:  # before the parent is copied up
             raise OverlayError(errno.EEXIST, vpath)
-        with self._dirfd(parent) as pfd:
-            st = lstat_at(pfd, name)
-            if st is not None and not is_whiteout(st) or st is None and below is not None:
-                raise OverlayError(errno.EEXIST, vpath)
-            pst = os.fstat(pfd)
+        # the parent's fd: the walk cache's (the ``_lookup_dir`` above put an upper
+        # directory there; nothing below walks, so nothing closes it), else a copy-up
+        hit = self._dirs.get(parent)
+        cached = self.upper_fd if parent == b"/" else -1 if hit is None else hit[0]
+        with self._dirfd(parent) if cached < 0 else nullcontext(cached) as pfd:
+            pst = pf.ust if pf.ust is not None else os.fstat(pfd)  # (ust: just read)
             setgid = new_inode and bool(pst.st_mode & stat.S_ISGID)
             if setgid:  # BSD group semantics, as the kernel gives them in a setgid dir
                 gid = pst.st_gid
             if not new_inode:
                 uid = gid = mode = None
+            st = None
+            if below is None:
+                # no lower entry to hide: made at once; only a name that is there
+                # (EEXIST) is looked at, since it may be a whiteout
+                try:
+                    made = make(pfd, name)
+                except FileExistsError:
+                    st = lstat_at(pfd, name)
+                    if st is None or not is_whiteout(st):
+                        raise OverlayError(errno.EEXIST, vpath) from None
+            else:
+                st = lstat_at(pfd, name)
+                if st is None or not is_whiteout(st):
+                    raise OverlayError(errno.EEXIST, vpath)
             if st is None:
-                self._own(pfd, name, uid, gid, setgid and is_dir, mode, make(pfd, name))
+                made_st = self._own(pfd, name, uid, gid, setgid and is_dir, mode, made)
                 if is_dir and merged_parent:  # as the kernel: no lower lookups below it
                     os.setxattr(proc_path(pfd) + "/" + os.fsdecode(name), OPAQUE_XATTR, b"y",
                                 follow_symlinks=False)
-                return
+                return made_st
             tmp = self._tmp_name()
             wfd = self.work_fd
             try:
@@ -855,14 +871,15 @@ class OverlayFS:
                     os.rename(tmp, name, src_dir_fd=wfd, dst_dir_fd=pfd)
             finally:
                 remove_tree_at(wfd, tmp)
+            return None
 
     @staticmethod
     def _own(dfd: int, name: bytes, uid: int | None, gid: int | None, setgid_dir: bool,
-             mode: int | None, fd: int | None = None) -> None:
+             mode: int | None, fd: int | None = None) -> os.stat_result | None:
         """Give a new entry its owner, then its mode again (the chown cleared setuid and
         setgid); a directory made in a setgid directory is setgid. ``fd``: of the new
         regular file, to do it through: only the owner and mode that differ from what
-        it was made with (most creates need neither call)."""
+        it was made with (most creates need neither call); its attributes then."""
         if fd is not None:
             st = os.fstat(fd)
             chown = (uid is not None and st.st_uid != uid) or (gid is not None and st.st_gid != gid)
@@ -870,7 +887,8 @@ class OverlayFS:
                 os.chown(fd, -1 if uid is None else uid, -1 if gid is None else gid)
             if mode is not None and (chown or stat.S_IMODE(st.st_mode) != mode & 0o7777):
                 os.chmod(fd, mode & 0o7777)
-            return
+                return os.fstat(fd)
+            return os.fstat(fd) if chown else st
         if uid is not None or gid is not None:
             os.chown(name, -1 if uid is None else uid, -1 if gid is None else gid,
                      dir_fd=dfd, follow_symlinks=False)
@@ -884,6 +902,7 @@ class OverlayFS:
                 os.fchmod(fd, stat.S_IMODE(os.fstat(fd).st_mode) | stat.S_ISGID)
             finally:
                 os.close(fd)
+        return None
 
     @contextmanager
     def _leaf(self, vpath: bytes) -> Iterator[tuple[int, bytes]]:
@@ -917,14 +936,25 @@ class OverlayFS:
     def getattr(self, vpath: bytes, ino: int | None = None) -> dict[str, int]:
         return self._stat(self._lookup(vpath, ino))
 
-    @_locked
     def getattr_names(self, vpath: bytes, parent_ino: int | None = None
                       ) -> tuple[dict[str, int], list[bytes] | None]:
         """``getattr``, and the entry's xattr names as ``listxattr`` gives them if the
         lookup had them at hand (``_known_names``; else None). ``parent_ino``: the
         object the directory holding the entry must be (``_check_parent``), as in the
         calls below that make, remove or rename an entry."""
-        f = self._lookup(vpath)
+        got = self.lookup_names(vpath, parent_ino)
+        if got is None:
+            raise NoEntryError(vpath)
+        return got
+
+    @_locked
+    def lookup_names(self, vpath: bytes, parent_ino: int | None = None
+                     ) -> tuple[dict[str, int], list[bytes] | None] | None:
+        """``getattr_names``, or None where there is no entry: no exception for the
+        lookup of a new name, which each create begins with."""
+        f = self._find(vpath)
+        if f is None:
+            return None
         self._check_parent(vpath, parent_ino, walked=True)
         return self._stat(f), _known_names(f)
 
@@ -1056,12 +1086,18 @@ class OverlayFS:
         lazy = f.lazy if f.lazy is not None and not f.lazy.done else None
         return self._add_handle(_Handle(vpath, fd=fd, ino=f.origin, lazy=lazy))
 
-    @_changes
-    @_locked
     def create(self, vpath: bytes, mode: int, flags: int = os.O_RDWR,
                uid: int | None = None, gid: int | None = None,
                parent_ino: int | None = None) -> int:
         """Create a new regular file (EEXIST if the path exists: O_EXCL) and open it."""
+        return self.create_stat(vpath, mode, flags, uid, gid, parent_ino)[0]
+
+    @_changes
+    @_locked
+    def create_stat(self, vpath: bytes, mode: int, flags: int = os.O_RDWR,
+                    uid: int | None = None, gid: int | None = None,
+                    parent_ino: int | None = None) -> tuple[int, dict[str, int]]:
+        """``create``: the handle, and the new file's attributes (``fgetattr``'s)."""
         fds: list[int] = []
 
         def make(dfd: int, name: bytes) -> int:
@@ -1072,12 +1108,14 @@ class OverlayFS:
             return fd  # _make sets the mode through it (the daemon's umask is not the caller's)
 
         try:
-            self._make(vpath, make, uid=uid, gid=gid, mode=mode, parent_ino=parent_ino)
+            st = self._make(vpath, make, uid=uid, gid=gid, mode=mode, parent_ino=parent_ino)
+            if st is None:  # made in the work directory, then renamed (its ctime moved)
+                st = os.fstat(fds[0])
         except BaseException:
             for fd in fds:
                 os.close(fd)
             raise
-        return self._add_handle(_Handle(vpath, fd=fds[0], regular=True))
+        return self._add_handle(_Handle(vpath, fd=fds[0], regular=True)), stat_dict(st)
 
     def backing_fd(self, fh: int) -> int | None:
         """For FUSE passthrough: an fd (not to be closed) of a plain file that holds all

@@ -68,6 +68,13 @@ def check_name(name: bytes) -> bytes:
 
 def split_parts(vpath: bytes) -> list[bytes]:
     """Components of an absolute vpath (``b"/"`` -> ``[]``), each checked."""
+    if vpath == b"/":
+        return []
+    if type(vpath) is bytes and vpath[:1] == b"/":  # a normalized path: checked at once
+        parts = vpath[1:].split(b"/")
+        if (b"" not in parts and b"." not in parts and b".." not in parts
+                and b"\0" not in vpath and max(map(len, parts)) <= 255):
+            return parts
     if not isinstance(vpath, bytes) or not vpath.startswith(b"/"):
         raise OverlayError(errno.EINVAL, vpath)
     return [check_name(p) for p in vpath.split(b"/") if p]
