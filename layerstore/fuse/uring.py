@@ -96,6 +96,9 @@ _enter.restype = ctypes.c_long
 _enter.argtypes = [ctypes.c_long, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
                    ctypes.c_void_p, ctypes.c_size_t]
 _ZERO_SQE = bytes(SQE_SIZE)
+_U32 = struct.Struct("<I")
+_U64 = struct.Struct("<Q")
+_LEN_OP_UNIQUE = struct.Struct("<IIQ")
 
 
 def wanted() -> bool:
@@ -140,6 +143,17 @@ def _unmap(*maps: mmap.mmap) -> None:
             pass
 
 
+def cmd_sqe(fd: int, cmd_op: int, user_data: int, iov_addr: int, qid: int) -> bytes:
+    """An IORING_OP_URING_CMD SQE of FUSE (``iov_addr``: two iovecs) with
+    ``fuse_uring_cmd_req`` (flags 0, commit_id 0, ``qid``) in its command area: the
+    commit id goes in at offset 56 (``Ring.put``)."""
+    sqe = bytearray(SQE_SIZE)
+    struct.pack_into("<BBHiIIQIIQ", sqe, 0, OP_URING_CMD, 0, 0, fd, cmd_op, 0, iov_addr, 2,
+                     0, user_data)
+    struct.pack_into("<QQH", sqe, 48, 0, 0, qid)
+    return bytes(sqe)
+
+
 class Ring:
     """One io_uring with 128-byte SQEs, submitted to and reaped by one thread only."""
 
@@ -178,6 +192,8 @@ class Ring:
         self.cq_mask: int = struct.unpack_from("<I", self.rings, cq[2])[0]
         self.tail: int = struct.unpack_from("<I", self.rings, self.sq_tail)[0]
         self.pending = 0  #: SQEs written and not submitted yet
+        for i in range(sq_entries):  # the SQ array maps each slot to the SQE of its index
+            struct.pack_into("<I", self.rings, self.sq_array + 4 * i, i)
 
     def enable(self) -> None:
         """Start the ring, with the calling thread as its only submitter."""
@@ -189,14 +205,20 @@ class Ring:
     def _next_sqe(self, user_data: int) -> int:
         """The SQE at the tail, zeroed, with ``user_data``, queued for the next
         ``enter``: its offset in ``sqes``, for the caller to fill in."""
-        i = self.tail & self.sq_mask
-        at = i * SQE_SIZE
+        at = (self.tail & self.sq_mask) * SQE_SIZE
         self.sqes[at:at + SQE_SIZE] = _ZERO_SQE
         struct.pack_into("<Q", self.sqes, at + 32, user_data)
-        struct.pack_into("<I", self.rings, self.sq_array + 4 * i, i)
         self.tail = (self.tail + 1) & 0xFFFFFFFF
         self.pending += 1
         return at
+
+    def put(self, sqe: bytes, commit_id: int) -> None:
+        """Queue a copy of the SQE ``sqe`` (made by ``cmd_sqe``) with ``commit_id``."""
+        at = (self.tail & self.sq_mask) * SQE_SIZE
+        self.sqes[at:at + SQE_SIZE] = sqe
+        _U64.pack_into(self.sqes, at + 56, commit_id)
+        self.tail = (self.tail + 1) & 0xFFFFFFFF
+        self.pending += 1
 
     def prep_read(self, fd: int, user_data: int, addr: int, n: int) -> None:
         """Queue an IORING_OP_READ of ``n`` bytes into ``addr``."""
@@ -207,14 +229,11 @@ class Ring:
                  qid: int) -> None:
         """Queue an IORING_OP_URING_CMD of FUSE (``iov_addr``: two iovecs), with
         ``fuse_uring_cmd_req`` (flags 0, ``commit_id``, ``qid``) in the command area."""
-        at = self._next_sqe(user_data)
-        struct.pack_into("<BBHiIIQI", self.sqes, at, OP_URING_CMD, 0, 0, fd, cmd_op, 0,
-                         iov_addr, 2)
-        struct.pack_into("<QQH", self.sqes, at + 48, 0, commit_id, qid)
+        self.put(cmd_sqe(fd, cmd_op, user_data, iov_addr, qid), commit_id)
 
     def enter(self, wait: int) -> None:
         """Publish the SQEs written, submit them and wait for ``wait`` completions."""
-        struct.pack_into("<I", self.rings, self.sq_tail, self.tail)  # x86: stores in order
+        _U32.pack_into(self.rings, self.sq_tail, self.tail)  # x86: stores in order
         n, self.pending = self.pending, 0
         flags = ENTER_GETEVENTS if wait else 0
         while True:
@@ -230,14 +249,15 @@ class Ring:
 
     def reap(self) -> list[tuple[int, int]]:
         """The completions posted so far, as (user_data, res)."""
-        head = struct.unpack_from("<I", self.rings, self.cq_head)[0]
-        tail = struct.unpack_from("<I", self.rings, self.cq_tail)[0]
+        rings = self.rings
+        head = _U32.unpack_from(rings, self.cq_head)[0]
+        tail = _U32.unpack_from(rings, self.cq_tail)[0]
         out = []
         while head != tail:
-            ud, res, _ = CQE.unpack_from(self.rings, self.cqes + (head & self.cq_mask) * CQE.size)
+            ud, res, _ = CQE.unpack_from(rings, self.cqes + (head & self.cq_mask) * CQE.size)
             out.append((ud, res))
             head = (head + 1) & 0xFFFFFFFF
-        struct.pack_into("<I", self.rings, self.cq_head, head)
+        _U32.pack_into(rings, self.cq_head, head)
         return out
 
     def close(self) -> None:
@@ -252,25 +272,23 @@ class _Entry:
         self.header = mmap.mmap(-1, HEADER_SIZE)
         self.payload = mmap.mmap(-1, payload_size)
         self.payload_size = payload_size
+        self.hview, self.pview = memoryview(self.header), memoryview(self.payload)
         self.iov = bytearray(32)
         struct.pack_into("<QQQQ", self.iov, 0, _address(self.header), HEADER_SIZE,
                          _address(self.payload), payload_size)
         self.iov_addr = _address(self.iov)
         self.replied = False
 
-    def request(self) -> tuple[bytearray, int]:
+    def request(self) -> tuple[bytes, int, int]:
         """The request as ``/dev/fuse`` gives it (``fuse_in_header``, the fixed argument,
-        the rest), and its unique number."""
-        hdr = self.header
-        length, _op, unique = struct.unpack_from("<IIQ", hdr, 0)
-        psize = ENT_IN_OUT.unpack_from(hdr, ENT_IN_OUT_AT)[2]
+        the rest), its unique number and its opcode."""
+        hdr = self.hview
+        length, op, unique = _LEN_OP_UNIQUE.unpack_from(hdr, 0)
+        psize = _U32.unpack_from(hdr, ENT_IN_OUT_AT + 16)[0]  # fuse_uring_ent_in_out.payload_sz
         arg0 = max(0, min(length - IN_HEADER_SIZE - psize, ENT_IN_OUT_AT - OP_IN_AT))
-        req = bytearray(IN_HEADER_SIZE + arg0 + psize)
-        req[:IN_HEADER_SIZE] = hdr[:IN_HEADER_SIZE]
-        req[IN_HEADER_SIZE:IN_HEADER_SIZE + arg0] = hdr[OP_IN_AT:OP_IN_AT + arg0]
-        req[IN_HEADER_SIZE + arg0:] = self.payload[:psize]
-        struct.pack_into("<I", req, 0, len(req))
-        return req, unique
+        req = b"".join((_U32.pack(IN_HEADER_SIZE + arg0 + psize), hdr[4:IN_HEADER_SIZE],
+                        hdr[OP_IN_AT:OP_IN_AT + arg0], self.pview[:psize]))
+        return req, unique, op
 
     def reply(self, unique: int, error: int, pieces: list[bytes | memoryview]) -> None:
         if self.replied:  # as /dev/fuse refuses a second reply (ENOENT): the first stands
@@ -287,6 +305,8 @@ class _Entry:
         self.replied = True
 
     def close(self) -> None:
+        self.hview.release()
+        self.pview.release()
         _unmap(self.header, self.payload)
 
 
@@ -308,12 +328,21 @@ class Queue:
         self.helpers: ThreadPoolExecutor | None = None
         self.done: deque[tuple[int, int]] = deque()
         self.wake_buf = bytearray(8)
+        #: entry -> its COMMIT_AND_FETCH SQE (``cmd_sqe``), made at its first use
+        self.commits: dict[int, bytes] = {}
 
     def _cmd(self, dev_fd: int, op: int, i: int, commit_id: int = 0) -> None:
         """Queue REGISTER or COMMIT_AND_FETCH of entry ``i``."""
-        self.ring.prep_cmd(dev_fd, op, i, self.entries[i].iov_addr, commit_id, self.qid)
+        if op == CMD_COMMIT_AND_FETCH:
+            sqe = self.commits.get(i)
+            if sqe is None:
+                sqe = self.commits[i] = cmd_sqe(dev_fd, op, i, self.entries[i].iov_addr,
+                                                self.qid)
+            self.ring.put(sqe, commit_id)
+        else:
+            self.ring.prep_cmd(dev_fd, op, i, self.entries[i].iov_addr, commit_id, self.qid)
 
-    def serve(self, dev_fd: int, dispatch: Callable[[_Entry, bytearray, int], None],
+    def serve(self, dev_fd: int, dispatch: Callable[[_Entry, bytes, int], None],
               stopped: Callable[[], bool]) -> bool:
         """Register the entries, then answer what they bring until the connection ends
         (``dispatch(entry, request, unique)`` replies with ``entry.reply``). False if
@@ -364,10 +393,9 @@ class Queue:
                 if first:
                     log.debug("io_uring queue %d: first request", self.qid)
                     first = False
-                req, unique = e.request()
-                if (struct.unpack_from("<I", req, 4)[0] == FUSE_READ
-                        and struct.unpack_from("<I", req, IN_HEADER_SIZE + 16)[0]
-                        >= OFFLOAD_READ_FROM):
+                req, unique, op = e.request()
+                if (op == FUSE_READ
+                        and _U32.unpack_from(req, IN_HEADER_SIZE + 16)[0] >= OFFLOAD_READ_FROM):
                     # a streaming reader keeps its CPU busy: unpinned, this thread is
                     # woken on the other CPU for its next READs instead of waiting for
                     # the reader to sleep (``STREAM_HOLD``)
@@ -404,8 +432,8 @@ class Queue:
             return False
         return True
 
-    def _answer(self, e: _Entry, req: bytearray, unique: int,
-                dispatch: Callable[[_Entry, bytearray, int], None]) -> None:
+    def _answer(self, e: _Entry, req: bytes, unique: int,
+                dispatch: Callable[[_Entry, bytes, int], None]) -> None:
         e.replied = False
         try:
             dispatch(e, req, unique)
@@ -414,8 +442,8 @@ class Queue:
         if not e.replied:
             e.reply(unique, -errno.EIO, [])
 
-    def _answer_elsewhere(self, ud: int, e: _Entry, req: bytearray, unique: int,
-                          dispatch: Callable[[_Entry, bytearray, int], None]) -> None:
+    def _answer_elsewhere(self, ud: int, e: _Entry, req: bytes, unique: int,
+                          dispatch: Callable[[_Entry, bytes, int], None]) -> None:
         self._answer(e, req, unique, dispatch)
         self.done.append((ud, unique))
         os.eventfd_write(self.wake, 1)

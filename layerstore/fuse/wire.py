@@ -615,7 +615,7 @@ class _Session:
             os._exit(1)
 
     def _serve_queue(self, q: uring.Queue) -> None:
-        def dispatch(entry: uring._Entry, req: bytearray, unique: int) -> None:
+        def dispatch(entry: uring._Entry, req: bytes, unique: int) -> None:
             self.current.req = (entry, unique)
             try:
                 self._dispatch(memoryview(req))
