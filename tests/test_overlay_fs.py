@@ -1210,9 +1210,9 @@ def _ll_getxattr(ops: Any, ino: int, name: bytes) -> bytes | int:
 
 def test_a_new_files_attribute_names_come_with_its_create(ofs: OverlayFS, monkeypatch):
     """The kernel asks for security.capability before the first write to a new file.
-    lowlevel.py answers it from the names its CREATE read off the new file, without a
-    walk to it; an ACL the upper gave the file (its directory's default ACL) is among
-    those names and is read."""
+    lowlevel.py answers it without a walk or a listing (a new file has none until a
+    setxattr, which is a change); an ACL the upper gave the file (its directory's
+    default ACL) is found, and a capability set after the create is read."""
     import struct
 
     import trio
@@ -1241,6 +1241,11 @@ def test_a_new_files_attribute_names_come_with_its_create(ofs: OverlayFS, monkey
     assert walks == []
     inherited = os.getxattr(f"/proc/self/fd/{ofs.upper_fd}/tmp/acl/new", "system.posix_acl_access")
     assert _ll_getxattr(ops, ino, b"system.posix_acl_access") == inherited
+    # a capability set on a new file, the kernel's question right after is answered by it
+    cap = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # cap_net_bind_service
+    ino2 = trio.run(create, b"new2")
+    trio.run(ops.setxattr, ino2, b"security.capability", cap, _Ctx())
+    assert _ll_getxattr(ops, ino2, b"security.capability") == cap
 
 
 @pytest.mark.parametrize("copy_up", [FULL, META])

@@ -104,6 +104,11 @@ TIMEOUT = 86400.0
 XATTR_NAMES_KEPT = 65536
 #: the names of a node that has no xattrs (most have none: one set for all of them)
 _NO_NAMES: frozenset[bytes] = frozenset()
+#: in place of a node's attribute names: a file this mount just created, whose names
+#: were not listed (an inherited ACL or a security label may be there), but which has
+#: no file capability: nothing sets one but a setxattr, a change
+_NEW_FILE: frozenset[bytes] = frozenset([b"(new file)"])
+_CAPABILITY = b"security.capability"
 #: renameat2 flags
 RENAME_NOREPLACE = 1
 #: the kernel's writeback cache on the writable mount (``LAYERSTORE_FUSE_WRITEBACK=0|1``)
@@ -812,12 +817,15 @@ class LowLevelOperations(_Base):
         # the misses that follow while nothing changed through the mount
         changes = self.fs.changes
         known = self._xattr_names.get(inode)
-        if known is not None and known[0] == changes and name not in known[1]:
+        if known is not None and known[0] != changes or known is not None and \
+                known[1] is _NEW_FILE and name != _CAPABILITY:
+            known = None
+        if known is not None and name not in known[1]:
             raise pyfuse3.FUSEError(errno.ENODATA)
         try:
             return await self._on_node(inode, self.fs.getxattr, name)  # type: ignore[no-any-return]
         except OSError as exc:
-            if exc.errno != errno.ENODATA or known is not None and known[0] == changes:
+            if exc.errno != errno.ENODATA or known is not None:
                 raise
             if isinstance(exc, NoXattrError):
                 names = exc.names  # what the overlay's lookup listed
@@ -834,7 +842,8 @@ class LowLevelOperations(_Base):
         was ``changes`` (taken before they were read)."""
         if len(self._xattr_names) >= XATTR_NAMES_KEPT:
             self._xattr_names.clear()
-        self._xattr_names[inode] = (changes, frozenset(names) if names else _NO_NAMES)
+        self._xattr_names[inode] = (changes, names if names is _NEW_FILE
+                                    else frozenset(names) if names else _NO_NAMES)
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
@@ -981,11 +990,13 @@ class LowLevelOperations(_Base):
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: Any) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        fh, st = await self._in_dir(parent_inode, name, self.fs.create_stat, mode, os.O_RDWR,
-                                    uid=ctx.uid, gid=ctx.gid)
+        fh, st, changes = await self._in_dir(parent_inode, name, self.fs.create_stat, mode,
+                                             os.O_RDWR, uid=ctx.uid, gid=ctx.gid)
         self._changed(parent_inode)
         entry = self._found(parent_inode, name, st)
-        self._learn_xattr_names(entry.st_ino, fh)
+        # the kernel asks for its security.capability before the first write (one
+        # flistxattr less per create: what a getxattr of another name needs is listed then)
+        self._keep_xattr_names(entry.st_ino, changes, _NEW_FILE)
         return self._opened(entry.st_ino, fh, True), entry
 
     def _learn_xattr_names(self, inode: int, fh: int) -> None:

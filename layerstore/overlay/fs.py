@@ -1092,12 +1092,13 @@ class OverlayFS:
         """Create a new regular file (EEXIST if the path exists: O_EXCL) and open it."""
         return self.create_stat(vpath, mode, flags, uid, gid, parent_ino)[0]
 
-    @_changes
     @_locked
     def create_stat(self, vpath: bytes, mode: int, flags: int = os.O_RDWR,
                     uid: int | None = None, gid: int | None = None,
-                    parent_ino: int | None = None) -> tuple[int, dict[str, int]]:
-        """``create``: the handle, and the new file's attributes (``fgetattr``'s)."""
+                    parent_ino: int | None = None) -> tuple[int, dict[str, int], int]:
+        """``create``: the handle, the new file's attributes (``fgetattr``'s), and the
+        value ``changes`` took with it: taken under the lock, so a change to the new
+        file (which waits for the lock) gives a later one."""
         fds: list[int] = []
 
         def make(dfd: int, name: bytes) -> int:
@@ -1115,7 +1116,10 @@ class OverlayFS:
             for fd in fds:
                 os.close(fd)
             raise
-        return self._add_handle(_Handle(vpath, fd=fds[0], regular=True)), stat_dict(st)
+        finally:
+            self._changed()  # (as ``_changes``, but before the lock is released)
+        return self._add_handle(_Handle(vpath, fd=fds[0], regular=True)), stat_dict(st), \
+            self.changes
 
     def backing_fd(self, fh: int) -> int | None:
         """For FUSE passthrough: an fd (not to be closed) of a plain file that holds all
