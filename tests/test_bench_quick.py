@@ -84,3 +84,18 @@ def test_retire_keeps_an_emptied_directory_until_cleanup(tmp_path: Path) -> None
         out = subprocess.run(["lsattr", "-d", str(tmp_path)], capture_output=True, text=True,
                              check=True)
         assert "T" in out.stdout.split()[0]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the overlay writes trusted.* xattrs: root")
+def test_handler_costs_runs(tmp_path: Path) -> None:
+    """``benchmarks/handler_costs.py`` (the five requests of a create, fed to the
+    session's dispatcher without a mount) runs, checks its replies, cleans up, and
+    prints a median for each request."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "handler_costs.py"
+    proc = subprocess.run([sys.executable, str(script), "--files", "50", "--dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for op in ("GETATTR", "LOOKUP", "CREATE", "GETXATTR", "RELEASE"):
+        assert any(line.startswith(op) and line.endswith(" us") for line in
+                   proc.stdout.splitlines()), (op, proc.stdout)
+    assert os.listdir(tmp_path) == []  # the scratch store and upper are gone
