@@ -199,5 +199,6 @@ def import_layer(store: Store, layer: LayerSource, progress: Progress,
         content_size=result.builder.content_size(), entry_count=len(result.builder.entries),
         tarsplit=result.tarsplit_digest, created=0.0,
         sources=[[layer.media_type, layer.digest or "", blob_size]],
+        links=result.builder.link_groups(),
     )
     return diff_id, PreparedLayer(rec, encode_entries(result.builder))

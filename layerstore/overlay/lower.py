@@ -267,9 +267,17 @@ class StoreLayers:
         return self.records[layer].diff_id.encode()
 
     def _group_map(self, layer: int) -> dict[int, list[bytes]]:
-        """Hard-link group -> its paths, for one layer (scanned once, the first time)."""
+        """Hard-link group -> its paths, for one layer: from its record, or, in a
+        record written before session 17, from a walk of the layer (once, the first
+        time; ~36 ms for a 5,000-entry layer, in the request that met the first hard
+        link)."""
         with self._lock:
             groups = self._groups.get(layer)
+        recorded = self.records[layer].links
+        if groups is None and recorded is not None:
+            groups = recorded
+            with self._lock:
+                self._groups[layer] = groups
         if groups is None:
             groups = {}
             env = self.store.env

@@ -25,7 +25,7 @@ from .chunks import decode_chunk
 from .filecache import FileCache
 from .gc import mark
 from .layers import iter_layer_values
-from .records import REG, ContainerRecord, Entry, FileRecord, ImageRecord, LayerRecord
+from .records import REG, WHITEOUT, ContainerRecord, Entry, FileRecord, ImageRecord, LayerRecord
 from .tarsplit import iter_frames
 from .txn import Env
 
@@ -142,6 +142,7 @@ def check_store(env: Env, tick: Callable[[int], None] | None = None) -> CheckRes
                 else:
                     _check_tarsplit(txn, env, rec_l, file_size, bad)
                 count = 0
+                groups: dict[int, int] = {}  # hard-link group -> entries in it
                 for ev in iter_layer_values(txn, env, rec_l.layer_no):
                     count += 1
                     try:
@@ -151,8 +152,13 @@ def check_store(env: Env, tick: Callable[[int], None] | None = None) -> CheckRes
                         continue
                     if e.type == REG and e.size and file_size.get(e.digest) != e.size:
                         bad(f"layer {name}: file content {e.digest.hex()[:16]} missing or damaged")
+                    if e.link_group and e.type != WHITEOUT:
+                        groups[e.link_group] = groups.get(e.link_group, 0) + 1
                 if count != rec_l.entry_count:
                     bad(f"layer {name}: has {count} entries, its record says {rec_l.entry_count}")
+                if rec_l.links is not None and \
+                        {g: len(p) for g, p in rec_l.links.items()} != groups:
+                    bad(f"layer {name}: the hard links its record lists are not its entries'")
         # where files' chunks lie (a hint readers use at the current generation)
         for msg in places.check(txn, env):
             bad(msg)

@@ -242,6 +242,14 @@ class LayerBuilder:
                 total += e.size
         return total
 
+    def link_groups(self) -> dict[int, list[bytes]]:
+        """Hard-link group -> its paths, sorted (``LayerRecord.links``)."""
+        groups: dict[int, list[bytes]] = {}
+        for vpath, e in sorted(self.entries.items()):
+            if e.link_group and e.type != WHITEOUT:
+                groups.setdefault(e.link_group, []).append(vpath)
+        return groups
+
     def content_digests(self) -> set[bytes]:
         return {e.digest for e in self.entries.values() if e.digest}
 

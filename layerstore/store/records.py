@@ -181,13 +181,18 @@ class LayerRecord:
     tarsplit: bytes  #: blake3 of the tar header stream (a ``files`` record)
     created: float
     sources: list[list[Any]] = field(default_factory=list)  #: [media type, digest, size] seen
+    #: the layer's hard-link groups: group (``Entry.link_group``) -> its paths, so that
+    #: a mount knows a hard link's count without walking the layer; None in records
+    #: written before session 17 (the mount walks the layer then, once)
+    links: dict[int, list[bytes]] | None = None
 
     def encode(self) -> bytes:
-        return msgpack.packb(
-            [LAYER_VERSION, self.diff_id, self.layer_no, self.tar_size, self.content_size,
-             self.entry_count, self.tarsplit, self.created, self.sources],
-            use_bin_type=True,
-        )
+        fields = [LAYER_VERSION, self.diff_id, self.layer_no, self.tar_size,
+                  self.content_size, self.entry_count, self.tarsplit, self.created,
+                  self.sources]
+        if self.links is not None:
+            fields.append(self.links)
+        return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> LayerRecord:
