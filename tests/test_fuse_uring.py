@@ -133,3 +133,19 @@ def test_same_as_kernel_overlayfs_over_io_uring(demo, cli, root: Path, mnt: Path
     enable_uring(True)
     rw.test_same_as_kernel_overlayfs_through_fuse(demo, cli, root, mnt, tmp_path, copy_up,
                                                   metacopy)
+
+
+@pytest.mark.parametrize("which", ["refused", "readers"])
+def test_writers_and_readers_of_a_lower_copy_over_io_uring(demo, cli, root: Path, mnt: Path,
+                                                           enable_uring, which: str):
+    """The file cache's writer rules over io_uring (``test_file_cache``): an open for
+    writing that waits for the readers of a lower file's copy to close gets their
+    RELEASEs, which come through the same queue (the queue's thread hands such an OPEN
+    to a helper: before, it waited there for 0.2 s and was refused with ETXTBSY)."""
+    import test_file_cache as fc
+
+    enable_uring(True)
+    if which == "refused":
+        fc.test_a_copy_up_while_the_copy_is_read_is_refused(demo, cli, root, mnt)
+    else:
+        fc.test_readers_that_keep_coming_do_not_shut_a_writer_out(demo, cli, root, mnt)

@@ -343,10 +343,14 @@ class Queue:
             self.ring.prep_cmd(dev_fd, op, i, self.entries[i].iov_addr, commit_id, self.qid)
 
     def serve(self, dev_fd: int, dispatch: Callable[[_Entry, bytes, int], None],
-              stopped: Callable[[], bool]) -> bool:
+              stopped: Callable[[], bool],
+              may_wait: Callable[[int, bytes], bool] | None = None) -> bool:
         """Register the entries, then answer what they bring until the connection ends
         (``dispatch(entry, request, unique)`` replies with ``entry.reply``). False if
-        the queue stopped on an error while the connection lives on."""
+        the queue stopped on an error while the connection lives on. A request for
+        which ``may_wait(opcode, request)`` is true is answered by a helper thread: it
+        may wait for other requests of this queue (a RELEASE), which this thread must
+        go on answering meanwhile."""
         allowed = os.sched_getaffinity(0)
         can_pin = pinned = self._pin({self.qid})  # not in a cpuset without this CPU
         streaming_until = 0.0
@@ -406,9 +410,10 @@ class Queue:
                                   self.qid)
                     if self.helpers is None:
                         log.debug("io_uring queue %d: first large READ, to a helper", self.qid)
-                        self.helpers = ThreadPoolExecutor(2, f"fuse-uring-{self.qid}-read",
-                                                          self._helper_start, (allowed,))
-                    self.helpers.submit(self._answer_elsewhere, ud, e, req, unique, dispatch)
+                    self._offload(ud, e, req, unique, dispatch, allowed)
+                    continue
+                if may_wait is not None and may_wait(op, req):
+                    self._offload(ud, e, req, unique, dispatch, allowed)
                     continue
                 if can_pin and not pinned and time.monotonic() > streaming_until:
                     pinned = self._pin({self.qid})
@@ -418,6 +423,14 @@ class Queue:
         with contextlib.suppress(OSError):
             ring.enter(0)  # the replies of the last round (stopped meanwhile)
         return True
+
+    def _offload(self, ud: int, e: _Entry, req: bytes, unique: int,
+                 dispatch: Callable[[_Entry, bytes, int], None], cpus: set[int]) -> None:
+        """Have a helper thread answer entry ``ud``'s request (``_answer_elsewhere``)."""
+        if self.helpers is None:
+            self.helpers = ThreadPoolExecutor(2, f"fuse-uring-{self.qid}-help",
+                                              self._helper_start, (cpus,))
+        self.helpers.submit(self._answer_elsewhere, ud, e, req, unique, dispatch)
 
     def _helper_start(self, cpus: set[int]) -> None:
         """A READ helper: its own name (not its creator's), on any CPU."""

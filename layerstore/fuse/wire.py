@@ -624,7 +624,7 @@ class _Session:
 
         try:
             try:
-                ended = q.serve(self.fd, dispatch, lambda: self.stopped)
+                ended = q.serve(self.fd, dispatch, lambda: self.stopped, self._may_wait)
             except Exception:
                 log.exception("io_uring queue %d failed", q.qid)
                 ended = False
@@ -632,6 +632,20 @@ class _Session:
                 self._queue_failed(q.qid)
         finally:
             q.close()
+
+    def _may_wait(self, opcode: int, req: bytes) -> bool:
+        """Whether a request (as ``_dispatch`` takes it) may wait for other requests:
+        an OPEN or a SETATTR of a node open in passthrough on a copy of its lower data,
+        or one that a writer waits for (``_Passthrough.writer``, ``writer_first``). An
+        io_uring queue has such a request answered by a helper thread, since the
+        RELEASEs it waits for come through the same queue. (Read without the lock: at
+        worst a request waits in the queue's thread, as all did before.)"""
+        if opcode != OPEN and opcode != SETATTR:
+            return False
+        nodeid = IN_HEADER.unpack_from(req)[3]
+        p = self.passthrough
+        node = p.nodes.get(nodeid)
+        return bool(node is not None and node[2] or p.waiting.get(nodeid))
 
     def _warm_up(self) -> None:
         """Before the mount goes live (INIT is answered after this): run the requests a
