@@ -429,3 +429,40 @@ def test_readers_that_keep_coming_do_not_shut_a_writer_out(demo, cli, root: Path
                 t.join(30)
         assert not errors, errors
         assert blob.read_bytes() == lower + b"END"
+
+
+@mounting
+def test_prefetch_fills_the_cache_for_a_first_read(demo, cli, root: Path, mnt: Path,
+                                                   monkeypatch):
+    """``layerstore prefetch IMAGE|CONTAINER`` copies the image's files of 1 MiB or more
+    into the file cache at once, so that even the first open through a fresh mount is
+    passed through to the kernel; small files stay out, a second run finds the copies,
+    a budget too small for a file leaves it out (and says so), and bad input is one
+    line and a non-zero exit."""
+    import re
+
+    got = cli("prefetch", "demo:app")
+    m = re.match(r"copied (\d+) files .* 0 \(0B\) were there", got.stdout)
+    assert m and int(m.group(1)) >= 1, got.stdout
+    copied, cached = int(m.group(1)), FileCache(root).usage()
+    assert cached[0] == copied
+    with _mounted(cli, mnt):
+        with _retry(lambda: _opened_and_passed_through(root, cli, "c1", mnt / BLOB)) as f:
+            assert len(f.read()) >= MiB  # its first open: the kernel reads the copy
+        with open(mnt / SMALL, "rb") as f:
+            assert _read_while_stopped(root, cli, "c1", f.fileno()) is None
+    assert FileCache(root).usage() == cached  # the mount made no other copy
+    got = cli("prefetch", "c1")  # a container: its image
+    assert got.stdout.startswith("copied 0 files") and f"; {copied} (" in got.stdout, got.stdout
+    cli("gc", "--drop-file-cache")
+    monkeypatch.setenv("LAYERSTORE_FILE_CACHE", str(MiB - 1))  # less than any such file
+    got = cli("prefetch", "demo:app")
+    assert "copied 0 files" in got.stdout and "did not fit" in got.stdout, got.stdout
+    assert FileCache(root).usage() == (0, 0)
+    for args, env, code in ((["nosuch:1"], {}, 5), (["demo:app"], {"LAYERSTORE_FILE_CACHE": "0"}, 2),
+                            (["demo:app"], {"LAYERSTORE_FILE_CACHE": "lots"}, 2)):
+        monkeypatch.delenv("LAYERSTORE_FILE_CACHE", raising=False)
+        got = cli("prefetch", *args, check=False, env=env)
+        assert got.returncode == code, (args, env, got.stderr)
+        assert len(got.stderr.strip().splitlines()) == 1 and "Traceback" not in got.stderr
+    assert cli("check").returncode == 0

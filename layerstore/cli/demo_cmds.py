@@ -60,6 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if os.path.exists("/dev/fuse"):
         mnt = work / "mnt"
         mnt.mkdir()
+        run("prefetch", "demo:app")  # its big files read by the kernel from the first read
         run("create", "demo:app", "--name", "demo")
         run("mount", "demo", str(mnt))
         try:

@@ -28,6 +28,7 @@ This module imports neither fusepy nor anything above ``store``.
 
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import stat
@@ -899,6 +900,19 @@ def _pwrite_all(fd: int, bufs: list[memoryview | bytes], off: int) -> int:
     return off
 
 
+@dataclass
+class Prefetched:
+    """What ``MergedLowers.prefetch`` did: files (and their bytes) copied into the file
+    cache, found there already, and left out for want of room in its budget."""
+
+    copied: int = 0
+    copied_bytes: int = 0
+    had: int = 0
+    had_bytes: int = 0
+    skipped: int = 0
+    skipped_bytes: int = 0
+
+
 class MergedLowers:
     """The merged, read-only tree of a stack of layers (see the module docstring)."""
 
@@ -1039,6 +1053,48 @@ class MergedLowers:
         keep = getattr(self.layers, "keep", None)
         if keep is not None and node.entry.type == REG:
             keep(node.layer, node.vpath, node.entry)
+
+    def prefetch(self, tick: Callable[[int], None] | None = None) -> Prefetched:
+        """Copy every big regular file the view shows (``FILL_FROM`` bytes and up) into
+        the store's file cache now (``layerstore prefetch``), so that a mount passes
+        even its first read through to the kernel instead of serving it from the
+        chunks. Up to the cache's budget, the copies already there counted in it (and
+        touched, so that they are the last to leave); a file that does not fit what
+        is left is skipped. ``tick(n)``: bytes copied."""
+        fc: FileCache | None = getattr(self.layers, "file_cache", None)
+        copy = getattr(self.layers, "copy_to", None)
+        out = Prefetched()
+        if fc is None or copy is None or not fc.enabled:
+            return out
+        room = fc.budget
+        seen: set[bytes] = set()  # one copy per content (hard links, equal files)
+        dirs = [b"/"]
+        while dirs:
+            d = dirs.pop()
+            for name, node in reversed(self.listdir(d)):
+                e = node.entry
+                if e.type == DIR:
+                    dirs.append(join_vpath(d, name))
+                if e.type != REG or e.size < FILL_FROM or not e.digest or e.digest in seen:
+                    continue
+                seen.add(e.digest)
+                fd = fc.open(e.digest, e.size)  # (touches it)
+                if fd is not None:
+                    os.close(fd)
+                    out.had += 1
+                    out.had_bytes += e.size
+                    room -= e.size
+                elif e.size > room:
+                    out.skipped += 1
+                    out.skipped_bytes += e.size
+                else:
+                    fc.fill(e.digest, e.size, functools.partial(copy, node.layer, node.vpath, e))
+                    out.copied += 1
+                    out.copied_bytes += e.size
+                    room -= e.size
+                    if tick is not None:
+                        tick(e.size)
+        return out
 
     def close(self) -> bool:
         """Close the layers; False (and ``closed_quietly``) if a copy for the file
