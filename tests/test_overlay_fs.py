@@ -37,6 +37,7 @@ from layerstore.overlay.lower import MergedLowers, StoreLayers
 from layerstore.overlay.upper import METACOPY_XATTR, OPAQUE_XATTR, ORIGIN_XATTR, REDIRECT_XATTR
 from layerstore.store import Store
 from layerstore.store.images import resolve
+from layerstore.store.records import DIR, join_vpath
 
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (trusted.* xattrs, mknod, chown)")
@@ -623,6 +624,32 @@ def test_a_hard_links_count_comes_from_its_layer_record(overlays: Overlays, monk
     got = run_cli("check", root=root, check=False)
     assert got.returncode != 0 and "hard links" in got.stdout + got.stderr
     store.env.write(lambda txn: txn.put(key, rec.encode(), db=layers_db))
+
+
+@pytest.mark.parametrize("ref", ["demo:app", "demo:base", "meta:1"])
+def test_a_listing_merges_its_children_as_lookups_do(overlays: Overlays, ref: str):
+    """``MergedLowers.listdir`` merges each child from the layers' listings (one decode
+    of each entry, session 17); a lookup of each path in a view that listed nothing
+    gives the same nodes: entry, inode number, link count, directory layers."""
+    with overlays.store.env.read() as txn:
+        img = resolve(txn, overlays.store.env, ref)
+    listed = MergedLowers(StoreLayers(overlays.store, img.diff_ids))
+    looked = MergedLowers(StoreLayers(overlays.store, img.diff_ids))
+    dirs, seen = [b"/"], 0
+    while dirs:
+        d = dirs.pop()
+        for name, node in listed.listdir(d):
+            path = join_vpath(d, name)
+            other = looked.resolve(path)
+            assert other is not None, path
+            assert (node.vpath, node.entry, node.ino, node.nlink, node.layer, node.dir_layers) \
+                == (other.vpath, other.entry, other.ino, other.nlink, other.layer,
+                    other.dir_layers), path
+            assert listed.resolve(path) is node  # the listing's node is the one kept
+            seen += 1
+            if node.entry.type == DIR:
+                dirs.append(path)
+    assert seen > 5
 
 
 def msgpack_unpack(data: bytes) -> Any:

@@ -900,6 +900,9 @@ def _pwrite_all(fd: int, bufs: list[memoryview | bytes], off: int) -> int:
     return off
 
 
+_UNSEEN: Any = object()  #: not resolved yet (``MergedLowers._nodes`` holds None for "none")
+
+
 @dataclass
 class Prefetched:
     """What ``MergedLowers.prefetch`` did: files (and their bytes) copied into the file
@@ -945,17 +948,24 @@ class MergedLowers:
 
     def _resolve(self, vpath: bytes) -> Node | None:
         if vpath == b"/":
-            candidates = range(len(self.layers))
+            candidates: Sequence[int] = range(len(self.layers))
         else:
             parent_path, _ = split_vpath(vpath)
             parent = self.resolve(parent_path)
             if parent is None or parent.entry.type != DIR:
                 return None
-            candidates = parent.dir_layers  # type: ignore[assignment]
+            candidates = parent.dir_layers
+        return self._merge(vpath, candidates, lambda li: self.layers.lookup(li, vpath))
+
+    def _merge(self, vpath: bytes, candidates: Sequence[int],
+               entry_of: Callable[[int], Entry | None]) -> Node | None:
+        """The node at ``vpath`` from its entry in each layer that may have it
+        (``candidates``, top first: its parent's directory layers), as ``entry_of(layer)``
+        gives them (None: the layer has none)."""
         dir_layers: list[int] = []
         attrs: Entry | None = None
         for li in candidates:
-            e = self.layers.lookup(li, vpath)
+            e = entry_of(li)
             if e is None:
                 continue
             if e.type == WHITEOUT:
@@ -974,7 +984,7 @@ class MergedLowers:
             if vpath == b"/":
                 return Node(vpath, ROOT_ENTRY, ino_of(b"d", vpath), dir_layers=[])
             return None
-        entry = attrs or self.layers.lookup(dir_layers[0], vpath) or ROOT_ENTRY
+        entry = attrs or entry_of(dir_layers[0]) or ROOT_ENTRY
         return Node(vpath, entry, self._ino(vpath, dir_layers[0], entry), dir_layers=dir_layers)
 
     def lookup(self, vpath: bytes) -> Node:
@@ -999,13 +1009,24 @@ class MergedLowers:
         if node.entry.type != DIR:
             raise OverlayError(20, vpath)  # ENOTDIR
         names: dict[bytes, bool] = {}  # name -> visible (False: hidden by a whiteout)
+        listed: dict[int, dict[bytes, Entry]] = {}  # layer -> its entries here
         for li in node.dir_layers:
-            for name, e in self.layers.list(li, vpath):
+            entries = listed[li] = dict(self.layers.list(li, vpath))
+            for name, e in entries.items():
                 if name not in names:
                     names[name] = e.type != WHITEOUT
         out = []
         for name in sorted(n for n, visible in names.items() if visible):
-            child = self.resolve(join_vpath(vpath, name))
+            # each child merged from the listings (as ``resolve`` would from a lookup in
+            # each layer: one decode of each entry, not two)
+            path = join_vpath(vpath, name)
+            with self._lock:
+                child = self._nodes.get(path, _UNSEEN)
+            if child is _UNSEEN:
+                child = self._merge(path, node.dir_layers,
+                                    lambda li, n=name: listed[li].get(n))  # type: ignore[misc]
+                with self._lock:
+                    child = self._nodes.setdefault(path, child)
             if child is not None:
                 out.append((name, child))
         return out
