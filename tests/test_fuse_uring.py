@@ -149,3 +149,59 @@ def test_writers_and_readers_of_a_lower_copy_over_io_uring(demo, cli, root: Path
         fc.test_a_copy_up_while_the_copy_is_read_is_refused(demo, cli, root, mnt)
     else:
         fc.test_readers_that_keep_coming_do_not_shut_a_writer_out(demo, cli, root, mnt)
+
+
+@pytest.mark.parametrize("readers", [3, 5])
+def test_a_writer_is_not_shut_out_when_readers_fill_the_queue(demo, cli, root: Path,
+                                                              mnt: Path, enable_uring,
+                                                              readers: int):
+    """One CPU, one queue of four entries: an open for writing waits (in a helper) for
+    the last reader of a lower file's copy to close, while ``readers`` new readers
+    come and wait for it. Those may hold only all but one entry, so the RELEASE it
+    waits for still comes in (a review found: with three readers every entry was
+    held, and the writer got ETXTBSY every time)."""
+    import errno
+    import threading
+
+    import test_file_cache as fc
+
+    enable_uring(True)
+    os.sched_setaffinity(0, {0})
+    try:
+        with fc._mounted(cli, mnt):
+            blob = mnt / fc.BLOB
+            fc._wait_cached(root, blob.read_bytes())
+            results = []
+            for _ in range(3):  # (a busy machine: a reader may miss the writer's window)
+                holder = fc._retry(lambda: fc._opened_and_passed_through(root, cli, "c1",
+                                                                         blob))
+                got: dict = {}
+
+                def writer(got: dict = got) -> None:
+                    try:
+                        os.close(os.open(blob, os.O_RDWR))
+                        got["w"] = "ok"
+                    except OSError as exc:
+                        got["w"] = errno.errorcode[exc.errno]
+
+                def reader(i: int, got: dict = got) -> None:
+                    with open(blob, "rb") as f:
+                        got[i] = len(f.read(10))
+
+                w = threading.Thread(target=writer)
+                w.start()
+                time.sleep(0.03)
+                rs = [threading.Thread(target=reader, args=(i,)) for i in range(readers)]
+                for t in rs:
+                    t.start()
+                time.sleep(0.03)
+                holder.close()
+                for t in (w, *rs):
+                    t.join(30)
+                assert all(got.get(i) == 10 for i in range(readers)), got
+                results.append(got["w"])
+                if got["w"] == "ok":
+                    break
+            assert results[-1] == "ok", results
+    finally:
+        os.sched_setaffinity(0, set(range(os.cpu_count() or 1)))

@@ -328,6 +328,8 @@ class Queue:
         self.helpers: ThreadPoolExecutor | None = None
         self.done: deque[tuple[int, int]] = deque()
         self.wake_buf = bytearray(8)
+        #: entries whose requests are with the helpers (not answered yet)
+        self.in_helpers = 0
         #: entry -> its COMMIT_AND_FETCH SQE (``cmd_sqe``), made at its first use
         self.commits: dict[int, bytes] = {}
 
@@ -376,6 +378,7 @@ class Queue:
                 if ud == _WAKE:  # helpers answered: commit their entries
                     while self.done:
                         i, unique = self.done.popleft()
+                        self.in_helpers -= 1
                         self._cmd(dev_fd, CMD_COMMIT_AND_FETCH, i, unique)
                     ring.prep_read(self.wake, _WAKE, wake_addr, 8)
                     continue
@@ -412,7 +415,10 @@ class Queue:
                         log.debug("io_uring queue %d: first large READ, to a helper", self.qid)
                     self._offload(ud, e, req, unique, dispatch, allowed)
                     continue
-                if may_wait is not None and may_wait(op, req):
+                if (may_wait is not None and self.in_helpers < len(self.entries) - 1
+                        and may_wait(op, req)):
+                    # (while one entry stays free for what it waits for, a RELEASE;
+                    # else answered here, without waiting)
                     self._offload(ud, e, req, unique, dispatch, allowed)
                     continue
                 if can_pin and not pinned and time.monotonic() > streaming_until:
@@ -430,6 +436,7 @@ class Queue:
         if self.helpers is None:
             self.helpers = ThreadPoolExecutor(2, f"fuse-uring-{self.qid}-help",
                                               self._helper_start, (cpus,))
+        self.in_helpers += 1
         self.helpers.submit(self._answer_elsewhere, ud, e, req, unique, dispatch)
 
     def _helper_start(self, cpus: set[int]) -> None:

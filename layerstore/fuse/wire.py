@@ -353,6 +353,17 @@ def readdir_reply(token: _Token, name: bytes, attr: EntryAttributes, next_id: in
 
 # --- the session ----------------------------------------------------------------------------
 
+#: per thread: ``no`` is true in an io_uring queue's own thread (``_no_wait``)
+_waits = threading.local()
+_U32 = struct.Struct("<I")
+
+
+def _no_wait() -> bool:
+    """Whether this thread must answer without waiting for other requests: an io_uring
+    queue's own thread, through which the requests waited for would come."""
+    return getattr(_waits, "no", False)
+
+
 def _run(coro: Coroutine[Any, Any, Any]) -> Any:
     """Run a coroutine that never suspends (see the module docstring) to its end."""
     try:
@@ -615,6 +626,8 @@ class _Session:
             os._exit(1)
 
     def _serve_queue(self, q: uring.Queue) -> None:
+        _waits.no = True  # this thread serves the queue: what it answers must not wait
+
         def dispatch(entry: uring._Entry, req: bytes, unique: int) -> None:
             self.current.req = (entry, unique)
             try:
@@ -634,18 +647,28 @@ class _Session:
             q.close()
 
     def _may_wait(self, opcode: int, req: bytes) -> bool:
-        """Whether a request (as ``_dispatch`` takes it) may wait for other requests:
-        an OPEN or a SETATTR of a node open in passthrough on a copy of its lower data,
-        or one that a writer waits for (``_Passthrough.writer``, ``writer_first``). An
-        io_uring queue has such a request answered by a helper thread, since the
-        RELEASEs it waits for come through the same queue. (Read without the lock: at
-        worst a request waits in the queue's thread, as all did before.)"""
-        if opcode != OPEN and opcode != SETATTR:
+        """Whether a request (as ``_dispatch`` takes it) may wait for other requests
+        (``_Passthrough.writer``, ``writer_first``): an OPEN that may write or a
+        truncate of a node open in passthrough on a copy of its lower data, or a
+        read-only OPEN of a node a writer waits for. An io_uring queue has such a
+        request answered by a helper thread, since the RELEASEs it waits for come
+        through the same queue; one the queue's thread answers itself does not wait.
+        (Read without the lock: at worst such a request is refused or let in at once.)"""
+        if opcode == OPEN:
+            flags = _U32.unpack_from(req, IN_HEADER.size)[0]
+            writing = (flags & os.O_ACCMODE) != os.O_RDONLY or bool(flags & os.O_TRUNC)
+        elif opcode == SETATTR:
+            writing = bool(_U32.unpack_from(req, IN_HEADER.size)[0] & FATTR_SIZE)
+            if not writing:
+                return False
+        else:
             return False
         nodeid = IN_HEADER.unpack_from(req)[3]
         p = self.passthrough
+        if not writing:
+            return bool(p.waiting.get(nodeid))
         node = p.nodes.get(nodeid)
-        return bool(node is not None and node[2] or p.waiting.get(nodeid))
+        return bool(node is not None and node[2])
 
     def _warm_up(self) -> None:
         """Before the mount goes live (INIT is answered after this): run the requests a
@@ -1109,8 +1132,10 @@ class _Passthrough:
                         self.waiting[nodeid] = self.waiting.get(nodeid, 0) + 1
                 now = time.monotonic()
                 if deadline is None:
-                    deadline = now + WRITER_WAIT
-                elif now > deadline:
+                    # (an io_uring queue's own thread must not wait: the RELEASEs come
+                    # through it; ``_Session._may_wait`` sent it to a helper if it could)
+                    deadline = now + (0.0 if _no_wait() else WRITER_WAIT)
+                if now >= deadline:
                     raise FUSEError(errno.ETXTBSY)
                 unlocked(time.sleep, 0.001)
         finally:
@@ -1132,6 +1157,8 @@ class _Passthrough:
         node's readers of a lower copy to go (``writer``), a new reader waits too (up to
         ``WRITER_WAIT``, without the session's lock), so that readers that keep coming
         do not shut the writer out."""
+        if _no_wait():
+            return
         deadline = time.monotonic() + WRITER_WAIT
         while nodeid in self.waiting and time.monotonic() < deadline:
             unlocked(time.sleep, 0.001)
