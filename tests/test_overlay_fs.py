@@ -320,6 +320,8 @@ CASES = [
     ("create over a lower file (O_EXCL)", [("create", b"/etc/passwd", 0o644)], errno.EEXIST),
     ("create twice (O_EXCL)", [("create", b"/tmp/x", 0o644), ("create", b"/tmp/x", 0o644)], errno.EEXIST),
     ("create where the parent is missing", [("create", b"/nodir/x", 0o644)], errno.ENOENT),
+    ("mknod of a 0/0 character device (a whiteout's form)",
+     [("mknod", b"/tmp/wh", stat.S_IFCHR | 0o644, 0)], errno.EPERM),
     ("create under a file", [("create", b"/etc/passwd/x", 0o644)], errno.ENOTDIR),
     ("create over a lower whiteout", [("create", b"/etc/motd", 0o600)], 0),
     ("mkdir over a lower dir", [("mkdir", b"/etc", 0o755)], errno.EEXIST),

@@ -253,6 +253,7 @@ class OverlayFS:
         #: (set by an adapter that can pass such a copy through to the kernel)
         self.keep_lower_copies = False
         self.copy_up_mode = copy_up
+        root_lower = self.lowers.resolve(b"/")  # (before any fd is opened: it may fail)
         self.upper_fd = os.open(upper, DIR_FLAGS)
         try:
             self.work_fd = os.open(work, DIR_FLAGS)
@@ -288,7 +289,7 @@ class OverlayFS:
         #: the parent ``Found`` of the last entry ``_find`` walked to (``_check_parent``)
         self._parent_seen: Found | None = None
         #: where each walk starts (never changed: the lowers and the root's type stay)
-        self._root = Found(b"/", os.fstat(self.upper_fd), self.lowers.resolve(b"/"), False, False)
+        self._root = Found(b"/", os.fstat(self.upper_fd), root_lower, False, False)
         for name in os.listdir(self.work_fd):  # copy-ups a crash left half done
             if os.fsencode(name).startswith(TMP_PREFIX):
                 remove_tree_at(self.work_fd, os.fsencode(name))
@@ -1364,6 +1365,8 @@ class OverlayFS:
         if stat.S_IFMT(mode) not in (stat.S_IFREG, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFIFO,
                                      stat.S_IFSOCK, 0):
             raise OverlayError(errno.EINVAL, vpath)
+        if stat.S_ISCHR(mode) and rdev == 0:  # a whiteout's form: EPERM, as the kernel
+            raise OverlayError(errno.EPERM, vpath)
         self._make(vpath, make, uid=uid, gid=gid, mode=mode, parent_ino=parent_ino)
         return self._stat(self._lookup(vpath))
 

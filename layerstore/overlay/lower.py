@@ -1109,9 +1109,13 @@ class MergedLowers:
                     out.skipped += 1
                     out.skipped_bytes += e.size
                 else:
-                    fc.fill(e.digest, e.size, functools.partial(copy, node.layer, node.vpath, e))
-                    out.copied += 1
-                    out.copied_bytes += e.size
+                    if fc.fill(e.digest, e.size,
+                               functools.partial(copy, node.layer, node.vpath, e)):
+                        out.copied += 1
+                        out.copied_bytes += e.size
+                    else:  # made meanwhile (by a mount's filler)
+                        out.had += 1
+                        out.had_bytes += e.size
                     room -= e.size
                     if tick is not None:
                         tick(e.size)

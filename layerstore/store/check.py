@@ -66,6 +66,15 @@ def _check_tarsplit(txn: Any, env: Env, rec: LayerRecord, file_size: dict[bytes,
         bad(f"layer {rec.diff_id}: header stream rebuilds {total} bytes, not {rec.tar_size}")
 
 
+def _link_counts(links: Any) -> dict[int, int] | None:
+    """Group -> how many paths a layer record lists for it (None if malformed)."""
+    try:
+        return {g: len(p) for g, p in links.items() if isinstance(p, list)} \
+            if all(isinstance(p, list) for p in links.values()) else None
+    except (AttributeError, TypeError):
+        return None
+
+
 def check(env: Env, tick: Callable[[int], None] | None = None,
           root: Path | None = None) -> CheckResult:
     """Re-hash and cross-check everything; with ``root``, also the copies in the store's
@@ -156,8 +165,7 @@ def check_store(env: Env, tick: Callable[[int], None] | None = None) -> CheckRes
                         groups[e.link_group] = groups.get(e.link_group, 0) + 1
                 if count != rec_l.entry_count:
                     bad(f"layer {name}: has {count} entries, its record says {rec_l.entry_count}")
-                if rec_l.links is not None and \
-                        {g: len(p) for g, p in rec_l.links.items()} != groups:
+                if rec_l.links is not None and _link_counts(rec_l.links) != groups:
                     bad(f"layer {name}: the hard links its record lists are not its entries'")
         # where files' chunks lie (a hint readers use at the current generation)
         for msg in places.check(txn, env):

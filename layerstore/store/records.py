@@ -167,6 +167,9 @@ class FileRecord:
 # --- layers, images, containers ------------------------------------------------------
 
 LAYER_VERSION = 1
+#: a layer record that lists its hard-link groups (``LayerRecord.links``, session 17):
+#: an older layerstore refuses it with a one-line error instead of misreading it
+LAYER_VERSION_LINKS = 2
 
 
 @dataclass(slots=True)
@@ -190,16 +193,21 @@ class LayerRecord:
         fields = [LAYER_VERSION, self.diff_id, self.layer_no, self.tar_size,
                   self.content_size, self.entry_count, self.tarsplit, self.created,
                   self.sources]
-        if self.links is not None:
+        if self.links is not None:  # version 2 (a version-1 reader refuses it cleanly)
+            fields[0] = LAYER_VERSION_LINKS
             fields.append(self.links)
         return msgpack.packb(fields, use_bin_type=True)
 
     @classmethod
     def decode(cls, data: bytes) -> LayerRecord:
         v = _unpack(data, "layer")
-        if v[0] != LAYER_VERSION:
-            raise IntegrityError(f"layer record version {v[0]} is not supported")
-        return cls(*v[1:])
+        if v[0] == LAYER_VERSION and len(v) == 9:
+            return cls(*v[1:])
+        if v[0] == LAYER_VERSION_LINKS and len(v) == 10 and isinstance(v[9], dict):
+            return cls(*v[1:])
+        raise IntegrityError(f"layer record version {v[0]} is not supported"
+                             if v[0] not in (LAYER_VERSION, LAYER_VERSION_LINKS)
+                             else "corrupt layer record")
 
 
 IMAGE_VERSION = 1
