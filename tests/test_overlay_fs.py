@@ -1667,7 +1667,7 @@ def test_a_call_in_one_directory_never_changes_another(overlays, copy_up: str):
         "rmdir": lambda: ofs.rmdir(b"/data/empty", parent_ino=wrong),
         "rename from": lambda: ofs.rename(b"/data/f.txt", b"/data/new", old_parent_ino=wrong),
         "rename to": lambda: ofs.rename(b"/data/f.txt", b"/data/new", new_parent_ino=wrong),
-        "lookup": lambda: ofs.getattr_names(b"/data/f.txt", parent_ino=wrong),
+        "lookup": lambda: ofs.lookup_names(b"/data/f.txt", parent_ino=wrong),
         "readdir": lambda: ofs.readdir(b"/data", ino=wrong),
     }
     for what, call in calls.items():
@@ -1679,7 +1679,7 @@ def test_a_call_in_one_directory_never_changes_another(overlays, copy_up: str):
         == before
     # the directory's own number: the calls are made
     data = ofs.getattr(b"/data")["st_ino"]
-    assert ofs.getattr_names(b"/data/f.txt", parent_ino=data)[0] == ofs.getattr(b"/data/f.txt")
+    assert ofs.lookup_names(b"/data/f.txt", parent_ino=data)[0] == ofs.getattr(b"/data/f.txt")
     assert [n for n, _ in ofs.readdir(b"/data", ino=data)] == [n for n, _ in listing]
     st = ofs.mkdir(b"/data/new", 0o750, parent_ino=data)
     assert st == ofs.getattr(b"/data/new") and stat.S_ISDIR(st["st_mode"])

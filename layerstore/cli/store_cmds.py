@@ -9,8 +9,8 @@ from typing import Any
 from ..errors import ContainerNotFoundError, ImageNotFoundError, NotFoundError, UsageError
 from ..store.check import check
 from ..store.containers import resolve_container
-from ..store.filecache import DEFAULT_BUDGET, FILL_FROM, FileCache, parse_budget
 from ..store.filecache import ENV as FILE_CACHE_ENV
+from ..store.filecache import FILL_FROM, FileCache, budget_from_env
 from ..store.gc import collect
 from ..store.images import resolve
 from ..store.usage import usage
@@ -106,13 +106,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_prefetch(args: argparse.Namespace) -> int:
     from ..overlay.lower import MergedLowers, StoreLayers  # (the mount's code: not at start)
 
-    text = os.environ.get(FILE_CACHE_ENV, "")
     try:
-        budget = parse_budget(text) if text.strip() else DEFAULT_BUDGET
+        budget = budget_from_env(strict=True)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if budget <= 0:
-        raise UsageError(f"the file cache is off ({FILE_CACHE_ENV}={text}): nothing to fill")
+        raise UsageError(f"the file cache is off ({FILE_CACHE_ENV}="
+                         f"{os.environ.get(FILE_CACHE_ENV)}): nothing to fill")
     with open_store(args) as store, store.importing():
         with store.env.read() as txn:
             try:

@@ -284,7 +284,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     # --- to be provided -------------------------------------------------------------------
     def _getattr_path(self, path: bytes, parent_ino: int | None = None) -> dict[str, int]:
         """The attributes at ``path``; ``parent_ino``: the node its directory must be
-        (``OverlayFS.getattr_names``)."""
+        (``OverlayFS.lookup_names``)."""
         raise NotImplementedError
 
     def _lookup_path(self, path: bytes, parent_ino: int | None = None) -> dict[str, int] | None:
@@ -366,7 +366,11 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
     def _moved(self, exc: OSError, renames: int) -> bool:
         """Whether ``exc``, from a call whose path was made when ``self._renames`` was
         ``renames``, may come from a rename that moved a name since (running or done)."""
-        return exc.errno in _MOVED and (self._renaming > 0 or renames != self._renames)
+        return exc.errno in _MOVED and self._renamed_since(renames)
+
+    def _renamed_since(self, renames: int) -> bool:
+        """Whether a rename runs, or ran since ``self._renames`` was ``renames``."""
+        return self._renaming > 0 or renames != self._renames
 
     async def _renames_done(self) -> None:
         """Wait, with the session's lock released, until no rename is running (each has
@@ -459,7 +463,7 @@ class _Base(pyfuse3.Operations):  # type: ignore[misc]
         renames = self._renames
         try:
             st = await self._in_dir(parent_inode, name, self._lookup_path)
-            if st is None and (self._renaming or renames != self._renames):
+            if st is None and self._renamed_since(renames):
                 # the path may have been made before a rename moved the name: made
                 # again, as for an ENOENT (``_in_dir``)
                 st = await self._in_dir(parent_inode, name, self._getattr_path)

@@ -225,12 +225,6 @@ class Ring:
         at = self._next_sqe(user_data)
         struct.pack_into("<BBHiQQI", self.sqes, at, OP_READ, 0, 0, fd, 0, addr, n)
 
-    def prep_cmd(self, fd: int, cmd_op: int, user_data: int, iov_addr: int, commit_id: int,
-                 qid: int) -> None:
-        """Queue an IORING_OP_URING_CMD of FUSE (``iov_addr``: two iovecs), with
-        ``fuse_uring_cmd_req`` (flags 0, ``commit_id``, ``qid``) in the command area."""
-        self.put(cmd_sqe(fd, cmd_op, user_data, iov_addr, qid), commit_id)
-
     def enter(self, wait: int) -> None:
         """Publish the SQEs written, submit them and wait for ``wait`` completions."""
         _U32.pack_into(self.rings, self.sq_tail, self.tail)  # x86: stores in order
@@ -330,19 +324,15 @@ class Queue:
         self.wake_buf = bytearray(8)
         #: entries whose requests are with the helpers (not answered yet)
         self.in_helpers = 0
-        #: entry -> its COMMIT_AND_FETCH SQE (``cmd_sqe``), made at its first use
-        self.commits: dict[int, bytes] = {}
+        #: (command, entry) -> its SQE (``cmd_sqe``), made at its first use
+        self.sqes: dict[tuple[int, int], bytes] = {}
 
     def _cmd(self, dev_fd: int, op: int, i: int, commit_id: int = 0) -> None:
-        """Queue REGISTER or COMMIT_AND_FETCH of entry ``i``."""
-        if op == CMD_COMMIT_AND_FETCH:
-            sqe = self.commits.get(i)
-            if sqe is None:
-                sqe = self.commits[i] = cmd_sqe(dev_fd, op, i, self.entries[i].iov_addr,
-                                                self.qid)
-            self.ring.put(sqe, commit_id)
-        else:
-            self.ring.prep_cmd(dev_fd, op, i, self.entries[i].iov_addr, commit_id, self.qid)
+        """Queue REGISTER or COMMIT_AND_FETCH of entry ``i`` (from its SQE, made once)."""
+        sqe = self.sqes.get((op, i))
+        if sqe is None:
+            sqe = self.sqes[op, i] = cmd_sqe(dev_fd, op, i, self.entries[i].iov_addr, self.qid)
+        self.ring.put(sqe, commit_id)
 
     def serve(self, dev_fd: int, dispatch: Callable[[_Entry, bytes, int], None],
               stopped: Callable[[], bool],
@@ -440,7 +430,8 @@ class Queue:
         self.helpers.submit(self._answer_elsewhere, ud, e, req, unique, dispatch)
 
     def _helper_start(self, cpus: set[int]) -> None:
-        """A READ helper: its own name (not its creator's), on any CPU."""
+        """A helper (large READs, requests that may wait): its own name (not its
+        creator's), on any CPU."""
         _set_thread_name(f"fuse-uring-{self.qid}r")
         self._pin(cpus)
 

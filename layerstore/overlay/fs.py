@@ -937,22 +937,14 @@ class OverlayFS:
     def getattr(self, vpath: bytes, ino: int | None = None) -> dict[str, int]:
         return self._stat(self._lookup(vpath, ino))
 
-    def getattr_names(self, vpath: bytes, parent_ino: int | None = None
-                      ) -> tuple[dict[str, int], list[bytes] | None]:
-        """``getattr``, and the entry's xattr names as ``listxattr`` gives them if the
-        lookup had them at hand (``_known_names``; else None). ``parent_ino``: the
-        object the directory holding the entry must be (``_check_parent``), as in the
-        calls below that make, remove or rename an entry."""
-        got = self.lookup_names(vpath, parent_ino)
-        if got is None:
-            raise NoEntryError(vpath)
-        return got
-
     @_locked
     def lookup_names(self, vpath: bytes, parent_ino: int | None = None
                      ) -> tuple[dict[str, int], list[bytes] | None] | None:
-        """``getattr_names``, or None where there is no entry: no exception for the
-        lookup of a new name, which each create begins with."""
+        """``getattr``, and the entry's xattr names as ``listxattr`` gives them if the
+        lookup had them at hand (``_known_names``; else None); None where there is no
+        entry (no exception: the lookup of a new name begins each create).
+        ``parent_ino``: the object the directory holding the entry must be
+        (``_check_parent``), as in the calls below that make, remove or rename an entry."""
         f = self._find(vpath)
         if f is None:
             return None

@@ -1083,9 +1083,8 @@ class MergedLowers:
         touched, so that they are the last to leave); a file that does not fit what
         is left is skipped. ``tick(n)``: bytes copied."""
         fc: FileCache | None = getattr(self.layers, "file_cache", None)
-        copy = getattr(self.layers, "copy_to", None)
         out = Prefetched()
-        if fc is None or copy is None or not fc.enabled:
+        if fc is None or not fc.enabled:
             return out
         room = fc.budget
         seen: set[bytes] = set()  # one copy per content (hard links, equal files)
@@ -1109,8 +1108,7 @@ class MergedLowers:
                     out.skipped += 1
                     out.skipped_bytes += e.size
                 else:
-                    if fc.fill(e.digest, e.size,
-                               functools.partial(copy, node.layer, node.vpath, e)):
+                    if fc.fill(e.digest, e.size, functools.partial(self.copy_to, node)):
                         out.copied += 1
                         out.copied_bytes += e.size
                     else:  # made meanwhile (by a mount's filler)

@@ -79,15 +79,17 @@ def parse_budget(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2)])
 
 
-def budget_from_env() -> int:
+def budget_from_env(strict: bool = False) -> int:
     """The budget ``LAYERSTORE_FILE_CACHE`` asks for (a bad value: the default, with a
-    warning: the mount goes on)."""
+    warning, so that a mount goes on; ValueError if ``strict``)."""
     text = os.environ.get(ENV)
     if text is None or not text.strip():
         return DEFAULT_BUDGET
     try:
         return parse_budget(text)
     except ValueError as exc:
+        if strict:
+            raise
         log.warning("%s; using %d bytes", exc, DEFAULT_BUDGET)
         return DEFAULT_BUDGET
 
